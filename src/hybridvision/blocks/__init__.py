@@ -1,0 +1,1 @@
+"""hybridvision.blocks"""
