@@ -1,0 +1,202 @@
+"""Relative self-attention of CoAtNet (Dai et al. 2021, Eq. 3).
+
+    y_i = sum_j softmax_j(q_i . k_j / sqrt(d) + w_{i-j}) v_j
+
+``w`` is a trainable (2H-1) x (2W-1) table per head (one per layer), indexed by the 2-D offset
+between query and key. For a grid other than the table's ``size`` the table is resized bilinearly
+(``align_corners=False``, the half-pixel rule of the official ``tf.image.resize``), so one model
+runs at any resolution, square or not.
+
+Torch only (this is ``ops``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["RelPosBias2d", "RelAttention2d", "relative_index"]
+
+
+def _pair(size: int | tuple[int, int], what: str) -> tuple[int, int]:
+    if isinstance(size, int):
+        size = (size, size)
+    size = tuple(int(s) for s in size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"{what} must be a positive int or an (H, W) pair of positive ints, got {size!r}")
+    return size  # type: ignore[return-value]
+
+
+def relative_index(height: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Flat index into a (2H-1, 2W-1) table of the offset between every query/key pair of an H x W grid.
+
+    Returns:
+        (N, N) int64 with N = H*W; entry [i, j] = (h_i - h_j + H - 1) * (2W - 1) + (w_i - w_j + W - 1),
+        tokens in row-major (h, w) order.
+    """
+    hh = torch.arange(height, device=device)
+    ww = torch.arange(width, device=device)
+    coords = torch.stack(torch.meshgrid(hh, ww, indexing="ij")).flatten(1)  # (2, N)
+    rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N)
+    return (rel[0] + height - 1) * (2 * width - 1) + (rel[1] + width - 1)
+
+
+class RelPosBias2d(nn.Module):
+    """Per-head relative position bias for 2-D attention (CoAtNet Eq. 3).
+
+    Args:
+        num_heads: number of heads (one table each).
+        size: grid (H, W) the table is sized for; the table is (num_heads, 2H-1, 2W-1), trunc-normal std 0.02.
+
+    ``forward(grid)`` returns the (num_heads, N, N) bias for an (h, w) grid, N = h*w. A grid other than
+    ``size`` resizes the table bilinearly to (2h-1, 2w-1) first. In eval mode, when no gradient for the table
+    is requested (``torch.no_grad``/``inference_mode`` or a frozen table), the bias is cached per
+    grid/device/dtype; the cache is dropped by ``train()``, by ``load_state_dict`` and by any in-place change
+    of the table (its version counter is part of the key).
+    """
+
+    _MAX_CACHE = 8
+
+    def __init__(self, num_heads: int, size: int | tuple[int, int]) -> None:
+        super().__init__()
+        if int(num_heads) < 1:
+            raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+        self.num_heads = int(num_heads)
+        self.size = _pair(size, "size")
+        h, w = self.size
+        self.table = nn.Parameter(torch.empty(self.num_heads, 2 * h - 1, 2 * w - 1))
+        nn.init.trunc_normal_(self.table, std=0.02)
+        self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, size={self.size}"
+
+    def table_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The table resized for ``grid`` (h, w).
+
+        Returns:
+            (num_heads, 2h-1, 2w-1); ``self.table`` itself when ``grid == size``.
+        """
+        h, w = _pair(grid, "grid")
+        if (h, w) == self.size:
+            return self.table
+        return F.interpolate(
+            self.table.unsqueeze(0), size=(2 * h - 1, 2 * w - 1), mode="bilinear", align_corners=False
+        ).squeeze(0)
+
+    def _compute(self, grid: tuple[int, int]) -> torch.Tensor:
+        h, w = grid
+        table = self.table_for(grid).flatten(1)  # (heads, (2h-1)(2w-1))
+        return table[:, relative_index(h, w, device=table.device)]
+
+    def forward(
+        self, grid: int | tuple[int, int], dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Bias for an (h, w) grid.
+
+        Args:
+            grid: (h, w) of the token grid (an int means square).
+            dtype: dtype of the result (default: the table's).
+
+        Returns:
+            (num_heads, N, N) with N = h*w, to be added to the attention logits before the softmax.
+        """
+        grid = _pair(grid, "grid")
+        dtype = dtype or self.table.dtype
+        use_cache = not self.training and not (torch.is_grad_enabled() and self.table.requires_grad)
+        if not use_cache:
+            return self._compute(grid).to(dtype)
+        key = (grid, self.table.device, dtype, self.table._version)
+        bias = self._cache.get(key)
+        if bias is None:
+            with torch.no_grad():
+                bias = self._compute(grid).to(dtype).contiguous()
+            if len(self._cache) >= self._MAX_CACHE:
+                self._cache.clear()
+            self._cache[key] = bias
+        return bias
+
+    def clear_cache(self) -> None:
+        """Drop every cached bias."""
+        self._cache.clear()
+
+    def train(self, mode: bool = True) -> "RelPosBias2d":
+        self._cache.clear()
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "RelPosBias2d":
+        self._cache.clear()  # .to()/.half()/.cuda(): cached tensors would keep the old storage alive
+        return super()._apply(fn, recurse)
+
+
+class RelAttention2d(nn.Module):
+    """Multi-head self-attention over a 2-D token grid with a relative position bias (CoAtNet Eq. 3).
+
+    Args:
+        dim: input channels C_in.
+        out_dim: attention width and output channels C_out (default ``dim``); heads = out_dim // head_dim.
+        head_dim: channels per head (32 in CoAtNet-0..4, 64 in -5, 128 in -6/7).
+        size: grid (H, W) of the relative-bias table (resized for other grids at run time).
+        qkv_bias: bias in the q/k/v projection.
+        attn_drop: dropout on the attention probabilities (training only).
+        proj_drop: dropout after the output projection.
+
+    The logits ``q k^T / sqrt(head_dim) + B`` go through ``F.scaled_dot_product_attention`` with ``B`` as the
+    additive float mask, so the fused CPU/GPU kernels do the work.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int | None = None,
+        *,
+        head_dim: int = 32,
+        size: int | tuple[int, int] = 7,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        out_dim = out_dim or dim
+        if head_dim < 1 or out_dim % head_dim:
+            raise ValueError(
+                f"out_dim={out_dim} is not divisible by head_dim={head_dim}: choose a width that is a multiple "
+                f"of the head size (CoAtNet uses head_dim 32, 64 or 128)"
+            )
+        self.dim, self.out_dim, self.head_dim = dim, out_dim, head_dim
+        self.num_heads = out_dim // head_dim
+        self.qkv = nn.Linear(dim, 3 * out_dim, bias=qkv_bias)
+        self.rel_pos = RelPosBias2d(self.num_heads, size)
+        self.attn_drop = float(attn_drop)
+        self.proj = nn.Linear(out_dim, out_dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention over the grid.
+
+        Args:
+            x: (B, H, W, C_in), channels last (a token grid).
+
+        Returns:
+            (B, H, W, C_out).
+        """
+        if x.ndim != 4 or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"RelAttention2d expects (B, H, W, C={self.dim}) channels-last input, got shape {tuple(x.shape)}"
+            )
+        b, h, w, _ = x.shape
+        n = h * w
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, heads, N, d)
+        bias = self.rel_pos((h, w), dtype=q.dtype)  # (heads, N, N)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0
+        )  # (B, heads, N, d)
+        y = y.transpose(1, 2).reshape(b, h, w, self.out_dim)
+        return self.proj_drop(self.proj(y))

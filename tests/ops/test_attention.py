@@ -1,0 +1,165 @@
+"""RelPosBias2d / RelAttention2d against the explicit formula of CoAtNet Eq. 3, in float64."""
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybridvision.ops.attention import RelAttention2d, RelPosBias2d, relative_index
+
+
+def _explicit_bias(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(heads, N, N) by loops over every query/key pair: table[:, hi - hj + H - 1, wi - wj + W - 1]."""
+    heads = table.shape[0]
+    H, W = (table.shape[1] + 1) // 2, (table.shape[2] + 1) // 2
+    assert (H, W) == (h, w)
+    n = h * w
+    out = torch.empty(heads, n, n, dtype=table.dtype)
+    for i in range(n):
+        for j in range(n):
+            hi, wi, hj, wj = i // w, i % w, j // w, j % w
+            out[:, i, j] = table[:, hi - hj + h - 1, wi - wj + w - 1]
+    return out
+
+
+@pytest.mark.parametrize("h,w", [(1, 1), (2, 3), (4, 4), (5, 3)])
+def test_relative_index_matches_loops(h, w):
+    torch.manual_seed(0)
+    table = torch.randn(3, 2 * h - 1, 2 * w - 1, dtype=torch.float64)
+    flat = table.flatten(1)[:, relative_index(h, w)]
+    torch.testing.assert_close(flat, _explicit_bias(table, h, w), rtol=0, atol=0)
+
+
+def test_bias_same_size_is_table_identity():
+    torch.manual_seed(0)
+    rpb = RelPosBias2d(4, (3, 5)).double()
+    assert rpb.table.shape == (4, 5, 9)
+    assert rpb.table_for((3, 5)) is rpb.table
+    torch.testing.assert_close(rpb((3, 5)), _explicit_bias(rpb.table.detach(), 3, 5))
+
+
+def test_bias_init_is_truncated_normal_02():
+    torch.manual_seed(0)
+    t = RelPosBias2d(64, 14).table.detach()
+    # timm/torch convention trunc_normal_(std=.02) (cut at +-2 absolute, i.e. effectively N(0, .02^2))
+    assert abs(t.std().item() - 0.02) < 0.001 and abs(t.mean().item()) < 0.001
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (7, 3), (2, 6), (1, 1)])
+def test_bias_resize_is_bilinear_on_the_table(grid):
+    torch.manual_seed(0)
+    rpb = RelPosBias2d(2, (5, 4)).double()
+    h, w = grid
+    resized = F.interpolate(rpb.table.detach()[None], size=(2 * h - 1, 2 * w - 1), mode="bilinear",
+                            align_corners=False)[0]
+    torch.testing.assert_close(rpb(grid), _explicit_bias(resized, h, w))
+    assert rpb(grid).shape == (2, h * w, h * w)
+
+
+def test_bias_resize_same_size_bilinear_is_identity():
+    torch.manual_seed(0)
+    t = torch.randn(3, 9, 13, dtype=torch.float64)
+    torch.testing.assert_close(F.interpolate(t[None], size=(9, 13), mode="bilinear", align_corners=False)[0], t)
+
+
+def test_eval_cache_and_its_invalidation():
+    torch.manual_seed(0)
+    rpb = RelPosBias2d(2, 4).eval()
+    with torch.no_grad():
+        a = rpb((4, 4))
+        assert rpb((4, 4)) is a  # cached
+        b = rpb((3, 5))
+        assert b.shape == (2, 15, 15) and rpb((3, 5)) is b
+        assert rpb((4, 4), dtype=torch.float64).dtype == torch.float64
+        rpb.table.add_(1.0)  # in-place change: version bump invalidates
+        c = rpb((4, 4))
+        torch.testing.assert_close(c, a + 1.0)
+    rpb.train()
+    assert not rpb._cache
+    # training mode: never cached, gradient flows to the table
+    out = rpb((4, 4))
+    out.sum().backward()
+    assert rpb.table.grad is not None and rpb.table.grad.abs().sum() > 0
+    # eval with grad enabled and a trainable table (e.g. BN-frozen fine-tuning): no cache, gradient flows
+    rpb.eval()
+    rpb.table.grad = None
+    rpb((4, 4)).sum().backward()
+    assert rpb.table.grad is not None and not rpb._cache
+
+
+def test_cache_dropped_on_load_state_dict():
+    torch.manual_seed(0)
+    rpb = RelPosBias2d(2, 3).eval()
+    with torch.no_grad():
+        old = rpb((3, 3))
+        other = RelPosBias2d(2, 3)
+        buf = io.BytesIO()
+        torch.save(other.state_dict(), buf)
+        buf.seek(0)
+        rpb.load_state_dict(torch.load(buf, weights_only=True))
+        new = rpb((3, 3))
+    assert not torch.equal(old, new)
+    torch.testing.assert_close(new, _explicit_bias(other.table.detach(), 3, 3))
+
+
+def _explicit_attention(attn: RelAttention2d, x: torch.Tensor) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d) + B) V, written out, x: (B, H, W, C)."""
+    b, h, w, c = x.shape
+    n, nh, d = h * w, attn.num_heads, attn.head_dim
+    qkv = x.reshape(b, n, c) @ attn.qkv.weight.T + attn.qkv.bias
+    q, k, v = qkv.split(attn.out_dim, dim=-1)
+    q, k, v = (t.reshape(b, n, nh, d).transpose(1, 2) for t in (q, k, v))
+    table = attn.rel_pos.table_for((h, w)).detach()
+    if (h, w) == attn.rel_pos.size:
+        bias = _explicit_bias(table, h, w)
+    else:
+        bias = table.flatten(1)[:, relative_index(h, w)]
+    logits = q @ k.transpose(-1, -2) / math.sqrt(d) + bias
+    y = torch.softmax(logits, dim=-1) @ v
+    y = y.transpose(1, 2).reshape(b, n, attn.out_dim)
+    return (y @ attn.proj.weight.T + attn.proj.bias).reshape(b, h, w, attn.out_dim)
+
+
+@pytest.mark.parametrize("dim,out_dim,head_dim,size,grid", [
+    (16, 16, 8, (4, 4), (4, 4)),
+    (12, 24, 8, (3, 5), (3, 5)),
+    (16, 32, 16, (4, 4), (3, 6)),  # resized bias, non-square
+    (8, 8, 4, (5, 5), (5, 5)),
+])
+def test_attention_equals_explicit_softmax_float64(dim, out_dim, head_dim, size, grid):
+    torch.manual_seed(0)
+    attn = RelAttention2d(dim, out_dim, head_dim=head_dim, size=size).double()
+    with torch.no_grad():
+        attn.rel_pos.table.normal_(0, 1.0)  # strong bias so a missing/misplaced one would show
+        attn.qkv.bias.normal_()
+    x = torch.randn(2, *grid, dim, dtype=torch.float64)
+    for mode in (attn.train, attn.eval):
+        mode()
+        with torch.no_grad():
+            torch.testing.assert_close(attn(x), _explicit_attention(attn, x), rtol=1e-10, atol=1e-10)
+
+
+def test_attention_gradcheck_float64():
+    torch.manual_seed(0)
+    attn = RelAttention2d(8, 8, head_dim=4, size=(3, 2)).double()
+    x = torch.randn(1, 3, 2, 8, dtype=torch.float64, requires_grad=True)
+    table = attn.rel_pos.table.detach().clone().requires_grad_(True)
+
+    def f(inp, tab):
+        return torch.func.functional_call(attn, {"rel_pos.table": tab}, (inp,))
+
+    assert torch.autograd.gradcheck(f, (x, table))
+    # resized bias: gradient reaches the table through the bilinear resize
+    x2 = torch.randn(1, 2, 4, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x2, table))
+
+
+def test_attention_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="head_dim"):
+        RelAttention2d(16, 20, head_dim=8)
+    attn = RelAttention2d(16, head_dim=8)
+    with pytest.raises(ValueError, match="C=16"):
+        attn(torch.randn(1, 4, 4, 12))
+    with pytest.raises(ValueError, match="size"):
+        RelPosBias2d(2, (0, 3))
