@@ -1,0 +1,275 @@
+"""Circular (global) convolution along one spatial axis: the ParC / Fast-ParC operator.
+
+``circular_conv(x, weight, dim)`` computes, for ``x: (B, C_in, H, W)`` and ``weight: (C_out, C_in // groups, K)``
+with ``K == x.size(dim)``, the circular **cross-correlation** of the official ParC code
+(``cat(x, x[:-1])`` followed by a valid convolution)::
+
+    y[b, o, i] = bias[o] + sum_c sum_k weight[o, c, k] * x[b, c, (i + k) mod K]
+
+along ``dim`` (the other spatial axis is untouched; ``c`` runs over the input channels of ``o``'s group).
+
+Four methods compute the same thing:
+
+* ``"direct"``: circular padding by ``K - 1`` followed by ``F.conv2d`` with a ``K x 1`` / ``1 x K`` kernel.
+* ``"gemm"``: the ``(K, K)`` circulant matrices are gathered from the kernel by indexing and applied with one
+  batched matrix product per group (BLAS does the work); ``2 K`` FLOPs per output element and channel of the group.
+* ``"fft"``: Fast-ParC, ``irfft(rfft(x) * conj(rfft(w)), n=K)`` along ``dim``; half / bfloat16 inputs are computed
+  in float32 and cast back. ``O(log K)`` work per element, so it wins for long axes.
+* ``"auto"``: picks one of the three by the cost model in :func:`choose_method`.
+
+Which method ``"auto"`` means can be overridden globally with :func:`set_default_method` (or the environment
+variable ``HYBRIDVISION_CIRCULAR_METHOD`` read at import time), and per call with ``method=``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["METHODS", "choose_method", "circular_conv", "get_default_method", "set_default_method"]
+
+METHODS = ("auto", "direct", "gemm", "fft")
+
+_ENV_VAR = "HYBRIDVISION_CIRCULAR_METHOD"
+_default_method = os.environ.get(_ENV_VAR, "auto")
+if _default_method not in METHODS:
+    raise ValueError(
+        f"environment variable {_ENV_VAR}={_default_method!r} is not a circular_conv method; "
+        f"expected one of {METHODS} (or unset it)"
+    )
+
+
+def set_default_method(method: str) -> str:
+    """Set what ``method="auto"`` resolves to for every later call; returns the previous setting.
+
+    ``set_default_method("fft")`` forces Fast-ParC everywhere (e.g. to compare a whole model's speed);
+    ``set_default_method("auto")`` restores the cost model. Per-call ``method=`` other than ``"auto"`` still wins.
+    """
+    global _default_method
+    if method not in METHODS:
+        raise ValueError(f"unknown circular_conv method {method!r}; expected one of {METHODS}")
+    previous, _default_method = _default_method, method
+    return previous
+
+
+def get_default_method() -> str:
+    """The method that ``method="auto"`` currently resolves through (``"auto"`` = the cost model)."""
+    return _default_method
+
+
+def choose_method(
+    x: torch.Tensor, weight: torch.Tensor, dim: int, groups: int, needs_grad: Optional[bool] = None
+) -> str:
+    """The cost model behind ``method="auto"``: returns ``"direct"``, ``"gemm"`` or ``"fft"``.
+
+    Args:
+        x: (B, C_in, H, W) input; ``weight``: (C_out, C_in // groups, K); ``dim`` in {2, 3} (normalised).
+        needs_grad: whether a backward pass will follow (default: autograd is on and an input requires grad).
+
+    Rule:
+        * While tracing / exporting (``torch.jit`` or ONNX export) ``"gemm"``: it is plain MatMul, which every
+          runtime has, and it has no Pad/Resize of the input.
+        * ``K`` at most :data:`GEMM_MAX_K` and the circulant matrices small (``(C_out * C_in / groups) * K**2`` below
+          :data:`GEMM_MAX_MATRIX` elements): ``"gemm"``;
+        * otherwise ``"fft"``.
+    """
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return "gemm"
+    k = x.size(dim)
+    c_out, c_per_group = weight.shape[0], weight.shape[1]
+    if k <= GEMM_MAX_K and c_out * c_per_group * k * k <= GEMM_MAX_MATRIX:
+        return "gemm"
+    return "fft"
+
+
+GEMM_MAX_K = 56
+"""Largest axis length for which ``"auto"`` uses the circulant GEMM (see benchmarks/results/circular.md)."""
+GEMM_MAX_MATRIX = 1 << 24
+"""Largest total number of circulant-matrix elements ``C_out * C_in/groups * K**2`` that ``"auto"`` builds."""
+
+
+def _check(
+    x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[torch.Tensor], groups: Optional[int], method: str
+) -> tuple[int, int]:
+    """Validate the arguments of :func:`circular_conv`; returns ``(dim, groups)`` normalised."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"circular_conv expects x of shape (B, C, H, W); got {shape}. Add the missing batch/channel axes.")
+    if not x.is_floating_point():
+        raise ValueError(f"circular_conv expects a floating-point x; got dtype {x.dtype}. Convert it with x.float().")
+    if dim not in (2, 3, -2, -1):
+        raise ValueError(f"dim must be one of 2, 3, -2, -1 (height or width of (B, C, H, W)); got {dim}")
+    dim = dim % 4
+    if method not in METHODS:
+        raise ValueError(f"unknown circular_conv method {method!r}; expected one of {METHODS}")
+    c_in, k = x.size(1), x.size(dim)
+    if groups is None:
+        groups = c_in
+    if not isinstance(groups, int) or groups < 1 or c_in % groups:
+        raise ValueError(f"groups={groups} must be a positive divisor of the {c_in} input channels")
+    if weight.dim() != 3:
+        raise ValueError(
+            f"weight must have shape (C_out, C_in // groups, K) = (C_out, {c_in // groups}, {k}); "
+            f"got {tuple(weight.shape)}"
+        )
+    c_out, c_g, k_w = weight.shape
+    if k_w != k:
+        raise ValueError(
+            f"kernel length {k_w} != x.size({dim}) = {k}: a circular conv needs a kernel as long as the axis; "
+            "resize the kernel to the input (ParC2d does this) or pass dim of the matching axis"
+        )
+    if c_g != c_in // groups:
+        raise ValueError(
+            f"weight.size(1) = {c_g} but x has {c_in} channels in {groups} groups, so it must be {c_in // groups}; "
+            "check the channel count of x and the groups argument"
+        )
+    if c_out % groups:
+        raise ValueError(f"weight.size(0) = {c_out} output channels is not divisible by groups={groups}")
+    if bias is not None and tuple(bias.shape) != (c_out,):
+        raise ValueError(f"bias must have shape ({c_out},) (one per output channel); got {tuple(bias.shape)}")
+    return dim, groups
+
+
+def circular_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    dim: int,
+    bias: Optional[torch.Tensor] = None,
+    groups: Optional[int] = None,
+    method: str = "auto",
+) -> torch.Tensor:
+    """Circular cross-correlation of ``x`` with a global kernel along ``dim`` (ParC / Fast-ParC).
+
+    Args:
+        x: (B, C_in, H, W), floating point.
+        weight: (C_out, C_in // groups, K) with ``K == x.size(dim)``.
+        dim: 2 / -2 (along the height: the official ParC type ``'H'``, a K x 1 kernel) or 3 / -1 (along the width).
+        bias: (C_out,) or None.
+        groups: ``None`` = depthwise (``groups = C_in``); 1 = dense; any divisor of C_in and C_out.
+        method: ``"auto"`` (cost model :func:`choose_method`, or the global override of :func:`set_default_method`),
+            ``"direct"``, ``"gemm"`` or ``"fft"``.
+
+    Returns:
+        y: (B, C_out, H, W), same dtype as ``x``:
+        ``y[b, o, i] = bias[o] + sum_c sum_k weight[o, c, k] * x[b, c, (i + k) mod K]`` along ``dim``.
+    """
+    dim, groups = _check(x, weight, dim, bias, groups, method)
+    return _circular_conv(x, weight, dim, bias, groups, method)
+
+
+def _resolve(method: str, x: torch.Tensor, weight: torch.Tensor, dim: int, groups: int) -> str:
+    if method == "auto":
+        method = _default_method
+    if method == "auto":
+        method = choose_method(x, weight, dim, groups)
+    return method
+
+
+def _circular_conv(
+    x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[torch.Tensor], groups: int, method: str
+) -> torch.Tensor:
+    """:func:`circular_conv` without argument checks; ``dim`` in {2, 3}.
+
+    ``bias`` may also be any tensor broadcastable to the output, e.g. a per-position bias (1, C_out, K, 1).
+    """
+    method = _resolve(method, x, weight, dim, groups)
+    if bias is not None:
+        bias = bias.to(x.dtype)
+    if method == "direct":
+        return _direct(x, weight, dim, bias, groups)
+    if method == "gemm":
+        return _gemm(x, weight, dim, bias, groups)
+    return _fft(x, weight, dim, bias, groups)
+
+
+def _bias_view(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(C_out,) -> (1, C_out, 1, 1); a bias that is already 4-D is returned as is."""
+    if bias is None or bias.dim() == 4:
+        return bias
+    return bias.view(1, -1, 1, 1)
+
+
+def _direct(x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[torch.Tensor], groups: int) -> torch.Tensor:
+    """Circular pad by K - 1 at the end of ``dim`` + ``conv2d`` (valid). x: (B, C_in, H, W) -> (B, C_out, H, W)."""
+    k = x.size(dim)
+    if dim == 2:
+        xp = F.pad(x, (0, 0, 0, k - 1), mode="circular")
+        w4 = weight.unsqueeze(3)
+    else:
+        xp = F.pad(x, (0, k - 1, 0, 0), mode="circular")
+        w4 = weight.unsqueeze(2)
+    conv_bias = bias if bias is not None and bias.dim() == 1 else None
+    y = F.conv2d(xp, w4.to(x.dtype), conv_bias, groups=groups)
+    if bias is not None and conv_bias is None:
+        y = y + bias
+    return y
+
+
+def _circulant(weight: torch.Tensor, groups: int, transpose: bool) -> torch.Tensor:
+    """Circulant matrices of the kernel, one per group.
+
+    weight: (C_out, C_in // groups, K) -> (groups, C_out/groups * K, C_in/groups * K) with
+    ``M[g, (o, i), (c, j)] = weight[g*Og + o, c, (j - i) mod K]`` (so ``y = M @ x`` along the axis), or its
+    transpose (groups, C_in/groups * K, C_out/groups * K) when ``transpose`` (so ``y = x @ M^T``).
+    """
+    c_out, c_g, k = weight.shape
+    o_g = c_out // groups
+    ar = torch.arange(k, device=weight.device)
+    idx = (ar.view(1, k) - ar.view(k, 1)) % k  # idx[i, j] = (j - i) mod K
+    if transpose:
+        idx = idx.t()  # idx[j, i]
+    m = weight[:, :, idx]  # (C_out, Cg, K, K): [o, c, i, j] or [o, c, j, i]
+    m = m.view(groups, o_g, c_g, k, k)
+    if transpose:  # -> [g, (c, j), (o, i)]
+        return m.permute(0, 2, 3, 1, 4).reshape(groups, c_g * k, o_g * k)
+    return m.permute(0, 1, 3, 2, 4).reshape(groups, o_g * k, c_g * k)  # [g, (o, i), (c, j)]
+
+
+def _gemm(x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[torch.Tensor], groups: int) -> torch.Tensor:
+    """Circulant matrix product. x: (B, C_in, H, W) -> (B, C_out, H, W)."""
+    b, c_in, h, w = x.shape
+    c_out, c_g, k = weight.shape
+    o_g = c_out // groups
+    weight = weight.to(x.dtype)
+    if dim == 2:  # y[b, g, (o, i), w] = M[g] @ x[b, g, (c, j), w]
+        m = _circulant(weight, groups, transpose=False)
+        y = torch.matmul(m, x.reshape(b, groups, c_g * k, w))
+        y = y.view(b, c_out, h, w)
+    else:  # y[b, g, h, (o, i)] = x[b, g, h, (c, j)] @ M^T[g]
+        mt = _circulant(weight, groups, transpose=True)
+        xg = x.reshape(b, groups, c_g, h, k).transpose(2, 3).reshape(b, groups, h, c_g * k)
+        y = torch.matmul(xg, mt)
+        y = y.view(b, groups, h, o_g, k).transpose(2, 3).reshape(b, c_out, h, w)
+    bias = _bias_view(bias)
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def _fft(x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[torch.Tensor], groups: int) -> torch.Tensor:
+    """Fast-ParC: irfft(rfft(x) * conj(rfft(w)), n=K) along ``dim``. x: (B, C_in, H, W) -> (B, C_out, H, W)."""
+    out_dtype = x.dtype
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    b, c_in, h, w = x.shape
+    c_out, c_g, k = weight.shape
+    o_g = c_out // groups
+    xf = torch.fft.rfft(x, dim=dim)  # (B, C_in, F, W) or (B, C_in, H, F)
+    wf = torch.fft.rfft(weight.to(x.dtype), dim=-1).conj()  # (C_out, Cg, F)
+    f = wf.size(-1)
+    if c_g == 1 and o_g == 1:  # depthwise: elementwise product
+        wf = wf.view(c_out, f, 1) if dim == 2 else wf.view(c_out, 1, f)
+        yf = xf * wf
+    elif dim == 2:
+        xf = xf.view(b, groups, c_g, f, w)
+        yf = torch.einsum("gocf,bgcfw->bgofw", wf.view(groups, o_g, c_g, f), xf).reshape(b, c_out, f, w)
+    else:
+        xf = xf.view(b, groups, c_g, h, f)
+        yf = torch.einsum("gocf,bgchf->bgohf", wf.view(groups, o_g, c_g, f), xf).reshape(b, c_out, h, f)
+    y = torch.fft.irfft(yf, n=k, dim=dim)
+    bias = _bias_view(bias)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(out_dtype)

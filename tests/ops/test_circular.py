@@ -1,0 +1,155 @@
+"""circular_conv: every method equals the float64 formula, forward and all gradients; errors; dtype handling."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybridvision.ops import circular
+from hybridvision.ops.circular import choose_method, circular_conv, get_default_method, set_default_method
+
+METHODS = ["direct", "gemm", "fft", "auto"]
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, dim: int, bias, groups: int) -> torch.Tensor:
+    """The formula, in float64: y[b, o, i] = bias[o] + sum_c sum_k w[o, c, k] x[b, c, (i + k) mod K] along dim."""
+    x, weight = x.double(), weight.double()
+    dim = dim % 4
+    xl = x.movedim(dim, -1)  # (B, C_in, other, K)
+    b, c_in, n, k = xl.shape
+    c_out, c_g, _ = weight.shape
+    o_g = c_out // groups
+    ar = torch.arange(k)
+    idx = (ar.view(k, 1) + ar.view(1, k)) % k  # [i, k] -> (i + k) mod K
+    xs = xl[..., idx].view(b, groups, c_g, n, k, k)  # [b, g, c, n, i, k]
+    y = torch.einsum("bgcnik,gock->bgoni", xs, weight.view(groups, o_g, c_g, k)).reshape(b, c_out, n, k)
+    if bias is not None:
+        y = y + bias.double().view(1, -1, 1, 1)
+    return y.movedim(-1, dim)
+
+
+def make(shape, c_out, groups, dim, seed, dtype=torch.float32, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    b, c_in, h, w = shape
+    k = (h, w)[dim % 4 - 2]
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    weight = torch.randn(c_out, c_in // groups, k, generator=g, dtype=dtype) / k**0.5
+    bb = torch.randn(c_out, generator=g, dtype=dtype) if bias else None
+    return x, weight, bb
+
+
+CASES = [
+    # (B, C_in, H, W), C_out, groups (None = depthwise)
+    ((2, 6, 7, 7), 6, None),  # odd, square, depthwise
+    ((2, 4, 8, 8), 4, None),  # even, square
+    ((3, 5, 5, 9), 5, None),  # non-square
+    ((2, 4, 6, 11), 6, 1),  # dense, non-square
+    ((1, 6, 10, 4), 4, 2),  # grouped
+    ((2, 3, 7, 6), 6, 3),  # depthwise with a channel multiplier
+]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dim", [2, 3, -2, -1])
+@pytest.mark.parametrize("shape,c_out,groups", CASES)
+def test_forward_and_grads_match_float64_formula(method, dim, shape, c_out, groups):
+    g = shape[1] if groups is None else groups
+    x, w, b = make(shape, c_out, g, dim, seed=hash((shape, dim)) % 1000)
+    x.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True)
+    y = circular_conv(x, w, dim, b, groups=groups, method=method)
+    assert y.shape == (shape[0], c_out, shape[2], shape[3]) and y.dtype == torch.float32
+
+    x64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (x, w, b))
+    ref = reference(x64, w64, dim, b64, g)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), gy)
+    rx, rw, rb = torch.autograd.grad(ref, (x64, w64, b64), gy.double())
+    torch.testing.assert_close(gx.double(), rx, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gw.double(), rw, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gb.double(), rb, rtol=1e-5, atol=1e-4)
+
+
+def test_reference_is_the_official_cat_plus_valid_conv():
+    """The test's formula agrees with the official ParC implementation (cat(x, x[:-1]) + valid conv)."""
+    x, w, b = make((2, 4, 6, 9), 4, 4, 3, seed=3, dtype=torch.float64)
+    official = torch.nn.functional.conv2d(torch.cat([x, x[..., :-1]], dim=3), w.unsqueeze(2), b, groups=4)
+    torch.testing.assert_close(reference(x, w, 3, b, 4), official)
+
+
+def test_no_bias_and_large_axis():
+    x, w, _ = make((1, 3, 2, 64), 3, 3, 3, seed=5, bias=False)
+    ref = reference(x, w, 3, None, 3)
+    for m in ["direct", "gemm", "fft"]:
+        torch.testing.assert_close(circular_conv(x, w, 3, method=m).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["direct", "gemm", "fft"])
+@pytest.mark.parametrize("dim,groups,c_out", [(2, None, 3), (3, None, 3), (2, 1, 2), (3, 3, 6)])
+def test_gradcheck(method, dim, groups, c_out):
+    g = 3 if groups is None else groups
+    x, w, b = make((2, 3, 5, 4), c_out, g, dim, seed=7, dtype=torch.float64)
+    for t in (x, w, b):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, w, b: circular_conv(x, w, dim, b, groups, method), (x, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_input_through_fft(dtype):
+    x, w, b = make((2, 4, 6, 10), 4, 4, 3, seed=11)
+    y = circular_conv(x.to(dtype), w.to(dtype), 3, b.to(dtype), method="fft")
+    assert y.dtype == dtype
+    ref = reference(x.to(dtype), w.to(dtype), 3, b.to(dtype), 4)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_default_method_override(monkeypatch):
+    x, w, b = make((1, 2, 4, 4), 2, 2, 2, seed=13)
+    calls = []
+    monkeypatch.setattr(circular, "_fft", lambda *a: calls.append("fft") or circular._direct(*a))
+    previous = set_default_method("fft")
+    try:
+        assert get_default_method() == "fft"
+        circular_conv(x, w, 2, b)  # auto -> forced fft
+        circular_conv(x, w, 2, b, method="gemm")  # per call wins
+    finally:
+        set_default_method(previous)
+    assert calls == ["fft"]
+    assert get_default_method() == previous
+    with pytest.raises(ValueError, match="unknown circular_conv method"):
+        set_default_method("winograd")
+
+
+def test_choose_method_rule():
+    x = torch.zeros(1, 8, 14, 14)
+    assert choose_method(x, torch.zeros(8, 1, 14), 2, 8) in ("direct", "gemm", "fft")
+    big = torch.zeros(1, 8, 4, 224)
+    assert choose_method(big, torch.zeros(8, 1, 224), 3, 8) == "fft"
+
+
+@pytest.mark.parametrize(
+    "x_shape,w_shape,dim,groups,bias_shape,match",
+    [
+        ((2, 4, 8), (4, 1, 8), 2, None, None, r"shape \(B, C, H, W\)"),
+        ((2, 4, 8, 8), (4, 1, 7), 3, None, None, "kernel length 7 != x.size\\(3\\) = 8"),
+        ((2, 4, 8, 8), (4, 1, 8), 1, None, None, "dim must be one of"),
+        ((2, 4, 8, 8), (4, 8), 3, None, None, "weight must have shape"),
+        ((2, 4, 8, 8), (4, 2, 8), 3, None, None, "weight.size\\(1\\) = 2"),
+        ((2, 5, 8, 8), (5, 1, 8), 3, 2, None, "groups=2 must be a positive divisor of the 5"),
+        ((2, 4, 8, 8), (5, 2, 8), 3, 2, None, "not divisible by groups=2"),
+        ((2, 4, 8, 8), (4, 1, 8), 3, None, (3,), r"bias must have shape \(4,\)"),
+    ],
+)
+def test_bad_input_errors(x_shape, w_shape, dim, groups, bias_shape, match):
+    x, w = torch.randn(x_shape), torch.randn(w_shape)
+    bias = torch.randn(bias_shape) if bias_shape else None
+    with pytest.raises(ValueError, match=match):
+        circular_conv(x, w, dim, bias, groups)
+
+
+def test_bad_method_and_dtype():
+    x, w = torch.randn(1, 2, 4, 4), torch.randn(2, 1, 4)
+    with pytest.raises(ValueError, match="unknown circular_conv method 'best'"):
+        circular_conv(x, w, 3, method="best")
+    with pytest.raises(ValueError, match="floating-point"):
+        circular_conv(x.long(), w, 3)
