@@ -26,37 +26,47 @@ __all__ = [
     "load_images",
     "plot_erf",
     "run_erf",
+    "spatial_features",
 ]
 
 THRESHOLDS: tuple[float, ...] = (0.2, 0.3, 0.5, 0.99)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def _spatial_features(model: nn.Module, feats: torch.Tensor | Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``forward_features`` output as ``(B, C, h, w)``: NCHW as is, NHWC (timm ``output_fmt``) permuted,
-    tokens ``(B, N, C)`` (ViT) without prefix tokens reshaped to the patch grid."""
+def spatial_features(
+    model: nn.Module,
+    feats: torch.Tensor | Sequence[torch.Tensor],
+    input_hw: Sequence[int],
+    num_chs: int | None = None,
+) -> torch.Tensor:
+    """A feature map as ``(B, C, h, w)``.
+
+    NCHW is returned as is; NHWC (timm ``output_fmt="NHWC"``, or last dim == ``num_chs`` != dim 1) is permuted;
+    tokens ``(B, N, C)`` (ViT) lose the model's ``num_prefix_tokens`` and are reshaped to the patch grid of an
+    input of size ``input_hw = (H, W)``. A list/tuple (e.g. intermediate features) uses its last entry.
+    """
     if isinstance(feats, (tuple, list)):
         feats = feats[-1]
-    fmt = str(getattr(model, "output_fmt", "NCHW"))
     if feats.ndim == 4:
-        return feats.permute(0, 3, 1, 2) if fmt.endswith("NHWC") else feats
+        nhwc = str(getattr(model, "output_fmt", "NCHW")).endswith("NHWC")
+        if num_chs is not None:
+            nhwc = feats.shape[1] != num_chs and feats.shape[-1] == num_chs
+        return feats.permute(0, 3, 1, 2) if nhwc else feats
     if feats.ndim == 3:
         n_prefix = int(getattr(model, "num_prefix_tokens", 0))
         tokens = feats[:, n_prefix:]
         grid = getattr(getattr(model, "patch_embed", None), "dynamic_feat_size", None)
         if grid is not None:
-            h, w = grid(x.shape[-2:])
+            h, w = grid(tuple(input_hw))
         else:
             h = w = int(round(tokens.shape[1] ** 0.5))
         if h * w != tokens.shape[1]:
             raise ValueError(
-                f"forward_features returned {tokens.shape[1]} tokens that do not form a grid; "
-                "pass a model whose forward_features returns (B, C, h, w)"
+                f"{tokens.shape[1]} tokens do not form a {h}x{w} grid; "
+                "pass a model whose features are (B, C, h, w)"
             )
         return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
-    raise ValueError(
-        f"forward_features returned a tensor of shape {tuple(feats.shape)}; expected (B, C, h, w) or tokens (B, N, C)"
-    )
+    raise ValueError(f"features of shape {tuple(feats.shape)}: expected (B, C, h, w), (B, h, w, C) or tokens (B, N, C)")
 
 
 def compute_erf(model: nn.Module, images: Iterable[torch.Tensor]) -> np.ndarray:
@@ -80,7 +90,7 @@ def compute_erf(model: nn.Module, images: Iterable[torch.Tensor]) -> np.ndarray:
             x = img.unsqueeze(0) if img.ndim == 3 else img
             for i in range(x.shape[0]):
                 xi = x[i : i + 1].detach().clone().requires_grad_(True)
-                f = _spatial_features(model, model.forward_features(xi), xi)
+                f = spatial_features(model, model.forward_features(xi), xi.shape[-2:])
                 centre = F.relu(f[:, :, f.shape[2] // 2, f.shape[3] // 2]).sum()
                 (grad,) = torch.autograd.grad(centre, xi)
                 g = F.relu(grad).sum(dim=(0, 1)).double()
