@@ -2,7 +2,7 @@
 
 ``import hybridvision`` registers every model in timm's registry.
 """
-from hybridvision.models import create_model, list_models
+from hybridvision.models import create_model, list_models, parcify
 from hybridvision.ops import ParC2d, RelAttention2d, RelPosBias2d, circular_conv
 
 __version__ = "0.1.0"
@@ -14,5 +14,6 @@ __all__ = [
     "circular_conv",
     "create_model",
     "list_models",
+    "parcify",
     "__version__",
 ]
