@@ -91,7 +91,31 @@ def test_gradcheck(method, dim, groups, c_out):
     x, w, b = make((2, 3, 5, 4), c_out, g, dim, seed=7, dtype=torch.float64)
     for t in (x, w, b):
         t.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda x, w, b: circular_conv(x, w, dim, b, groups, method), (x, w, b))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: circular_conv(x, w, dim, b, groups, method), (x, w, b), fast_mode=True
+    )
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("chunk_bytes", [1 << 30, 200, 1])  # one chunk; whole samples; channel ranges of a sample
+def test_depthwise_fft_chunks_and_fused_pe(monkeypatch, dim, chunk_bytes):
+    """The chunked depthwise FFT with the position embedding fused in: every chunking gives the formula, and
+    gradcheck passes for x, weight, bias and pe (also when only some inputs need a gradient)."""
+    monkeypatch.setattr(circular, "CHUNK_BYTES", chunk_bytes)
+    x, w, b = make((3, 4, 5, 6), 4, 4, dim, seed=17, dtype=torch.float64)
+    pe = torch.randn(4, x.size(dim), dtype=torch.float64, generator=torch.Generator().manual_seed(19))
+    pe_b = pe.unsqueeze(-1) if dim == 2 else pe.unsqueeze(-2)
+    ref = reference(x + pe_b, w, dim, b, 4)
+    torch.testing.assert_close(circular._circular_conv(x, w, dim, b, 4, "fft", pe=pe), ref)
+    for t in (x, w, b, pe):
+        t.requires_grad_(True)
+    fn = lambda x, w, b, pe: circular._circular_conv(x, w, dim, b, 4, "fft", pe=pe)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b, pe), fast_mode=True)
+    x.requires_grad_(False)
+    gw, gpe = torch.autograd.grad(fn(x, w, None, pe).square().sum(), (w, pe))
+    pe_b = pe.unsqueeze(-1) if dim == 2 else pe.unsqueeze(-2)
+    rw, rpe = torch.autograd.grad(reference(x + pe_b, w, dim, None, 4).square().sum(), (w, pe))
+    torch.testing.assert_close((gw, gpe), (rw, rpe))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -106,15 +130,17 @@ def test_half_input_through_fft(dtype):
 def test_default_method_override(monkeypatch):
     x, w, b = make((1, 2, 4, 4), 2, 2, 2, seed=13)
     calls = []
-    monkeypatch.setattr(circular, "_fft", lambda *a: calls.append("fft") or circular._direct(*a))
+    rfft = torch.fft.rfft
+    monkeypatch.setattr(torch.fft, "rfft", lambda *a, **k: calls.append(1) or rfft(*a, **k))
     previous = set_default_method("fft")
     try:
         assert get_default_method() == "fft"
-        circular_conv(x, w, 2, b)  # auto -> forced fft
         circular_conv(x, w, 2, b, method="gemm")  # per call wins
+        assert not calls
+        circular_conv(x, w, 2, b)  # auto -> forced fft
+        assert calls
     finally:
         set_default_method(previous)
-    assert calls == ["fft"]
     assert get_default_method() == previous
     with pytest.raises(ValueError, match="unknown circular_conv method"):
         set_default_method("winograd")

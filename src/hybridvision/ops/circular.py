@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = ["METHODS", "choose_method", "circular_conv", "get_default_method", "set_default_method"]
 
@@ -168,27 +169,31 @@ def _resolve(method: str, x: torch.Tensor, weight: torch.Tensor, dim: int, group
 
 
 def _circular_conv(
-    x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[torch.Tensor], groups: int, method: str
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    dim: int,
+    bias: Optional[torch.Tensor],
+    groups: int,
+    method: str,
+    pe: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """:func:`circular_conv` without argument checks; ``dim`` in {2, 3}.
+    """:func:`circular_conv` without argument checks (``dim`` in {2, 3}), plus an optional position embedding.
 
-    ``bias`` may also be any tensor broadcastable to the output, e.g. a per-position bias (1, C_out, K, 1).
+    pe: (C_in, K) or None, added to x along ``dim`` (broadcast over batch and the other axis) before the
+    convolution: ``circular_conv(x + pe, ...)``. The depthwise FFT path fuses the addition into the spectrum.
     """
     method = _resolve(method, x, weight, dim, groups)
     if bias is not None:
         bias = bias.to(x.dtype)
+    if method == "fft" and weight.size(1) == 1 and weight.size(0) == x.size(1):
+        return _DepthwiseFFT.apply(x, weight, bias, pe, dim)
+    if pe is not None:
+        x = x + (pe.unsqueeze(-1) if dim == 2 else pe.unsqueeze(-2)).to(x.dtype)
     if method == "direct":
         return _direct(x, weight, dim, bias, groups)
     if method == "gemm":
         return _gemm(x, weight, dim, bias, groups)
     return _fft(x, weight, dim, bias, groups)
-
-
-def _bias_view(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """(C_out,) -> (1, C_out, 1, 1); a bias that is already 4-D is returned as is."""
-    if bias is None or bias.dim() == 4:
-        return bias
-    return bias.view(1, -1, 1, 1)
 
 
 def _direct(x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[torch.Tensor], groups: int) -> torch.Tensor:
@@ -200,11 +205,7 @@ def _direct(x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[torc
     else:
         xp = F.pad(x, (0, k - 1, 0, 0), mode="circular")
         w4 = weight.unsqueeze(2)
-    conv_bias = bias if bias is not None and bias.dim() == 1 else None
-    y = F.conv2d(xp, w4.to(x.dtype), conv_bias, groups=groups)
-    if bias is not None and conv_bias is None:
-        y = y + bias
-    return y
+    return F.conv2d(xp, w4.to(x.dtype), bias, groups=groups)
 
 
 def _circulant(weight: torch.Tensor, groups: int, transpose: bool) -> torch.Tensor:
@@ -242,14 +243,112 @@ def _gemm(x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[torch.
         xg = x.reshape(b, groups, c_g, h, k).transpose(2, 3).reshape(b, groups, h, c_g * k)
         y = torch.matmul(xg, mt)
         y = y.view(b, groups, h, o_g, k).transpose(2, 3).reshape(b, c_out, h, w)
-    bias = _bias_view(bias)
     if bias is not None:
-        y = y + bias
+        y = y + bias.view(1, -1, 1, 1)
     return y
 
 
+CHUNK_BYTES = 2 << 20
+"""Input bytes processed per step by the depthwise FFT: rfft -> product -> irfft of one chunk stay in cache."""
+
+
+def _chunks(x: torch.Tensor) -> list[tuple[slice, slice]]:
+    """Split (B, C, H, W) into contiguous blocks of about :data:`CHUNK_BYTES`: whole samples, or channel ranges of
+    one sample when a sample alone is larger. Returns (batch slice, channel slice) pairs."""
+    b, c, h, w = x.shape
+    plane = h * w * 4
+    if c * plane <= CHUNK_BYTES:
+        nb = max(1, CHUNK_BYTES // (c * plane))
+        return [(slice(i, i + nb), slice(None)) for i in range(0, b, nb)]
+    nc = max(1, CHUNK_BYTES // plane)
+    return [(slice(i, i + 1), slice(j, j + nc)) for i in range(b) for j in range(0, c, nc)]
+
+
+def _spectrum_view(spec: torch.Tensor, dim: int) -> torch.Tensor:
+    """(C, F) kernel spectrum -> (C, F, 1) for dim 2 or (C, 1, F) for dim 3, to broadcast against rfft(x)."""
+    return spec.unsqueeze(-1) if dim == 2 else spec.unsqueeze(-2)
+
+
+class _DepthwiseFFT(torch.autograd.Function):
+    """Depthwise Fast-ParC computed chunk by chunk (cache-resident intermediates, no full-size complex or padded
+    copies), with a hand-written backward that recomputes rfft(x) instead of storing it.
+
+    With W = rfft(w), P = rfft(pe), G = rfft(dy) along the kernel axis and S = sum over batch and the other axis:
+        forward   y  = irfft((rfft(x) + P) * conj(W), n=K) + bias   (bias enters as K * bias in the DC bin)
+        backward  dx = irfft(G * W);  dpe = irfft(W * S[G]);  dw = irfft(S[conj(G) * rfft(x)] + conj(S[G]) * P)
+                  dbias = sum dy
+    x: (B, C, H, W); weight: (C, 1, K); bias: (C,) or None; pe: (C, K) or None (added to x along ``dim``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pe, dim):  # type: ignore[override]
+        ctx.save_for_backward(x, weight, pe)
+        ctx.dim = dim
+        k = x.size(dim)
+        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+        wf = torch.fft.rfft(weight[:, 0].to(ct), dim=-1).conj()  # (C, F)
+        addend = None  # (C, F): P * conj(W) + K * bias at DC
+        if pe is not None:
+            addend = torch.fft.rfft(pe.to(ct), dim=-1) * wf
+        if bias is not None:
+            dc = torch.zeros_like(wf)
+            dc[:, 0] = bias.to(ct) * k
+            addend = dc if addend is None else addend + dc
+        wf = _spectrum_view(wf, dim)
+        addend = _spectrum_view(addend, dim) if addend is not None else None
+        y = torch.empty_like(x)
+        for bs, cs in _chunks(x):
+            xf = torch.fft.rfft(x[bs, cs].to(ct), dim=dim)
+            xf.mul_(wf[cs])
+            if addend is not None:
+                xf.add_(addend[cs])
+            if y.dtype == ct:
+                torch.fft.irfft(xf, n=k, dim=dim, out=y[bs, cs])
+            else:
+                y[bs, cs] = torch.fft.irfft(xf, n=k, dim=dim)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):  # type: ignore[override]
+        x, weight, pe = ctx.saved_tensors
+        dim = ctx.dim
+        need_x, need_w, need_b, need_pe = ctx.needs_input_grad[:4]
+        k = x.size(dim)
+        other = 3 if dim == 2 else 2
+        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+        wf = _spectrum_view(torch.fft.rfft(weight[:, 0].to(ct), dim=-1), dim)
+        gx = torch.empty_like(x) if need_x else None
+        g_sum = torch.zeros(wf.shape, dtype=wf.dtype, device=wf.device)  # S[G]
+        gx_w = torch.zeros_like(g_sum) if need_w else None  # S[conj(G) * rfft(x)]
+        for bs, cs in _chunks(x):
+            gf = torch.fft.rfft(gy[bs, cs].to(ct), dim=dim)
+            if need_pe or (need_w and pe is not None):
+                g_sum[cs] += gf.sum(dim=(0, other), keepdim=True)[0]
+            if need_w:
+                xf = torch.fft.rfft(x[bs, cs].to(ct), dim=dim)
+                gx_w[cs] += xf.mul_(gf.conj()).sum(dim=(0, other), keepdim=True)[0]
+            if need_x:
+                gf.mul_(wf[cs])
+                if gx.dtype == ct:
+                    torch.fft.irfft(gf, n=k, dim=dim, out=gx[bs, cs])
+                else:
+                    gx[bs, cs] = torch.fft.irfft(gf, n=k, dim=dim)
+        axis = other - 1  # the singleton axis of the (C, F, 1) / (C, 1, F) spectra
+        gw = gpe = None
+        if need_w:
+            if pe is not None:
+                gx_w += g_sum.conj() * _spectrum_view(torch.fft.rfft(pe.to(ct), dim=-1), dim)
+            gw = torch.fft.irfft(gx_w.squeeze(axis), n=k, dim=-1).unsqueeze(1).to(weight.dtype)
+        if need_pe:
+            gpe = torch.fft.irfft((wf * g_sum).squeeze(axis), n=k, dim=-1).to(pe.dtype)
+        gb = gy.sum(dim=(0, 2, 3)) if need_b else None
+        return gx, gw, gb, gpe, None
+
+
 def _fft(x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[torch.Tensor], groups: int) -> torch.Tensor:
-    """Fast-ParC: irfft(rfft(x) * conj(rfft(w)), n=K) along ``dim``. x: (B, C_in, H, W) -> (B, C_out, H, W)."""
+    """Fast-ParC for grouped / dense kernels (depthwise goes through :class:`_DepthwiseFFT`):
+    irfft(sum_c rfft(x) * conj(rfft(w)), n=K) along ``dim``. x: (B, C_in, H, W) -> (B, C_out, H, W)."""
     out_dtype = x.dtype
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
@@ -259,17 +358,13 @@ def _fft(x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[torch.T
     xf = torch.fft.rfft(x, dim=dim)  # (B, C_in, F, W) or (B, C_in, H, F)
     wf = torch.fft.rfft(weight.to(x.dtype), dim=-1).conj()  # (C_out, Cg, F)
     f = wf.size(-1)
-    if c_g == 1 and o_g == 1:  # depthwise: elementwise product
-        wf = wf.view(c_out, f, 1) if dim == 2 else wf.view(c_out, 1, f)
-        yf = xf * wf
-    elif dim == 2:
+    if dim == 2:
         xf = xf.view(b, groups, c_g, f, w)
         yf = torch.einsum("gocf,bgcfw->bgofw", wf.view(groups, o_g, c_g, f), xf).reshape(b, c_out, f, w)
     else:
         xf = xf.view(b, groups, c_g, h, f)
         yf = torch.einsum("gocf,bgchf->bgohf", wf.view(groups, o_g, c_g, f), xf).reshape(b, c_out, h, f)
     y = torch.fft.irfft(yf, n=k, dim=dim)
-    bias = _bias_view(bias)
     if bias is not None:
-        y = y + bias.to(y.dtype)
+        y = y + bias.to(y.dtype).view(1, -1, 1, 1)
     return y.to(out_dtype)

@@ -141,9 +141,7 @@ class ParC2d(nn.Module):
             )
         dim = self.dim
         weight, pe = self.instance_params(x.size(dim))
-        if pe is not None:
-            x = x + (pe.unsqueeze(-1) if dim == 2 else pe.unsqueeze(-2)).to(x.dtype)
-        return _circular_conv(x, weight, dim, self.bias, self.groups, self.method)
+        return _circular_conv(x, weight, dim, self.bias, self.groups, self.method, pe=pe)
 
     def extra_repr(self) -> str:
         return (
