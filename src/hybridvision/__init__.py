@@ -4,6 +4,7 @@
 """
 from hybridvision.models import create_model, list_models, parcify
 from hybridvision.ops import ParC2d, RelAttention2d, RelPosBias2d, circular_conv
+from hybridvision.tools.export import export_onnx
 
 __version__ = "0.1.0"
 
@@ -13,6 +14,7 @@ __all__ = [
     "RelPosBias2d",
     "circular_conv",
     "create_model",
+    "export_onnx",
     "list_models",
     "parcify",
     "__version__",

@@ -1,0 +1,126 @@
+"""ONNX export: onnxruntime parity, frozen ParC / relative bias (no Resize), BN folding, bad input, no mutation."""
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from hybridvision.ops import ParC2d, RelAttention2d, RelPosBias2d
+from hybridvision.tools.export import (
+    FixedRelPosBias,
+    export_onnx,
+    freeze_for_resolution,
+    onnx_op_types,
+    verify_onnx,
+)
+
+ort = pytest.importorskip("onnxruntime")
+
+
+class Toy(nn.Module):
+    """conv-BN stem, a depthwise ParC-H and a dense ParC-W (meta kernels of length 8), relative attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.parc_h = ParC2d(16, "H", 8)
+        self.parc_w = ParC2d(16, "W", 8, groups=1)
+        self.attn = RelAttention2d(16, head_dim=8, size=4)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.parc_w(self.parc_h(self.bn(self.conv(x))))
+        x = x + self.attn(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(x.mean((2, 3)))
+
+
+def _toy():
+    torch.manual_seed(0)
+    m = Toy()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-1, 1)
+        m.bn.running_var.uniform_(0.5, 2)
+        m.bn.weight.uniform_(0.5, 2)
+        m.bn.bias.uniform_(-1, 1)
+    return m.train()
+
+
+@pytest.mark.parametrize(
+    "method, size",
+    [("conv", (1, 3, 16, 16)), ("conv", (2, 3, 22, 30)), ("matmul", (1, 3, 26, 18)), ("fft", (1, 3, 18, 26))],
+)
+def test_parity_no_resize_bn_folded(tmp_path, method, size):
+    m = _toy()
+    if method == "fft":
+        try:
+            path = export_onnx(m, tmp_path / "m.onnx", size, method=method)
+        except RuntimeError as e:  # the optional DFT form depends on the exporter handling ops.circular's FFT code
+            assert "method='conv'" in str(e)
+            pytest.xfail(f"FFT form not exportable with this torch/ops version: {e}")
+    else:
+        path = export_onnx(m, tmp_path / "m.onnx", size, method=method)
+    ops = onnx_op_types(path)
+    assert "Resize" not in ops and "BatchNormalization" not in ops
+    assert "Gather" not in ops and "GatherND" not in ops  # no run-time kernel resize / bias-table lookup
+    assert ("DFT" in ops) == (method == "fft")
+    assert ("Pad" in ops) == (method != "matmul")  # the dense ParC stays conv under "fft"
+    res = verify_onnx(m, path, (3, *size[1:]), iters=2, warmup=1)  # another batch: the batch axis is dynamic
+    assert res["rel_err"] <= 1e-4
+    assert res["torch_ms"] > 0 and res["ort_ms"] > 0
+    assert m.training
+
+
+def test_export_does_not_modify_the_model(tmp_path):
+    m = _toy()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    export_onnx(m, tmp_path / "m.onnx", (1, 3, 20, 28))
+    after = m.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert m.parc_h.base_size == 8 and m.parc_h.method == "auto" and isinstance(m.attn.rel_pos, RelPosBias2d)
+
+
+def test_freeze_matches_the_model_at_its_resolution():
+    m = _toy().double().eval()
+    frozen = freeze_for_resolution(m, (1, 3, 22, 30), method="matmul")
+    assert frozen.parc_h.base_size == 11 and frozen.parc_w.base_size == 15
+    assert frozen.parc_h.method == "gemm" and isinstance(frozen.attn.rel_pos, FixedRelPosBias)
+    x = torch.randn(2, 3, 22, 30, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), m(x), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="frozen for a 11x15 attention grid"):
+        frozen.attn.rel_pos((5, 8))
+    assert freeze_for_resolution(m, (1, 3, 22, 30), method="fft").parc_w.method == "direct"  # dense: conv form
+
+
+def test_fixed_batch(tmp_path):
+    path = export_onnx(_toy(), tmp_path / "m.onnx", (1, 3, 16, 20), dynamic_batch=False)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].shape == [1, 3, 16, 20]
+
+
+def test_timm_model_bn_folded_and_parity(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model("resnet18", num_classes=7)
+    path = export_onnx(m, tmp_path / "r.onnx", (1, 3, 64, 96))
+    assert "BatchNormalization" not in onnx_op_types(path)
+    assert verify_onnx(m, path, (2, 3, 64, 96), iters=1, warmup=0)["rel_err"] <= 1e-4
+
+
+def test_bad_inputs(tmp_path, monkeypatch):
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=3)
+    with pytest.raises(ValueError, match=r"cannot take an input of shape \(1, 3, 40, 40\)"):
+        export_onnx(vit, tmp_path / "v.onnx", (1, 3, 40, 40))
+    with pytest.raises(ValueError, match="input_size"):
+        export_onnx(_toy(), tmp_path / "t.onnx", (3, 32, 32))
+    with pytest.raises(ValueError, match="method"):
+        export_onnx(_toy(), tmp_path / "t.onnx", (1, 3, 32, 32), method="winograd")
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # simulate the missing extra
+    with pytest.raises(RuntimeError, match=r"hybridvision\[export\]"):
+        export_onnx(_toy(), tmp_path / "t.onnx", (1, 3, 32, 32))
