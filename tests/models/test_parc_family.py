@@ -155,3 +155,14 @@ def test_errors():
     with pytest.raises(ValueError, match="matches no replaceable convolution"):
         timm.create_model("parc_convnext_xt", parc_where=["stages.9.*"])
     assert set(NAMES) <= set(timm.list_models("*parc*") + timm.list_models("convnext_xt"))
+
+
+def test_small_grayscale_images():
+    # Fashion-MNIST-sized input, one channel, 10 classes: the kernels are the measured feature sizes at 28 px
+    # (timm's 'same' padding rounds up: 28 -> 14 -> 7 -> 4 -> 2 -> 1)
+    m = timm.create_model("parc_mobilenetv2", in_chans=1, num_classes=10, img_size=28).eval()
+    assert [r.base_size for r in m.parc_replacements] == [(2, 2)] * 3 + [(1, 1)]
+    net = timm.create_model("parc_net_s", in_chans=1, num_classes=10, img_size=32).eval()
+    with torch.no_grad():
+        assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+        assert net(torch.randn(2, 1, 32, 32)).shape == (2, 10)

@@ -10,13 +10,13 @@ stride 4 / 8 / 16 / 32); any input resolution, square or not, runs (the kernels 
 |---|---|---|
 | ``convnext_xt`` | ConvNeXt, depths 3,3,9,3, dims 48,96,192,384 (the baseline) | 7.44M |
 | ``parc_convnext_xt`` | + ParC in blocks 7-9 of stage 3 and the last block of stage 4 | 7.41M |
-| ``fast_parc_convnext_xt`` | + ParC in every block of every stage (56 px stage included) | 7.45M |
+| ``fast_parc_convnext_xt`` | + ParC in every block of every stage (56 px stage included) | 7.37M |
 | ``parc_resnet50`` | ResNet-50, dense ParC (groups=1) for the 3x3 of the last 3 blocks of stage 3 and the last of stage 4 | 23.7M |
 | ``parc_mobilenetv2`` | MobileNetV2-1.0, ParC for the 3x3 depthwise of the 3 stride-16 blocks of the 96-ch stage and the last block | 3.54M |
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch.nn as nn
 from timm.models import generate_default_cfgs
