@@ -1,0 +1,145 @@
+"""CoAtNet's convolution block: pre-norm MBConv with squeeze-excitation (Dai et al. 2021, Eq. 5 / Table 9).
+
+    x <- Proj(Pool(x)) + Conv1x1(SE(DConv3x3(Conv1x1(BN(x)))))      (first block of a stage)
+    x <- x + Conv1x1(SE(DConv3x3(Conv1x1(BN(x)))))                  (the others)
+
+The inner convolutions are followed by BatchNorm + GELU. The stride of a downsampling block sits on the
+first 1x1 (``stride_mode="1x1"``, the paper's Eq. 5; the expansion then runs at the low resolution) or on the
+depthwise conv (``stride_mode="dw"``, Table 9 and timm's paper-like models).
+
+All tensors are NCHW; the CoAtNet model keeps them in ``torch.channels_last`` memory format, which the CPU
+(oneDNN) and GPU convolution kernels prefer.
+"""
+from __future__ import annotations
+
+import torch
+from timm.layers import DropPath, SEModule
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+__all__ = ["MBConv", "Downsample2d", "fold_prenorm_bn_into_conv1x1"]
+
+POOLS = ("max", "avg")
+STRIDE_MODES = ("1x1", "dw")
+
+
+def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{what}={value!r} is not supported; choose one of {choices}")
+
+
+class Downsample2d(nn.Module):
+    """Shortcut of a downsampling / widening block: Proj(Pool(x)).
+
+    Args:
+        in_chs, out_chs: channels; the 1x1 projection exists only when they differ.
+        stride: pooling window and stride (1 = no pooling).
+        pool: "max" (CoAtNet default) or "avg" (timm's paper-like models).
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 2, pool: str = "max") -> None:
+        super().__init__()
+        _check_choice(pool, POOLS, "pool")
+        self.stride = stride
+        self.pool = pool
+        self.proj = nn.Conv2d(in_chs, out_chs, 1) if in_chs != out_chs else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C_in, H, W) -> (B, C_out, H / stride, W / stride)."""
+        if self.stride > 1:
+            pool = nn.functional.max_pool2d if self.pool == "max" else nn.functional.avg_pool2d
+            x = pool(x, self.stride, self.stride)
+        return self.proj(x)
+
+
+@torch.no_grad()
+def fold_prenorm_bn_into_conv1x1(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
+    """A 1x1 conv equal to ``conv(bn(x))`` for an eval-mode BatchNorm (exact: a 1x1 conv has no padding).
+
+    conv(s * x + t) = (W * s) x + W t + b with s = gamma / sqrt(var + eps), t = beta - mean * s.
+    """
+    if conv.kernel_size != (1, 1) or conv.groups != 1:
+        raise ValueError(f"pre-norm folding needs a dense 1x1 conv, got kernel {conv.kernel_size}, groups {conv.groups}")
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    fused = nn.Conv2d(
+        conv.in_channels, conv.out_channels, 1, stride=conv.stride, bias=True,
+        device=conv.weight.device, dtype=conv.weight.dtype,
+    ).train(conv.training)
+    w = conv.weight[:, :, 0, 0]
+    fused.weight.copy_((w * scale[None, :])[:, :, None, None])
+    fused.bias.copy_(w @ shift + (conv.bias if conv.bias is not None else 0.0))
+    return fused
+
+
+class MBConv(nn.Module):
+    """Pre-norm inverted-bottleneck block with SE (CoAtNet's "C" block).
+
+    Args:
+        in_chs, out_chs: channels in and out.
+        stride: 1, or 2 for the first block of a stage (then the shortcut is Proj(Pool(x))).
+        expansion: inner width = ``out_chs * expansion`` (4 in the paper).
+        se_ratio: SE bottleneck = ``out_chs * se_ratio`` channels (0.25).
+        stride_mode: "1x1" (stride on the expansion conv, paper Eq. 5) or "dw" (on the depthwise conv).
+        pool: pooling of the downsampling shortcut, "max" or "avg".
+        drop_path: stochastic-depth rate of the residual branch.
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        *,
+        stride: int = 1,
+        expansion: int = 4,
+        se_ratio: float = 0.25,
+        stride_mode: str = "1x1",
+        pool: str = "max",
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_choice(stride_mode, STRIDE_MODES, "stride_mode")
+        if stride not in (1, 2):
+            raise ValueError(f"MBConv stride must be 1 or 2, got {stride}")
+        mid = out_chs * expansion
+        self.in_chs, self.out_chs, self.stride = in_chs, out_chs, stride
+        self.fused = False
+        self.shortcut = (
+            Downsample2d(in_chs, out_chs, stride, pool) if stride > 1 or in_chs != out_chs else nn.Identity()
+        )
+        self.norm = nn.BatchNorm2d(in_chs)
+        self.conv1 = nn.Conv2d(in_chs, mid, 1, stride=stride if stride_mode == "1x1" else 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(
+            mid, mid, 3, stride=stride if stride_mode == "dw" else 1, padding=1, groups=mid, bias=False
+        )
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.act = nn.GELU()
+        self.se = SEModule(mid, rd_channels=max(1, int(out_chs * se_ratio)), act_layer=nn.SiLU)
+        self.conv3 = nn.Conv2d(mid, out_chs, 1, bias=True)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C_in, H, W) -> (B, C_out, H / stride, W / stride)."""
+        y = self.act(self.bn1(self.conv1(self.norm(x))))
+        y = self.act(self.bn2(self.conv2(y)))
+        y = self.conv3(self.se(y))
+        return self.shortcut(x) + self.drop_path(y)
+
+    @torch.no_grad()
+    def fuse(self) -> "MBConv":
+        """Fold the three BatchNorms into the convs (eval statistics; exact up to float rounding).
+
+        The block becomes Conv1x1+GELU -> DWConv+GELU -> SE -> Conv1x1; meant for inference
+        (the BN layers are gone, so training it afterwards trains the folded convs).
+        """
+        if self.fused:
+            return self
+        if self.norm.training or self.bn1.training or self.bn2.training:
+            raise RuntimeError("MBConv.fuse() folds eval-mode BatchNorm statistics: call model.eval() first")
+        conv1 = fold_prenorm_bn_into_conv1x1(self.norm, self.conv1)
+        self.conv1 = fuse_conv_bn_eval(conv1, self.bn1)
+        self.conv2 = fuse_conv_bn_eval(self.conv2, self.bn2)
+        self.norm, self.bn1, self.bn2 = nn.Identity(), nn.Identity(), nn.Identity()
+        self.fused = True
+        return self
