@@ -96,20 +96,29 @@ def test_gradcheck(method, dim, groups, c_out):
     )
 
 
+FUSED_VARIANTS = [  # (method, module attribute, value): every code path of the fused depthwise Functions
+    ("fft", "CHUNK_BYTES", 1 << 30),  # one chunk
+    ("fft", "CHUNK_BYTES", 200),  # whole samples per chunk
+    ("fft", "CHUNK_BYTES", 1),  # channel ranges of one sample
+    ("gemm", "GEMM_FOLD_MAX_K", 1 << 10),  # batch folded into the matrix rows
+    ("gemm", "GEMM_FOLD_MAX_K", 0),  # loop over the batch, in place
+]
+
+
 @pytest.mark.parametrize("dim", [2, 3])
-@pytest.mark.parametrize("chunk_bytes", [1 << 30, 200, 1])  # one chunk; whole samples; channel ranges of a sample
-def test_depthwise_fft_chunks_and_fused_pe(monkeypatch, dim, chunk_bytes):
-    """The chunked depthwise FFT with the position embedding fused in: every chunking gives the formula, and
-    gradcheck passes for x, weight, bias and pe (also when only some inputs need a gradient)."""
-    monkeypatch.setattr(circular, "CHUNK_BYTES", chunk_bytes)
+@pytest.mark.parametrize("method,attr,value", FUSED_VARIANTS)
+def test_fused_depthwise_paths_with_pe(monkeypatch, dim, method, attr, value):
+    """The fused depthwise FFT / GEMM Functions with the position embedding: every code path gives the formula,
+    and gradcheck passes for x, weight, bias and pe (also when only some inputs need a gradient)."""
+    monkeypatch.setattr(circular, attr, value)
     x, w, b = make((3, 4, 5, 6), 4, 4, dim, seed=17, dtype=torch.float64)
     pe = torch.randn(4, x.size(dim), dtype=torch.float64, generator=torch.Generator().manual_seed(19))
     pe_b = pe.unsqueeze(-1) if dim == 2 else pe.unsqueeze(-2)
     ref = reference(x + pe_b, w, dim, b, 4)
-    torch.testing.assert_close(circular._circular_conv(x, w, dim, b, 4, "fft", pe=pe), ref)
+    torch.testing.assert_close(circular._circular_conv(x, w, dim, b, 4, method, pe=pe), ref)
     for t in (x, w, b, pe):
         t.requires_grad_(True)
-    fn = lambda x, w, b, pe: circular._circular_conv(x, w, dim, b, 4, "fft", pe=pe)  # noqa: E731
+    fn = lambda x, w, b, pe: circular._circular_conv(x, w, dim, b, 4, method, pe=pe)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, w, b, pe), fast_mode=True)
     x.requires_grad_(False)
     gw, gpe = torch.autograd.grad(fn(x, w, None, pe).square().sum(), (w, pe))

@@ -185,8 +185,11 @@ def _circular_conv(
     method = _resolve(method, x, weight, dim, groups)
     if bias is not None:
         bias = bias.to(x.dtype)
-    if method == "fft" and weight.size(1) == 1 and weight.size(0) == x.size(1):
-        return _DepthwiseFFT.apply(x, weight, bias, pe, dim)
+    if weight.size(1) == 1 and weight.size(0) == x.size(1):  # depthwise: the fused autograd Functions
+        if method == "fft":
+            return _DepthwiseFFT.apply(x, weight, bias, pe, dim)
+        if method == "gemm":
+            return _DepthwiseGemm.apply(x, weight, bias, pe, dim)
     if pe is not None:
         x = x + (pe.unsqueeze(-1) if dim == 2 else pe.unsqueeze(-2)).to(x.dtype)
     if method == "direct":
@@ -248,6 +251,119 @@ def _gemm(x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[torch.
     return y
 
 
+GEMM_FOLD_MAX_K = 16
+"""Up to this K the depthwise GEMM folds the batch into the matrix rows (one bigger product per channel, at the
+cost of a transposed copy); above it, it loops over the batch writing in place (no copies)."""
+
+
+def _fold(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, C, H, W) -> (C, K, B*W) for dim 2, (C, B*H, K) for dim 3 (a copy): the batch folded into the rows."""
+    b, c, h, w = t.shape
+    if dim == 2:
+        return t.permute(1, 2, 0, 3).reshape(c, h, b * w)
+    return t.permute(1, 0, 2, 3).reshape(c, b * h, w)
+
+
+def _unfold(t: torch.Tensor, shape: torch.Size, dim: int) -> torch.Tensor:
+    """Inverse of :func:`_fold`: (C, K, B*W) / (C, B*H, K) -> contiguous (B, C, H, W)."""
+    b, c, h, w = shape
+    if dim == 2:
+        return t.view(c, h, b, w).permute(2, 0, 1, 3).contiguous()
+    return t.view(c, b, h, w).permute(1, 0, 2, 3).contiguous()
+
+
+def _circulant_apply(x: torch.Tensor, m: torch.Tensor, dim: int, addend: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per channel, the matrix product along ``dim``: y[b, c, i] = sum_j m[c, i, j] x[b, c, j] (+ addend[c, i]).
+
+    x: (B, C, H, W); m: (C, K, K) (any strides); addend: (C, K) or None. Returns (B, C, H, W), contiguous.
+    """
+    k = x.size(dim)
+    add = None if addend is None else (addend.unsqueeze(-1) if dim == 2 else addend.unsqueeze(-2))
+    if k <= GEMM_FOLD_MAX_K:
+        xf = _fold(x, dim)
+        yf = torch.bmm(m, xf) if dim == 2 else torch.bmm(xf, m.transpose(1, 2))
+        if add is not None:
+            yf.add_(add)
+        return _unfold(yf, x.shape, dim)
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    mt = m.transpose(1, 2)
+    for i in range(x.size(0)):
+        if dim == 2:
+            torch.bmm(m, x[i], out=y[i])
+        else:
+            torch.bmm(x[i], mt, out=y[i])
+        if add is not None:
+            y[i].add_(add)
+    return y
+
+
+def _circulant_outer(gy: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """S[c, i, j] = sum over batch and the other axis of gy[b, c, i] * x[b, c, j] (i, j along ``dim``).
+
+    gy, x: (B, C, H, W) -> (C, K, K)."""
+    k = x.size(dim)
+    if k <= GEMM_FOLD_MAX_K:
+        gf, xf = _fold(gy, dim), _fold(x, dim)
+        return torch.bmm(gf, xf.transpose(1, 2)) if dim == 2 else torch.bmm(gf.transpose(1, 2), xf)
+    gy, x = gy.contiguous(), x.contiguous()
+    s = torch.zeros(x.size(1), k, k, dtype=x.dtype, device=x.device)
+    for i in range(x.size(0)):
+        if dim == 2:
+            s.baddbmm_(gy[i], x[i].transpose(1, 2))
+        else:
+            s.baddbmm_(gy[i].transpose(1, 2), x[i])
+    return s
+
+
+class _DepthwiseGemm(torch.autograd.Function):
+    """Depthwise circulant GEMM without broadcast copies of the matrices, position embedding and bias fused.
+
+    With M[c, i, j] = w[c, (j - i) mod K] (so y = M x along ``dim``), x' = x + pe and S = sum over batch and the
+    other axis:  forward y = M x + (M pe + bias);  backward dx = M^T dy, dpe = M^T S[dy],
+    dw[c, k] = sum_i (S[dy x^T] + S[dy] pe^T)[c, i, (i + k) mod K], dbias = S[dy] summed.
+    x: (B, C, H, W); weight: (C, 1, K); bias: (C,) or None; pe: (C, K) or None.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pe, dim):  # type: ignore[override]
+        ctx.save_for_backward(x, weight, pe)
+        ctx.dim = dim
+        m = _circulant(weight.to(x.dtype), x.size(1), transpose=False)  # (C, K, K)
+        addend = None
+        if pe is not None:
+            addend = torch.bmm(m, pe.to(x.dtype).unsqueeze(-1)).squeeze(-1)
+        if bias is not None:
+            addend = bias.to(x.dtype).unsqueeze(-1) if addend is None else addend + bias.to(x.dtype).unsqueeze(-1)
+        if addend is not None:
+            addend = addend.expand(x.size(1), x.size(dim))
+        return _circulant_apply(x, m, dim, addend)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):  # type: ignore[override]
+        x, weight, pe = ctx.saved_tensors
+        dim = ctx.dim
+        need_x, need_w, need_b, need_pe = ctx.needs_input_grad[:4]
+        k = x.size(dim)
+        m = _circulant(weight.to(x.dtype), x.size(1), transpose=False)
+        gx = _circulant_apply(gy, m.transpose(1, 2), dim, None) if need_x else None
+        g_sum = gy.sum(dim=(0, 3 if dim == 2 else 2))  # (C, K)
+        gw = gpe = gb = None
+        if need_w:
+            s = _circulant_outer(gy, x, dim)
+            if pe is not None:
+                s = s + g_sum.unsqueeze(-1) * pe.to(x.dtype).unsqueeze(-2)
+            ar = torch.arange(k, device=x.device)
+            idx = (ar.view(k, 1) + ar.view(1, k)) % k  # [i, k] -> (i + k) mod K
+            gw = s.gather(2, idx.expand_as(s)).sum(dim=1).unsqueeze(1).to(weight.dtype)
+        if need_pe:
+            gpe = torch.bmm(m.transpose(1, 2), g_sum.unsqueeze(-1)).squeeze(-1).to(pe.dtype)
+        if need_b:
+            gb = g_sum.sum(dim=1).to(gy.dtype)
+        return gx, gw, gb, gpe, None
+
+
 CHUNK_BYTES = 2 << 20
 """Input bytes processed per step by the depthwise FFT: rfft -> product -> irfft of one chunk stay in cache."""
 
@@ -277,7 +393,8 @@ class _DepthwiseFFT(torch.autograd.Function):
         forward   y  = irfft((rfft(x) + P) * conj(W), n=K) + bias   (bias enters as K * bias in the DC bin)
         backward  dx = irfft(G * W);  dpe = irfft(W * S[G]);  dw = irfft(S[conj(G) * rfft(x)] + conj(S[G]) * P)
                   dbias = sum dy
-    x: (B, C, H, W); weight: (C, 1, K); bias: (C,) or None; pe: (C, K) or None (added to x along ``dim``).
+    The 1/K of the inverse transform is folded into the small kernel spectrum (``irfft(norm="forward")`` does no
+    scaling pass). x: (B, C, H, W); weight: (C, 1, K); bias: (C,) or None; pe: (C, K) or None (added along ``dim``).
     """
 
     @staticmethod
@@ -286,27 +403,17 @@ class _DepthwiseFFT(torch.autograd.Function):
         ctx.dim = dim
         k = x.size(dim)
         ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-        wf = torch.fft.rfft(weight[:, 0].to(ct), dim=-1).conj()  # (C, F)
-        addend = None  # (C, F): P * conj(W) + K * bias at DC
+        wf = torch.fft.rfft(weight[:, 0].to(ct), dim=-1).conj() / k  # (C, F)
+        addend = None  # (C, F): (P * conj(W) + K * bias at DC) / K
         if pe is not None:
             addend = torch.fft.rfft(pe.to(ct), dim=-1) * wf
         if bias is not None:
             dc = torch.zeros_like(wf)
-            dc[:, 0] = bias.to(ct) * k
+            dc[:, 0] = bias.to(ct)
             addend = dc if addend is None else addend + dc
         wf = _spectrum_view(wf, dim)
         addend = _spectrum_view(addend, dim) if addend is not None else None
-        y = torch.empty_like(x)
-        for bs, cs in _chunks(x):
-            xf = torch.fft.rfft(x[bs, cs].to(ct), dim=dim)
-            xf.mul_(wf[cs])
-            if addend is not None:
-                xf.add_(addend[cs])
-            if y.dtype == ct:
-                torch.fft.irfft(xf, n=k, dim=dim, out=y[bs, cs])
-            else:
-                y[bs, cs] = torch.fft.irfft(xf, n=k, dim=dim)
-        return y
+        return _chunked(x, lambda xc, cs: _fft_step(xc.to(ct), wf[cs], addend[cs] if addend is not None else None, dim))
 
     @staticmethod
     @once_differentiable
@@ -318,9 +425,10 @@ class _DepthwiseFFT(torch.autograd.Function):
         other = 3 if dim == 2 else 2
         ct = torch.float64 if x.dtype == torch.float64 else torch.float32
         wf = _spectrum_view(torch.fft.rfft(weight[:, 0].to(ct), dim=-1), dim)
-        gx = torch.empty_like(x) if need_x else None
         g_sum = torch.zeros(wf.shape, dtype=wf.dtype, device=wf.device)  # S[G]
         gx_w = torch.zeros_like(g_sum) if need_w else None  # S[conj(G) * rfft(x)]
+        gy = gy.contiguous()
+        gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
         for bs, cs in _chunks(x):
             gf = torch.fft.rfft(gy[bs, cs].to(ct), dim=dim)
             if need_pe or (need_w and pe is not None):
@@ -329,11 +437,7 @@ class _DepthwiseFFT(torch.autograd.Function):
                 xf = torch.fft.rfft(x[bs, cs].to(ct), dim=dim)
                 gx_w[cs] += xf.mul_(gf.conj()).sum(dim=(0, other), keepdim=True)[0]
             if need_x:
-                gf.mul_(wf[cs])
-                if gx.dtype == ct:
-                    torch.fft.irfft(gf, n=k, dim=dim, out=gx[bs, cs])
-                else:
-                    gx[bs, cs] = torch.fft.irfft(gf, n=k, dim=dim)
+                gx[bs, cs] = torch.fft.irfft(gf.mul_(wf[cs] / k), n=k, dim=dim, norm="forward")
         axis = other - 1  # the singleton axis of the (C, F, 1) / (C, 1, F) spectra
         gw = gpe = None
         if need_w:
@@ -344,6 +448,27 @@ class _DepthwiseFFT(torch.autograd.Function):
             gpe = torch.fft.irfft((wf * g_sum).squeeze(axis), n=k, dim=-1).to(pe.dtype)
         gb = gy.sum(dim=(0, 2, 3)) if need_b else None
         return gx, gw, gb, gpe, None
+
+
+def _fft_step(xc: torch.Tensor, wf: torch.Tensor, addend: Optional[torch.Tensor], dim: int) -> torch.Tensor:
+    """One chunk of the depthwise FFT forward: irfft(rfft(xc) * wf + addend, norm="forward") along ``dim``."""
+    xf = torch.fft.rfft(xc, dim=dim)
+    xf.mul_(wf)
+    if addend is not None:
+        xf.add_(addend)
+    return torch.fft.irfft(xf, n=xc.size(dim), dim=dim, norm="forward")
+
+
+def _chunked(x: torch.Tensor, step) -> torch.Tensor:
+    """Apply ``step(x_chunk, channel_slice) -> y_chunk`` over the :func:`_chunks` of x (B, C, H, W); each result is
+    copied into the output while it is still in cache. Returns (B, C, H, W) with x's dtype."""
+    chunks = _chunks(x)
+    if len(chunks) == 1:
+        return step(x, slice(None)).to(x.dtype)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    for bs, cs in chunks:
+        out[bs, cs] = step(x[bs, cs], cs)
+    return out
 
 
 def _fft(x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[torch.Tensor], groups: int) -> torch.Tensor:
