@@ -155,11 +155,27 @@ def test_default_method_override(monkeypatch):
         set_default_method("winograd")
 
 
-def test_choose_method_rule():
-    x = torch.zeros(1, 8, 14, 14)
-    assert choose_method(x, torch.zeros(8, 1, 14), 2, 8) in ("direct", "gemm", "fft")
-    big = torch.zeros(1, 8, 4, 224)
-    assert choose_method(big, torch.zeros(8, 1, 224), 3, 8) == "fft"
+def test_choose_method_rule(monkeypatch):
+    """The documented rule of choose_method, item by item."""
+    def pick(c, k, dim=3, dtype=torch.float32, dense=False, grad=False):
+        x = torch.zeros(2, c, k, k, dtype=dtype)
+        w = torch.zeros(c, c if dense else 1, k, dtype=dtype)
+        return choose_method(x, w, dim, needs_grad=grad)
+
+    assert pick(8, 14, dense=True) == "fft"
+    assert pick(8, 7) == "gemm" and pick(8, 224) == "fft"
+    k_fwd, k_train = circular.GEMM_MAX_K["fwd", 3], circular.GEMM_MAX_K["train", 3]
+    assert pick(4, k_fwd) == "gemm" and pick(4, k_fwd + 1) == "fft"
+    assert pick(4, k_train, grad=True) == "gemm" and pick(4, k_train + 1, grad=True) == "fft"
+    assert pick(4, circular.GEMM_MAX_K["fwd", 2], dim=-2) == "gemm"
+    assert pick(4, 14, dtype=torch.float16) == "fft" and pick(4, 56, dtype=torch.bfloat16) == "gemm"
+    k = circular.GEMM_MAX_K["train", 2] + 1
+    x, w = torch.zeros(1, 4, k, 3, requires_grad=True), torch.zeros(4, 1, k)
+    assert choose_method(x, w, 2) == "fft"  # needs_grad inferred from x.requires_grad
+    with torch.no_grad():
+        assert choose_method(x, w, 2) == "gemm"
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    assert pick(4, 224) == "gemm" and pick(4, 14, dense=True) == "gemm"  # exportable MatMul while exporting
 
 
 @pytest.mark.parametrize(

@@ -60,35 +60,53 @@ def get_default_method() -> str:
     return _default_method
 
 
-def choose_method(
-    x: torch.Tensor, weight: torch.Tensor, dim: int, groups: int, needs_grad: Optional[bool] = None
-) -> str:
+GEMM_MAX_K = {("fwd", 2): 72, ("fwd", 3): 48, ("train", 2): 64, ("train", 3): 32}
+"""``"auto"`` on CPU, depthwise, float32/64: the largest K that still goes to ``"gemm"``, per pass (``"fwd"`` =
+no backward will follow, ``"train"`` = forward+backward) and ``dim``. Each is the crossover of the per-element
+costs measured on the 2-core development CPU (1 thread, CPU time, B=16, C=2688/K; ns per element):
+gemm forward 0.6 + 0.025 K, forward+backward 3.0 + 0.06 K (2 K FLOPs per element: linear in K);
+fft forward 2.55 (dim 2) / 1.85 (dim 3), forward+backward 7.2 / 5.0 (nearly flat in K; along dim 2 the transforms
+are strided and slower). benchmarks/bench_circular.py measures both at full threads."""
+BF16_GEMM_MAX_K = 112
+"""bfloat16 on CPU: the GEMM runs natively in bf16 (3-5x faster than the fp32 GEMM here, measured at K=14 and 56)
+while the FFT computes in fp32, so ``"gemm"`` is used up to this K."""
+
+
+def choose_method(x: torch.Tensor, weight: torch.Tensor, dim: int, needs_grad: Optional[bool] = None) -> str:
     """The cost model behind ``method="auto"``: returns ``"direct"``, ``"gemm"`` or ``"fft"``.
 
     Args:
-        x: (B, C_in, H, W) input; ``weight``: (C_out, C_in // groups, K); ``dim`` in {2, 3} (normalised).
-        needs_grad: whether a backward pass will follow (default: autograd is on and an input requires grad).
+        x: (B, C_in, H, W); weight: (C_out, C_in // groups, K) (depthwise when (C_in, 1, K));
+        dim: the axis (2, 3, -2 or -1);
+        needs_grad: whether a backward pass follows (default: grad mode is on and x or weight requires grad).
 
-    Rule:
-        * While tracing / exporting (``torch.jit`` or ONNX export) ``"gemm"``: it is plain MatMul, which every
-          runtime has, and it has no Pad/Resize of the input.
-        * ``K`` at most :data:`GEMM_MAX_K` and the circulant matrices small (``(C_out * C_in / groups) * K**2`` below
-          :data:`GEMM_MAX_MATRIX` elements): ``"gemm"``;
-        * otherwise ``"fft"``.
+    Rule (first match):
+        1. tracing or ONNX export: ``"gemm"`` (plain MatMul, supported by every runtime; no FFT operators).
+        2. grouped or dense kernels (``weight.size(1) > 1``): ``"fft"`` -- a (C_out/g, C_in/g) complex product per
+           frequency instead of 2 K C_in/g FLOPs per output; measured 2-6x faster than gemm and direct for dense
+           ParC-ResNet50-like shapes (C=128, K=14), on par with direct only at K <= 7.
+        3. depthwise on a non-CPU device: ``"gemm"`` for K <= 32, else ``"fft"`` (not measured: no GPU here).
+        4. depthwise float16 on CPU: ``"fft"`` (CPU float16 matmul is 10x slower than the fp32 FFT);
+           bfloat16: ``"gemm"`` up to :data:`BF16_GEMM_MAX_K`, else ``"fft"``.
+        5. depthwise float32/64 on CPU: ``"gemm"`` up to :data:`GEMM_MAX_K` [pass, dim], else ``"fft"``.
+        ``"direct"`` is never chosen: oneDNN's depthwise K x 1 / 1 x K convolution on this CPU is erratic (the same
+        call measured 0.3 ms and 2.6 ms in different runs) and 2-10x slower than gemm/fft from K = 14 up.
+    Override: ``set_default_method(...)`` / ``HYBRIDVISION_CIRCULAR_METHOD`` globally, ``method=`` per call.
     """
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return "gemm"
+    if weight.size(1) != 1 or weight.size(0) != x.size(1):
+        return "fft"
     k = x.size(dim)
-    c_out, c_per_group = weight.shape[0], weight.shape[1]
-    if k <= GEMM_MAX_K and c_out * c_per_group * k * k <= GEMM_MAX_MATRIX:
-        return "gemm"
-    return "fft"
-
-
-GEMM_MAX_K = 56
-"""Largest axis length for which ``"auto"`` uses the circulant GEMM (see benchmarks/results/circular.md)."""
-GEMM_MAX_MATRIX = 1 << 24
-"""Largest total number of circulant-matrix elements ``C_out * C_in/groups * K**2`` that ``"auto"`` builds."""
+    if x.device.type != "cpu":
+        return "gemm" if k <= 32 else "fft"
+    if x.dtype == torch.float16:
+        return "fft"
+    if x.dtype == torch.bfloat16:
+        return "gemm" if k <= BF16_GEMM_MAX_K else "fft"
+    if needs_grad is None:
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return "gemm" if k <= GEMM_MAX_K["train" if needs_grad else "fwd", dim % 4] else "fft"
 
 
 def _check(
@@ -164,7 +182,7 @@ def _resolve(method: str, x: torch.Tensor, weight: torch.Tensor, dim: int, group
     if method == "auto":
         method = _default_method
     if method == "auto":
-        method = choose_method(x, weight, dim, groups)
+        method = choose_method(x, weight, dim)
     return method
 
 
@@ -239,13 +257,13 @@ def _gemm(x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[torch.
     weight = weight.to(x.dtype)
     if dim == 2:  # y[b, g, (o, i), w] = M[g] @ x[b, g, (c, j), w]
         m = _circulant(weight, groups, transpose=False)
-        y = torch.matmul(m, x.reshape(b, groups, c_g * k, w))
-        y = y.view(b, c_out, h, w)
+        y = torch.einsum("gij,bgjw->bgiw", m, x.reshape(b, groups, c_g * k, w))
+        y = y.reshape(b, c_out, h, w)
     else:  # y[b, g, h, (o, i)] = x[b, g, h, (c, j)] @ M^T[g]
         mt = _circulant(weight, groups, transpose=True)
         xg = x.reshape(b, groups, c_g, h, k).transpose(2, 3).reshape(b, groups, h, c_g * k)
-        y = torch.matmul(xg, mt)
-        y = y.view(b, groups, h, o_g, k).transpose(2, 3).reshape(b, c_out, h, w)
+        y = torch.einsum("bghj,gji->bghi", xg, mt)
+        y = y.reshape(b, groups, h, o_g, k).transpose(2, 3).reshape(b, c_out, h, w)
     if bias is not None:
         y = y + bias.view(1, -1, 1, 1)
     return y
@@ -257,19 +275,20 @@ cost of a transposed copy); above it, it loops over the batch writing in place (
 
 
 def _fold(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """(B, C, H, W) -> (C, K, B*W) for dim 2, (C, B*H, K) for dim 3 (a copy): the batch folded into the rows."""
+    """(B, C, H, W) -> (C, K, B * other) (a copy): the kernel axis first, batch and the other axis folded into
+    the columns, so that one (K, K) @ (K, B * other) product per channel does the work."""
     b, c, h, w = t.shape
     if dim == 2:
         return t.permute(1, 2, 0, 3).reshape(c, h, b * w)
-    return t.permute(1, 0, 2, 3).reshape(c, b * h, w)
+    return t.permute(1, 3, 0, 2).reshape(c, w, b * h)
 
 
 def _unfold(t: torch.Tensor, shape: torch.Size, dim: int) -> torch.Tensor:
-    """Inverse of :func:`_fold`: (C, K, B*W) / (C, B*H, K) -> contiguous (B, C, H, W)."""
+    """Inverse of :func:`_fold`: (C, K, B * other) -> contiguous (B, C, H, W)."""
     b, c, h, w = shape
     if dim == 2:
         return t.view(c, h, b, w).permute(2, 0, 1, 3).contiguous()
-    return t.view(c, b, h, w).permute(1, 0, 2, 3).contiguous()
+    return t.view(c, w, b, h).permute(2, 0, 3, 1).contiguous()
 
 
 def _circulant_apply(x: torch.Tensor, m: torch.Tensor, dim: int, addend: Optional[torch.Tensor]) -> torch.Tensor:
@@ -280,10 +299,9 @@ def _circulant_apply(x: torch.Tensor, m: torch.Tensor, dim: int, addend: Optiona
     k = x.size(dim)
     add = None if addend is None else (addend.unsqueeze(-1) if dim == 2 else addend.unsqueeze(-2))
     if k <= GEMM_FOLD_MAX_K:
-        xf = _fold(x, dim)
-        yf = torch.bmm(m, xf) if dim == 2 else torch.bmm(xf, m.transpose(1, 2))
-        if add is not None:
-            yf.add_(add)
+        yf = torch.bmm(m, _fold(x, dim))
+        if addend is not None:
+            yf.add_(addend.unsqueeze(-1))
         return _unfold(yf, x.shape, dim)
     x = x.contiguous()
     y = torch.empty_like(x)
@@ -304,8 +322,7 @@ def _circulant_outer(gy: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tenso
     gy, x: (B, C, H, W) -> (C, K, K)."""
     k = x.size(dim)
     if k <= GEMM_FOLD_MAX_K:
-        gf, xf = _fold(gy, dim), _fold(x, dim)
-        return torch.bmm(gf, xf.transpose(1, 2)) if dim == 2 else torch.bmm(gf.transpose(1, 2), xf)
+        return torch.bmm(_fold(gy, dim), _fold(x, dim).transpose(1, 2))
     gy, x = gy.contiguous(), x.contiguous()
     s = torch.zeros(x.size(1), k, k, dtype=x.dtype, device=x.device)
     for i in range(x.size(0)):

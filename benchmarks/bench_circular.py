@@ -1,0 +1,203 @@
+"""Benchmark of hybridvision.ops.circular_conv against the official ParC formulation.
+
+For each axis length L the input is (B, C, L, L) with B = 16 and C = 2688 / L (the ParC-ConvNeXt-XT stage widths
+384 / 192 / 96 / 48 at L = 7 / 14 / 28 / 56, continued at constant C * L to 112 and 224), depthwise, fp32, along
+the height (dim=2, the official ParC type 'H') and along the width (dim=3). Timed: the official-style reference
+(``cat(x, x[:-1])`` + valid depthwise ``conv2d``), each method and ``auto``, forward (no grad) and forward+backward
+(x and the kernel require grad), best of several interleaved runs. The memory floor is (bytes in + bytes out) over
+the copy bandwidth measured in the same run (a large ``Tensor.copy_``).
+
+Targets (forward, fp32): auto >= 3x the reference at L >= 56 and >= 1x at L <= 14, auto within 1.5x of the memory
+floor at L >= 56; forward+backward: auto >= 2x the reference at L >= 56.
+
+    python benchmarks/bench_circular.py            # full run (a few minutes), writes benchmarks/results/circular.*
+    python benchmarks/bench_circular.py --quick    # two sizes, < 1 minute, writes benchmarks/results/circular_quick.*
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from hybridvision.ops.circular import choose_method, circular_conv
+
+BATCH = 16
+C_TIMES_L = 2688  # 48 channels at 56, 384 at 7
+METHODS = ("direct", "gemm", "fft", "auto")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """The official ParC op: cat(x, x[:-1]) along dim + valid depthwise conv2d. x: (B, C, H, W); weight: (C, 1, K)."""
+    if dim == 2:
+        return F.conv2d(torch.cat([x, x[:, :, :-1]], dim=2), weight.unsqueeze(3), groups=x.size(1))
+    return F.conv2d(torch.cat([x, x[:, :, :, :-1]], dim=3), weight.unsqueeze(2), groups=x.size(1))
+
+
+def best_of(fns: dict[str, Callable[[], object]], budget_s: float, min_reps: int) -> dict[str, float]:
+    """Best time in ms of each function, runs interleaved (round-robin) so machine load hits all alike."""
+    for fn in fns.values():  # warm-up (allocator, kernels, FFT plans)
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_reps or (time.perf_counter() - start < budget_s and rounds < 200):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {k: min(v) * 1e3 for k, v in times.items()}
+
+
+def copy_bandwidth(mib: int = 256) -> float:
+    """Copy bandwidth in bytes/s, counting the bytes read plus the bytes written (best of 10)."""
+    src = torch.randn(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    t = best_of({"copy": lambda: dst.copy_(src)}, budget_s=0.0, min_reps=10)["copy"] / 1e3
+    return 2 * src.numel() * 4 / t
+
+
+def run_case(length: int, dim: int, bw: float, budget_s: float, min_reps: int) -> dict:
+    g = torch.Generator().manual_seed(length * 10 + dim)
+    c = C_TIMES_L // length
+    x = torch.randn(BATCH, c, length, length, generator=g)
+    w = torch.randn(c, 1, length, generator=g) / length**0.5
+    fwd = {"reference": lambda: reference(x, w, dim)}
+    fwd.update({m: (lambda m=m: circular_conv(x, w, dim, method=m)) for m in METHODS})
+    with torch.no_grad():
+        t_fwd = best_of(fwd, budget_s, min_reps)
+
+    xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    gy = torch.randn(x.shape, generator=g)
+
+    def train_step(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            fn(xg, wg).backward(gy)
+            xg.grad = wg.grad = None
+
+        return step
+
+    bwd = {"reference": train_step(lambda a, b: reference(a, b, dim))}
+    bwd.update({m: train_step(lambda a, b, m=m: circular_conv(a, b, dim, method=m)) for m in METHODS})
+    t_bwd = best_of(bwd, budget_s, min_reps)
+    floor = 2 * x.numel() * 4 / bw * 1e3
+    with torch.no_grad():
+        pick_fwd = choose_method(x, w, dim)
+    pick_bwd = choose_method(xg, wg, dim)
+    return dict(L=length, C=c, dim=dim, fwd=t_fwd, bwd=t_bwd, floor=floor, pick_fwd=pick_fwd, pick_bwd=pick_bwd)
+
+
+def verdicts(r: dict) -> list[str]:
+    """PASS / MISS / '-' (target does not apply) for the four targets."""
+    length, f, b = r["L"], r["fwd"], r["bwd"]
+    sp_f, sp_b, fl = f["reference"] / f["auto"], b["reference"] / b["auto"], f["auto"] / r["floor"]
+    big, small = length >= 56, length <= 14
+
+    def v(applies: bool, ok: bool) -> str:
+        return ("PASS" if ok else "MISS") if applies else "-"
+
+    return [v(big, sp_f >= 3), v(small, sp_f >= 1), v(big, fl <= 1.5), v(big, sp_b >= 2)]
+
+
+def table(rows: list[dict]) -> list[str]:
+    head = (
+        "| L | C | dim | pass | reference | direct | gemm | fft | auto (pick) | floor | auto speed-up | auto / floor "
+        "| >=3x (L>=56) | >=1x (L<=14) | <=1.5x floor | fwd+bwd >=2x |"
+    )
+    lines = [head, "|" + "---|" * 16]
+    for r in rows:
+        v = verdicts(r)
+        for kind in ("fwd", "bwd"):
+            t = r[kind]
+            pick = r["pick_" + kind]
+            floor = f"{r['floor']:.2f}" if kind == "fwd" else ""
+            ratio = f"{t['auto'] / r['floor']:.2f}" if kind == "fwd" else ""
+            checks = v[:3] + [""] if kind == "fwd" else ["", "", "", v[3]]
+            lines.append(
+                f"| {r['L']} | {r['C']} | {r['dim']} | {'fwd' if kind == 'fwd' else 'fwd+bwd'} "
+                f"| {t['reference']:.2f} | {t['direct']:.2f} | {t['gemm']:.2f} | {t['fft']:.2f} "
+                f"| {t['auto']:.2f} ({pick}) | {floor} | {t['reference'] / t['auto']:.2f}x | {ratio} | "
+                + " | ".join(checks)
+                + " |"
+            )
+    return lines
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
+    for i, dim in enumerate((2, 3)):
+        sub = [r for r in rows if r["dim"] == dim]
+        ls = [r["L"] for r in sub]
+        for j, kind in enumerate(("fwd", "bwd")):
+            ax = axes[j][i]
+            for name in ("reference", *METHODS):
+                ax.plot(ls, [r[kind][name] for r in sub], marker="o", label=name, lw=2.5 if name == "auto" else 1.2)
+            if kind == "fwd":
+                ax.plot(ls, [r["floor"] for r in sub], "k--", label="memory floor")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(ls, [str(v) for v in ls])
+            ax.set_title(f"dim={dim} ({'H' if dim == 2 else 'W'}), {'forward' if kind == 'fwd' else 'forward+backward'}")
+            ax.set_xlabel("L (kernel = axis length)")
+            ax.set_ylabel("ms (best of runs)")
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"circular_conv, B={BATCH}, C={C_TIMES_L}/L, fp32, {torch.get_num_threads()} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="L in {14, 56}, few runs (< 1 minute)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the markdown table and the PNG")
+    args = ap.parse_args()
+    lengths = (14, 56) if args.quick else (7, 14, 28, 56, 112, 224)
+    budget_s, min_reps = (0.3, 3) if args.quick else (1.5, 5)
+
+    t_start = time.perf_counter()
+    load = os.getloadavg()
+    bw = copy_bandwidth()
+    rows = []
+    for length in lengths:
+        for dim in (2, 3):
+            rows.append(run_case(length, dim, bw, budget_s, min_reps))
+            print(f"  L={length} dim={dim} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    lines = table(rows)
+    stem = "circular_quick" if args.quick else "circular"
+    cmd = "python benchmarks/bench_circular.py" + (" --quick" if args.quick else "")
+    header = [
+        f"# circular_conv benchmark ({'quick' if args.quick else 'full'})",
+        "",
+        f"Command: `{cmd}`. Times in ms, best of interleaved runs; B={BATCH}, C={C_TIMES_L}/L, depthwise, fp32.",
+        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
+        f"copy bandwidth (read + write) {bw / 1e9:.1f} GB/s.",
+        "floor = (bytes in + bytes out) / copy bandwidth. speed-up = reference / auto. "
+        "Targets: fwd auto >= 3x reference at L >= 56, >= 1x at L <= 14, <= 1.5x floor at L >= 56; "
+        "fwd+bwd >= 2x reference at L >= 56.",
+        "",
+    ]
+    text = "\n".join(header + lines) + "\n"
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.md").write_text(text)
+    plot(rows, args.out / f"{stem}.png")
+    print(f"wrote {args.out / (stem + '.md')} and {stem}.png in {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
