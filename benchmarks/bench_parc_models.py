@@ -13,6 +13,7 @@ The ParC ConvNet rows are also timed with each circular_conv method forced (parc
     python benchmarks/bench_parc_models.py            # batch 16, 7 rounds -> benchmarks/results/parc_models.md + .png
     python benchmarks/bench_parc_models.py --quick    # batch 8, 3 rounds, no method sweep (a smoke run)
     python benchmarks/bench_parc_models.py --threads 1  # fix the intra-op threads (recommended on a shared machine)
+    python benchmarks/bench_parc_models.py --no-sweep --rounds 15 --only parc_resnet50  # one pair, method auto
 """
 from __future__ import annotations
 
@@ -92,9 +93,13 @@ def verdict(overhead: float, target: Optional[float]) -> str:
     return "PASS" if overhead <= target else "MISS"
 
 
-def run(batch: int, rounds: int, warmup: int, sweep: bool, log: Callable[[str], None]) -> list[dict]:
+def run(
+    batch: int, rounds: int, warmup: int, sweep: bool, log: Callable[[str], None], only: Optional[list[str]] = None
+) -> list[dict]:
     rows = []
     for label, base_name, parc_name, size, target in PAIRS:
+        if only and parc_name not in only:
+            continue
         base, parc = build(base_name), build(parc_name)
         x = torch.randn(batch, 3, size, size)
         t_base, t_parc, ratio = time_pair(base, parc, x, rounds, warmup)
@@ -177,6 +182,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this run")
+    p.add_argument("--no-sweep", action="store_true", help="time each ParC model with method='auto' only")
+    p.add_argument("--only", nargs="+", metavar="PARC_NAME", help="only these ParC models (third column of PAIRS)")
     p.add_argument("--out", type=Path, default=RESULTS / "parc_models.md")
     args = p.parse_args(argv)
     if args.quick:
@@ -185,7 +192,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     command = "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:]))
     print(f"# {command}  (batch {args.batch}, {torch.get_num_threads()} threads)")
-    rows = run(args.batch, args.rounds, args.warmup, sweep=not args.quick, log=print)
+    rows = run(args.batch, args.rounds, args.warmup, sweep=not (args.quick or args.no_sweep), log=print, only=args.only)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(to_markdown(rows, args, command))
     plot(rows, args.out.with_suffix(".png"))

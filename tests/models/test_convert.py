@@ -142,3 +142,14 @@ def test_where_errors():
         parcify(model, where=[3])
     with pytest.raises(ValueError, match="img_size must be"):
         parcify(model, img_size=(0, 4))
+
+
+def test_converted_vit_copies_follow_their_own_grid(vit):
+    import copy
+
+    parcify(vit)
+    twin = copy.deepcopy(vit)  # e.g. timm's ModelEmaV3
+    with torch.no_grad():
+        twin(torch.randn(1, 3, 48, 96))
+    assert {m.grid for m in twin.modules() if isinstance(m, ParCTokenMixer)} == {(3, 6)}
+    assert {m.grid for m in vit.modules() if isinstance(m, ParCTokenMixer)} == {(4, 4)}
