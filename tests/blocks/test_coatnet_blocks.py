@@ -43,7 +43,7 @@ def test_mbconv_identity_block_and_widths():
     torch.manual_seed(0)
     blk = MBConv(16, 16, expansion=4, se_ratio=0.25)
     assert isinstance(blk.shortcut, torch.nn.Identity)
-    assert blk.conv1.out_channels == 64 and blk.se.fc1.out_channels == 4
+    assert blk.conv1.out_channels == 64 and blk.se.fc1.out_features == 4
     x = torch.randn(2, 16, 5, 7)
     assert blk(x).shape == x.shape
 

@@ -75,6 +75,15 @@ def test_eval_cache_and_its_invalidation():
         rpb.table.add_(1.0)  # in-place change: version bump invalidates
         c = rpb((4, 4))
         torch.testing.assert_close(c, a + 1.0)
+    with torch.inference_mode():
+        d = rpb((4, 4))
+    # an inference tensor is never handed out outside inference mode (it could not be saved for backward)
+    frozen_x = torch.randn(2, 16, requires_grad=True)
+    rpb.table.requires_grad_(False)
+    e = rpb((4, 4))
+    assert e is not d and not e.is_inference()
+    (frozen_x.sum() * e.sum()).backward()
+    rpb.table.requires_grad_(True)
     rpb.train()
     assert not rpb._cache
     # training mode: never cached, gradient flows to the table

@@ -13,11 +13,11 @@ All tensors are NCHW; the CoAtNet model keeps them in ``torch.channels_last`` me
 from __future__ import annotations
 
 import torch
-from timm.layers import DropPath, SEModule
+from timm.layers import DropPath
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["MBConv", "Downsample2d", "fold_prenorm_bn_into_conv1x1"]
+__all__ = ["MBConv", "Downsample2d", "SqueezeExcite", "fold_prenorm_bn_into_conv1x1"]
 
 POOLS = ("max", "avg")
 STRIDE_MODES = ("1x1", "dw")
@@ -50,6 +50,26 @@ class Downsample2d(nn.Module):
             pool = nn.functional.max_pool2d if self.pool == "max" else nn.functional.avg_pool2d
             x = pool(x, self.stride, self.stride)
         return self.proj(x)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-excitation with its two FCs as ``nn.Linear`` on the pooled (B, C) vector.
+
+    Same math as timm's ``SEModule`` (GAP -> FC -> act -> FC -> sigmoid gate), which runs the FCs as 1x1
+    convs on a (B, C, 1, 1) map; on CPU each of those calls pays oneDNN's weight reorder, which made SE
+    one of the most expensive ops of CoAtNet-0 inference in our profile. A GEMM has no such cost.
+    """
+
+    def __init__(self, channels: int, rd_channels: int, act_layer: type[nn.Module] = nn.SiLU) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(channels, rd_channels)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(rd_channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> x * gate, gate: (B, C, 1, 1) in (0, 1)."""
+        gate = self.fc2(self.act(self.fc1(x.mean((2, 3))))).sigmoid()
+        return x * gate[:, :, None, None]
 
 
 @torch.no_grad()
@@ -115,7 +135,7 @@ class MBConv(nn.Module):
         )
         self.bn2 = nn.BatchNorm2d(mid)
         self.act = nn.GELU()
-        self.se = SEModule(mid, rd_channels=max(1, int(out_chs * se_ratio)), act_layer=nn.SiLU)
+        self.se = SqueezeExcite(mid, max(1, int(out_chs * se_ratio)))
         self.conv3 = nn.Conv2d(mid, out_chs, 1, bias=True)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 

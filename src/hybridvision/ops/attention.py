@@ -108,7 +108,8 @@ class RelPosBias2d(nn.Module):
         use_cache = not self.training and not (torch.is_grad_enabled() and self.table.requires_grad)
         if not use_cache:
             return self._compute(grid).to(dtype)
-        key = (grid, self.table.device, dtype, self.table._version)
+        # inference-mode tensors may not be reused outside inference mode: keep the two apart
+        key = (grid, self.table.device, dtype, self.table._version, torch.is_inference_mode_enabled())
         bias = self._cache.get(key)
         if bias is None:
             with torch.no_grad():
@@ -194,9 +195,11 @@ class RelAttention2d(nn.Module):
         n = h * w
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, d)
-        bias = self.rel_pos((h, w), dtype=q.dtype)  # (heads, N, N)
+        # (1, heads, N, N): a 4-D mask lets SDPA pick the fused CPU flash kernel (a 3-D one falls back to
+        # the math path); with a trainable bias requiring grad SDPA uses the math path, which returns its gradient.
+        bias = self.rel_pos((h, w), dtype=q.dtype).unsqueeze(0)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0
-        )  # (B, heads, N, d)
+        )  # (B, heads, N, d); the flash kernel returns it as a (B, N, heads, d) layout: the reshape is free
         y = y.transpose(1, 2).reshape(b, h, w, self.out_dim)
         return self.proj_drop(self.proj(y))

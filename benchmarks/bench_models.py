@@ -1,0 +1,194 @@
+"""Model speed against a timm anchor, CPU fp32, same input, same run, alternating A/B.
+
+Each row of ``ROWS`` is (name, build the model under test, build its anchor). For every row the script times
+inference (eval, ``torch.inference_mode``, batch 16 at 224 by default) and one training step (train mode,
+cross-entropy, AdamW, batch 8), the two models alternating round by round (AB, BA, AB, ...) so machine load hits
+both alike; a row's ratio is the median over rounds of the paired speed-up anchor_time / model_time. MFU =
+achieved FLOP/s (FLOPs per image from ``hybridvision.tools.profile.count_flops``) over the fp32 matmul peak measured
+in the same run (``matmul_peak_flops``).
+
+CoAtNet rows: hybridvision ``coatnet_0`` with timm's paper-like choices (``stride_mode="dw", pool="avg"``) against
+timm ``coatnet_0_224`` (same architecture: stem, MBConv with stride on the depthwise conv, avg-pool shortcuts,
+relative-bias attention, 25M params); ours runs channels-last with SDPA and the cached bias, and for inference
+``fuse()`` (BatchNorm folded into the convs, same outputs). The anchor is run as timm ships it (NCHW) and, as a
+second anchor row, in channels-last. ``--compile`` adds ``torch.compile`` rows (opt-in, measured separately).
+Other families append their (name, model, anchor) rows to ``ROWS``.
+
+    python benchmarks/bench_models.py             # 5 rounds -> benchmarks/results/models.md + models.png
+    python benchmarks/bench_models.py --quick     # 2 rounds, inference batch 8 (< 2 min) -> models_quick.md
+    python benchmarks/bench_models.py --compile   # + torch.compile rows
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hybridvision
+from hybridvision.tools.profile import count_flops, matmul_peak_flops
+
+RESULTS = Path(__file__).resolve().parent / "results"
+Builder = Callable[[], nn.Module]
+
+
+def _coatnet0_paper_like() -> nn.Module:
+    return hybridvision.create_model("coatnet_0", stride_mode="dw", pool="avg")
+
+
+def _timm_coatnet0() -> nn.Module:
+    return timm.create_model("coatnet_0_224")
+
+
+def _timm_coatnet0_cl() -> nn.Module:
+    return timm.create_model("coatnet_0_224").to(memory_format=torch.channels_last)
+
+
+# (row name, model under test, anchor). "fuse" rows call .fuse() on the model for inference.
+ROWS: list[tuple[str, Builder, Builder]] = [
+    ("coatnet_0 (dw, avg) vs timm coatnet_0_224", _coatnet0_paper_like, _timm_coatnet0),
+    ("coatnet_0 (dw, avg) vs timm coatnet_0_224 channels_last", _coatnet0_paper_like, _timm_coatnet0_cl),
+]
+
+
+def _inference_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    model.eval()
+    if hasattr(model, "fuse"):
+        model.fuse()
+
+    def run() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    return run
+
+
+def _train_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    y = torch.randint(0, 1000, (x.shape[0],))
+
+    def run() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return run
+
+
+def paired(fn_a: Callable[[], None], fn_b: Callable[[], None], rounds: int) -> tuple[float, float, float]:
+    """Alternating A/B timing. Returns (median s of A, median s of B, median of the paired ratios A/B)."""
+    fn_a(), fn_b()  # warm-up
+    ta, tb, ratio = [], [], []
+    for r in range(rounds):
+        order = [(0, fn_a), (1, fn_b)] if r % 2 == 0 else [(1, fn_b), (0, fn_a)]
+        t = [0.0, 0.0]
+        for i, fn in order:
+            t0 = time.perf_counter()
+            fn()
+            t[i] = time.perf_counter() - t0
+        ta.append(t[0]), tb.append(t[1]), ratio.append(t[0] / t[1])
+    return statistics.median(ta), statistics.median(tb), statistics.median(ratio)
+
+
+def bench_row(
+    name: str, make_model: Builder, make_anchor: Builder, *, infer_batch: int, train_batch: int, size: int,
+    rounds: int, peak: float, compile_model: bool = False,
+) -> list[dict]:
+    """Time one (model, anchor) pair for inference and a training step; returns one dict per mode."""
+    out = []
+    for mode, batch in (("inference", infer_batch), ("train step", train_batch)):
+        torch.manual_seed(0)
+        model, anchor = make_model(), make_anchor()
+        x = torch.randn(batch, 3, size, size)
+        flops_img = count_flops(model, (1, 3, size, size), train=mode != "inference")
+        make = _inference_fn if mode == "inference" else _train_fn
+        fn_m, fn_a = make(model, x), make(anchor, x)
+        if compile_model:  # after fuse(): compile the inference graph that will run
+            model.forward = torch.compile(model.forward)  # type: ignore[method-assign]
+        t_anchor, t_model, speedup = paired(fn_a, fn_m, rounds)
+        out.append(dict(
+            row=name + (" [torch.compile]" if compile_model else ""), mode=mode, batch=batch,
+            anchor_ips=batch / t_anchor, model_ips=batch / t_model, speedup=speedup,
+            mfu=flops_img * batch / t_model / peak, gflops_img=flops_img / 1e9,
+        ))
+        print(f"{out[-1]['row']:60s} {mode:10s} b={batch:2d} anchor {batch / t_anchor:6.2f} img/s  "
+              f"ours {batch / t_model:6.2f} img/s  x{speedup:.2f}  MFU {out[-1]['mfu'] * 100:.0f}%", flush=True)
+        del model, anchor, fn_m, fn_a
+    return out
+
+
+def write(rows: list[dict], peak: float, cmd: str, path: Path) -> None:
+    lines = [
+        "# Model speed vs timm (CPU fp32, alternating A/B, median of paired ratios)", "",
+        f"Command: `{cmd}`  ",
+        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; fp32 matmul peak measured in this run: {peak / 1e9:.1f} GFLOP/s.  ",
+        "MFU = FLOPs/img (torch.utils.flop_counter, train = forward+backward) x img/s / peak.", "",
+        "| row | mode | batch | anchor img/s | ours img/s | speed-up | GFLOPs/img | MFU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['row']} | {r['mode']} | {r['batch']} | {r['anchor_ips']:.2f} | {r['model_ips']:.2f} | "
+            f"{r['speedup']:.2f}x | {r['gflops_img']:.2f} | {r['mfu'] * 100:.0f}% |"
+        )
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
+        labels = [f"{r['row']}\n{r['mode']}" for r in rows]
+        ax.barh(labels, [r["speedup"] for r in rows], color="tab:blue")
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xlabel("speed-up over the anchor (x)")
+        ax.invert_yaxis()
+        fig.tight_layout()
+        fig.savefig(path.with_suffix(".png"), dpi=100)
+        plt.close(fig)
+    except ImportError:
+        pass
+    print(f"wrote {path.with_suffix('.md')}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2 rounds, inference batch 8, first row only (< 2 min)")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models (opt-in)")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds = args.rounds or (2 if args.quick else 5)
+    infer_batch, train_batch = (8, 8) if args.quick else (16, 8)
+    rows = ROWS[:1] if args.quick else ROWS
+    peak = max(matmul_peak_flops("cpu", n=1024), matmul_peak_flops("cpu", n=2048, reps=3))
+    print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    results = []
+    for name, make_model, make_anchor in rows:
+        results += bench_row(name, make_model, make_anchor, infer_batch=infer_batch, train_batch=train_batch,
+                             size=args.size, rounds=rounds, peak=peak)
+        if args.compile:
+            results += bench_row(name, make_model, make_anchor, infer_batch=infer_batch, train_batch=train_batch,
+                                 size=args.size, rounds=rounds, peak=peak, compile_model=True)
+    cmd = "python benchmarks/bench_models.py" + "".join(
+        f" {a}" for a, on in (("--quick", args.quick), ("--compile", args.compile)) if on
+    ) + (f" --threads {args.threads}" if args.threads else "") + (f" --rounds {args.rounds}" if args.rounds else "")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write(results, peak, cmd, RESULTS / ("models_quick" if args.quick else "models"))
+
+
+if __name__ == "__main__":
+    main()
