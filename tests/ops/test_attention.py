@@ -97,6 +97,16 @@ def test_eval_cache_and_its_invalidation():
     assert rpb.table.grad is not None and not rpb._cache
 
 
+def test_index_built_in_inference_mode_serves_training():
+    torch.manual_seed(0)
+    rpb = RelPosBias2d(2, (3, 4)).eval()
+    with torch.inference_mode():
+        rpb((3, 4))
+    rpb.train()
+    rpb((3, 4)).square().sum().backward()  # would raise if the cached index were an inference tensor
+    assert rpb.table.grad.abs().sum() > 0
+
+
 def test_cache_dropped_on_load_state_dict():
     torch.manual_seed(0)
     rpb = RelPosBias2d(2, 3).eval()

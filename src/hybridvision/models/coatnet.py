@@ -227,9 +227,8 @@ class CoAtNet(nn.Module):
         unknown = sorted(set(overrides) - fields)
         if unknown:
             raise TypeError(f"CoAtNet got unknown option(s) {unknown}; valid options: {sorted(fields)}")
-        for key in ("img_size",):
-            if isinstance(overrides.get(key), list):
-                overrides[key] = tuple(overrides[key])
+        if isinstance(overrides.get("img_size"), list):  # timm/yaml configs may pass lists
+            overrides["img_size"] = tuple(overrides["img_size"])
         cfg = dataclasses.replace(cfg, **overrides)
         self.cfg = cfg
         self.num_classes = cfg.num_classes

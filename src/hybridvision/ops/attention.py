@@ -69,6 +69,7 @@ class RelPosBias2d(nn.Module):
         self.table = nn.Parameter(torch.empty(self.num_heads, 2 * h - 1, 2 * w - 1))
         nn.init.trunc_normal_(self.table, std=0.02)
         self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._index_cache: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, size={self.size}"
@@ -89,7 +90,12 @@ class RelPosBias2d(nn.Module):
     def _compute(self, grid: tuple[int, int]) -> torch.Tensor:
         h, w = grid
         table = self.table_for(grid).flatten(1)  # (heads, (2h-1)(2w-1))
-        return table[:, relative_index(h, w, device=table.device)]
+        key = (h, w, table.device)
+        index = self._index_cache.get(key)
+        if index is None:
+            with torch.inference_mode(False):  # a plain tensor: the gather's backward saves it
+                index = self._index_cache[key] = relative_index(h, w, device=table.device)
+        return table[:, index]
 
     def forward(
         self, grid: int | tuple[int, int], dtype: torch.dtype | None = None
@@ -120,8 +126,9 @@ class RelPosBias2d(nn.Module):
         return bias
 
     def clear_cache(self) -> None:
-        """Drop every cached bias."""
+        """Drop every cached bias and index."""
         self._cache.clear()
+        self._index_cache.clear()
 
     def train(self, mode: bool = True) -> "RelPosBias2d":
         self._cache.clear()
@@ -132,7 +139,7 @@ class RelPosBias2d(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "RelPosBias2d":
-        self._cache.clear()  # .to()/.half()/.cuda(): cached tensors would keep the old storage alive
+        self.clear_cache()  # .to()/.half()/.cuda(): cached tensors would keep the old storage alive
         return super()._apply(fn, recurse)
 
 
