@@ -8,14 +8,17 @@ with ``K == x.size(dim)``, the circular **cross-correlation** of the official Pa
 
 along ``dim`` (the other spatial axis is untouched; ``c`` runs over the input channels of ``o``'s group).
 
-Four methods compute the same thing:
+Four methods compute the same thing (all differentiable; all tested against a float64 formula and gradcheck):
 
 * ``"direct"``: circular padding by ``K - 1`` followed by ``F.conv2d`` with a ``K x 1`` / ``1 x K`` kernel.
-* ``"gemm"``: the ``(K, K)`` circulant matrices are gathered from the kernel by indexing and applied with one
-  batched matrix product per group (BLAS does the work); ``2 K`` FLOPs per output element and channel of the group.
+* ``"gemm"``: the ``(K, K)`` circulant matrices are gathered from the kernel by indexing and applied as matrix
+  products (BLAS does the work), ``2 K`` FLOPs per output element and input channel of the group. Depthwise kernels
+  use a fused autograd Function: for K <= 16 the batch is folded into the columns (one (K, K) @ (K, B * other)
+  product per channel), above that one in-place product per sample, so no matrix is ever broadcast-copied.
 * ``"fft"``: Fast-ParC, ``irfft(rfft(x) * conj(rfft(w)), n=K)`` along ``dim``; half / bfloat16 inputs are computed
-  in float32 and cast back. ``O(log K)`` work per element, so it wins for long axes.
-* ``"auto"``: picks one of the three by the cost model in :func:`choose_method`.
+  in float32 and cast back. Depthwise kernels use a fused autograd Function (bias and ParC's position embedding
+  folded into the spectrum, 1/K folded into the kernel spectrum, rfft(x) recomputed in backward instead of stored).
+* ``"auto"``: picks one of them by the measured cost model in :func:`choose_method`.
 
 Which method ``"auto"`` means can be overridden globally with :func:`set_default_method` (or the environment
 variable ``HYBRIDVISION_CIRCULAR_METHOD`` read at import time), and per call with ``method=``.
@@ -381,8 +384,10 @@ class _DepthwiseGemm(torch.autograd.Function):
         return gx, gw, gb, gpe, None
 
 
-CHUNK_BYTES = 2 << 20
-"""Input bytes processed per step by the depthwise FFT: rfft -> product -> irfft of one chunk stay in cache."""
+CHUNK_BYTES = 32 << 20
+"""The depthwise FFT processes at most this many input bytes per step (whole samples, or channel ranges of one
+sample), which bounds its temporary complex spectra; smaller inputs go in one step. Measured on the development
+CPU (B=16, K=56..224): splitting into 2 or 16 MiB steps was not faster than one step, so the bound is for memory."""
 
 
 def _chunks(x: torch.Tensor) -> list[tuple[slice, slice]]:
@@ -403,8 +408,8 @@ def _spectrum_view(spec: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class _DepthwiseFFT(torch.autograd.Function):
-    """Depthwise Fast-ParC computed chunk by chunk (cache-resident intermediates, no full-size complex or padded
-    copies), with a hand-written backward that recomputes rfft(x) instead of storing it.
+    """Depthwise Fast-ParC in bounded steps (:data:`CHUNK_BYTES`), the position embedding and bias fused into the
+    spectrum, with a hand-written backward that recomputes rfft(x) instead of storing the complex spectrum.
 
     With W = rfft(w), P = rfft(pe), G = rfft(dy) along the kernel axis and S = sum over batch and the other axis:
         forward   y  = irfft((rfft(x) + P) * conj(W), n=K) + bias   (bias enters as K * bias in the DC bin)
@@ -445,8 +450,9 @@ class _DepthwiseFFT(torch.autograd.Function):
         g_sum = torch.zeros(wf.shape, dtype=wf.dtype, device=wf.device)  # S[G]
         gx_w = torch.zeros_like(g_sum) if need_w else None  # S[conj(G) * rfft(x)]
         gy = gy.contiguous()
-        gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
-        for bs, cs in _chunks(x):
+        chunks = _chunks(x)
+        gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x and len(chunks) > 1 else None
+        for bs, cs in chunks:
             gf = torch.fft.rfft(gy[bs, cs].to(ct), dim=dim)
             if need_pe or (need_w and pe is not None):
                 g_sum[cs] += gf.sum(dim=(0, other), keepdim=True)[0]
@@ -454,7 +460,11 @@ class _DepthwiseFFT(torch.autograd.Function):
                 xf = torch.fft.rfft(x[bs, cs].to(ct), dim=dim)
                 gx_w[cs] += xf.mul_(gf.conj()).sum(dim=(0, other), keepdim=True)[0]
             if need_x:
-                gx[bs, cs] = torch.fft.irfft(gf.mul_(wf[cs] / k), n=k, dim=dim, norm="forward")
+                gxc = torch.fft.irfft(gf.mul_(wf[cs] / k), n=k, dim=dim, norm="forward")
+                if gx is None:
+                    gx = gxc.to(x.dtype)
+                else:
+                    gx[bs, cs] = gxc
         axis = other - 1  # the singleton axis of the (C, F, 1) / (C, 1, F) spectra
         gw = gpe = None
         if need_w:
