@@ -190,11 +190,27 @@ def export_onnx(
     _require("onnx", "onnxscript")
     size = _check_input_size(input_size)
     frozen = freeze_for_resolution(model, size, method=method)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _export(frozen, path, size, dynamic_batch, method, opset_version)
+    if dynamic_batch and not _batch_is_symbolic(path):
+        # torch.onnx falls back to a static trace when the model specialises the batch (a size-dependent branch)
+        warnings.warn(
+            f"{type(model).__name__} specialises the batch size when traced at {size[2]}x{size[3]}, so the batch "
+            f"axis could not stay dynamic; exported with a fixed batch of {size[0]} (export once per batch size)",
+            stacklevel=2,
+        )
+        _export(frozen, path, size, False, method, opset_version)
+    return path
+
+
+def _export(
+    frozen: nn.Module, path: Path, size: tuple[int, int, int, int], dynamic_batch: bool, method: str | None,
+    opset_version: int | None,
+) -> None:
     p = next(frozen.parameters(), None)
     batch = max(size[0], 2) if dynamic_batch else size[0]  # torch.export specialises a batch of 1
     x = torch.randn(batch, *size[1:], device=p.device if p is not None else "cpu")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     kwargs: dict[str, Any] = dict(
         dynamo=True, input_names=["input"], output_names=["output"], external_data=False, verbose=False
     )
@@ -215,7 +231,13 @@ def export_onnx(
                 f"the FFT form of ParC did not export to ONNX ({type(e).__name__}: {first}); "
                 "export with method='conv' (default) or method='matmul'"
             ) from e
-    return path
+
+
+def _batch_is_symbolic(path: Path) -> bool:
+    import onnx
+
+    dim0 = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+    return bool(dim0.dim_param) or not dim0.HasField("dim_value")
 
 
 def onnx_op_types(path: str | Path) -> dict[str, int]:
@@ -237,19 +259,25 @@ def verify_onnx(
     iters: int = 10,
     warmup: int = 2,
     seed: int = 0,
+    ort_threads: int | None = None,
 ) -> dict:
     """onnxruntime (CPU) against eager PyTorch on one random input ``x: (B, C, H, W)`` of ``input_size``.
 
     Returns:
         ``{"rel_err": max|ort - torch| / max|torch|, "max_abs_err", "torch_ms", "ort_ms"}``: latencies are the
         median of ``iters`` runs per batch after ``warmup``; ``model`` is run in eval mode (restored afterwards).
+        ``ort_threads`` sets onnxruntime's intra-op threads (``None``: its default); match it to
+        ``torch.get_num_threads()`` for a like-for-like latency comparison.
     """
     _require("onnxruntime")
     import onnxruntime as ort
 
     size = _check_input_size(input_size)
     x = torch.randn(*size, generator=torch.Generator().manual_seed(seed))
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    if ort_threads is not None:
+        opts.intra_op_num_threads = int(ort_threads)
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: x.numpy()}
     was_training = model.training
     model.eval()
