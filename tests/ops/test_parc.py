@@ -134,3 +134,20 @@ def test_errors():
         ParC2d(4, "H", 7, method="slow")
     with pytest.raises(ValueError, match=r"expects x of shape \(B, 4, H, W\); got \(1, 3, 7, 7\)"):
         ParC2d(4, "H", 7)(torch.randn(1, 3, 7, 7))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+@pytest.mark.parametrize("direction,size", [("H", 14), ("W", 11)])
+def test_onnx_export_matches(tmp_path, direction, size):
+    """While exporting, auto takes the plain Gather + MatMul path: the ONNX graph runs in onnxruntime and agrees,
+    at the base size and at a resized one."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    torch.manual_seed(6)
+    m = ParC2d(4, direction, 14).eval()
+    x = torch.randn(2, 4, size, size + 3 if direction == "H" else size)
+    path = tmp_path / "parc.onnx"
+    torch.onnx.export(m, (x,), str(path), dynamo=False)
+    sess = ort.InferenceSession(str(path))
+    (y,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(y), m(x).detach(), rtol=1e-4, atol=1e-5)

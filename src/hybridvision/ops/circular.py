@@ -75,6 +75,11 @@ BF16_GEMM_MAX_K = 112
 while the FFT computes in fp32, so ``"gemm"`` is used up to this K."""
 
 
+def _exporting() -> bool:
+    """True while torch.jit traces or ONNX / torch.export captures a graph (no Python autograd Functions then)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
 def choose_method(x: torch.Tensor, weight: torch.Tensor, dim: int, needs_grad: Optional[bool] = None) -> str:
     """The cost model behind ``method="auto"``: returns ``"direct"``, ``"gemm"`` or ``"fft"``.
 
@@ -84,7 +89,8 @@ def choose_method(x: torch.Tensor, weight: torch.Tensor, dim: int, needs_grad: O
         needs_grad: whether a backward pass follows (default: grad mode is on and x or weight requires grad).
 
     Rule (first match):
-        1. tracing or ONNX export: ``"gemm"`` (plain MatMul, supported by every runtime; no FFT operators).
+        1. tracing or exporting (torch.jit.trace, torch.onnx.export, torch.export): ``"gemm"`` through plain
+           differentiable ops (Gather + MatMul, which every runtime has; no FFT operators, no Python Functions).
         2. grouped or dense kernels (``weight.size(1) > 1``): ``"fft"`` -- a (C_out/g, C_in/g) complex product per
            frequency instead of 2 K C_in/g FLOPs per output; measured 2-6x faster than gemm and direct for dense
            ParC-ResNet50-like shapes (C=128, K=14), on par with direct only at K <= 7.
@@ -96,7 +102,7 @@ def choose_method(x: torch.Tensor, weight: torch.Tensor, dim: int, needs_grad: O
         call measured 0.3 ms and 2.6 ms in different runs) and 2-10x slower than gemm/fft from K = 14 up.
     Override: ``set_default_method(...)`` / ``HYBRIDVISION_CIRCULAR_METHOD`` globally, ``method=`` per call.
     """
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if _exporting():
         return "gemm"
     if weight.size(1) != 1 or weight.size(0) != x.size(1):
         return "fft"
@@ -206,7 +212,7 @@ def _circular_conv(
     method = _resolve(method, x, weight, dim, groups)
     if bias is not None:
         bias = bias.to(x.dtype)
-    if weight.size(1) == 1 and weight.size(0) == x.size(1):  # depthwise: the fused autograd Functions
+    if weight.size(1) == 1 and weight.size(0) == x.size(1) and not _exporting():  # depthwise: fused Functions
         if method == "fft":
             return _DepthwiseFFT.apply(x, weight, bias, pe, dim)
         if method == "gemm":

@@ -115,6 +115,10 @@ class ParC2d(nn.Module):
         """
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive int; got {size!r}")
+        return self._instance_params(size)
+
+    def _instance_params(self, size: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """:meth:`instance_params` without the check (``size`` may be a traced size while exporting)."""
         weight = _resize(self.weight, size)
         pe = _resize(self.pe, size) if self.pe is not None else None
         return weight, pe
@@ -140,7 +144,7 @@ class ParC2d(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         dim = self.dim
-        weight, pe = self.instance_params(x.size(dim))
+        weight, pe = self._instance_params(x.size(dim))
         return _circular_conv(x, weight, dim, self.bias, self.groups, self.method, pe=pe)
 
     def extra_repr(self) -> str:
