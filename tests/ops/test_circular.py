@@ -96,21 +96,23 @@ def test_gradcheck(method, dim, groups, c_out):
     )
 
 
-FUSED_VARIANTS = [  # (method, module attribute, value): every code path of the fused depthwise Functions
-    ("fft", "CHUNK_BYTES", 1 << 30),  # one chunk
-    ("fft", "CHUNK_BYTES", 200),  # whole samples per chunk
-    ("fft", "CHUNK_BYTES", 1),  # channel ranges of one sample
-    ("gemm", "GEMM_FOLD_MAX_K", 1 << 10),  # batch folded into the matrix rows
-    ("gemm", "GEMM_FOLD_MAX_K", 0),  # loop over the batch, in place
+FUSED_VARIANTS = [  # (method, {module attribute: value}): every code path of the fused depthwise Functions
+    ("fft", {"CHUNK_BYTES": 1 << 30}),  # one step
+    ("fft", {"CHUNK_BYTES": 200}),  # whole samples per step
+    ("fft", {"CHUNK_BYTES": 1}),  # channel ranges of one sample
+    ("gemm", {"GEMM_FOLD_MAX_K": 1 << 10, "GEMM_COLS_MAX_K": 1 << 10}),  # batch folded, kernel axis first
+    ("gemm", {"GEMM_FOLD_MAX_K": 1 << 10, "GEMM_COLS_MAX_K": 0}),  # batch folded, kernel axis last (dim 3)
+    ("gemm", {"GEMM_FOLD_MAX_K": 0}),  # loop over the batch, in place
 ]
 
 
 @pytest.mark.parametrize("dim", [2, 3])
-@pytest.mark.parametrize("method,attr,value", FUSED_VARIANTS)
-def test_fused_depthwise_paths_with_pe(monkeypatch, dim, method, attr, value):
+@pytest.mark.parametrize("method,attrs", FUSED_VARIANTS)
+def test_fused_depthwise_paths_with_pe(monkeypatch, dim, method, attrs):
     """The fused depthwise FFT / GEMM Functions with the position embedding: every code path gives the formula,
     and gradcheck passes for x, weight, bias and pe (also when only some inputs need a gradient)."""
-    monkeypatch.setattr(circular, attr, value)
+    for attr, value in attrs.items():
+        monkeypatch.setattr(circular, attr, value)
     x, w, b = make((3, 4, 5, 6), 4, 4, dim, seed=17, dtype=torch.float64)
     pe = torch.randn(4, x.size(dim), dtype=torch.float64, generator=torch.Generator().manual_seed(19))
     pe_b = pe.unsqueeze(-1) if dim == 2 else pe.unsqueeze(-2)
