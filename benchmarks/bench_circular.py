@@ -159,7 +159,7 @@ def plot(rows: list[dict], path: Path, clock: str) -> None:
             ax.set_ylabel("ms (best of runs)")
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"circular_conv, B={BATCH}, C={C_TIMES_L}/L, fp32, {torch.get_num_threads()} threads, {clock} time")
+    fig.suptitle(f"circular_conv, B={BATCH}, C={C_TIMES_L}/L, fp32, {torch.get_num_threads()} thread(s), {clock} time")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -314,6 +314,17 @@ def _unfold(t: torch.Tensor, shape: torch.Size, dim: int, layout: str) -> torch.
     return t.view(c, w, b, h).permute(2, 0, 3, 1).contiguous()
 
 
+def _product(xf: torch.Tensor, m: torch.Tensor, layout: str) -> torch.Tensor:
+    """The per-channel product on folded data: (C, K, K) @ (C, K, N) for ``"first"``, (C, N, K) @ (C, K, K)^T for
+    ``"last"``; same layout out."""
+    return torch.bmm(m, xf) if layout == "first" else torch.bmm(xf, m.transpose(1, 2))
+
+
+def _outer(gf: torch.Tensor, xf: torch.Tensor, layout: str) -> torch.Tensor:
+    """S[c, i, j] = sum_n gf[c, i, n] xf[c, j, n] on folded data (indices along the kernel axis) -> (C, K, K)."""
+    return torch.bmm(gf, xf.transpose(1, 2)) if layout == "first" else torch.bmm(gf.transpose(1, 2), xf)
+
+
 def _circulant_apply(x: torch.Tensor, m: torch.Tensor, dim: int, addend: Optional[torch.Tensor]) -> torch.Tensor:
     """Per channel, the matrix product along ``dim``: y[b, c, i] = sum_j m[c, i, j] x[b, c, j] (+ addend[c, i]).
 
@@ -321,15 +332,9 @@ def _circulant_apply(x: torch.Tensor, m: torch.Tensor, dim: int, addend: Optiona
     """
     layout = _layout(x.size(dim), dim)
     if layout != "loop":
-        xf = _fold(x, dim, layout)
-        if layout == "first":  # (C, K, K) @ (C, K, N)
-            yf = torch.bmm(m, xf)
-            if addend is not None:
-                yf.add_(addend.unsqueeze(-1))
-        else:  # (C, N, K) @ (C, K, K)
-            yf = torch.bmm(xf, m.transpose(1, 2))
-            if addend is not None:
-                yf.add_(addend.unsqueeze(-2))
+        yf = _product(_fold(x, dim, layout), m, layout)
+        if addend is not None:
+            yf.add_(addend.unsqueeze(-1) if layout == "first" else addend.unsqueeze(-2))
         return _unfold(yf, x.shape, dim, layout)
     add = None if addend is None else (addend.unsqueeze(-1) if dim == 2 else addend.unsqueeze(-2))
     x = x.contiguous()
@@ -346,15 +351,11 @@ def _circulant_apply(x: torch.Tensor, m: torch.Tensor, dim: int, addend: Optiona
 
 
 def _circulant_outer(gy: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
-    """S[c, i, j] = sum over batch and the other axis of gy[b, c, i] * x[b, c, j] (i, j along ``dim``).
+    """S[c, i, j] = sum over batch and the other axis of gy[b, c, i] * x[b, c, j] (i, j along ``dim``), one
+    accumulating product per sample (the ``"loop"`` layout; folded data uses :func:`_outer`).
 
     gy, x: (B, C, H, W) -> (C, K, K)."""
     k = x.size(dim)
-    layout = _layout(k, dim)
-    if layout == "first":
-        return torch.bmm(_fold(gy, dim, layout), _fold(x, dim, layout).transpose(1, 2))
-    if layout == "last":
-        return torch.bmm(_fold(gy, dim, layout).transpose(1, 2), _fold(x, dim, layout))
     gy, x = gy.contiguous(), x.contiguous()
     s = torch.zeros(x.size(1), k, k, dtype=x.dtype, device=x.device)
     for i in range(x.size(0)):
@@ -396,11 +397,18 @@ class _DepthwiseGemm(torch.autograd.Function):
         need_x, need_w, need_b, need_pe = ctx.needs_input_grad[:4]
         k = x.size(dim)
         m = _circulant(weight.to(x.dtype), x.size(1), transpose=False)
-        gx = _circulant_apply(gy, m.transpose(1, 2), dim, None) if need_x else None
-        g_sum = gy.sum(dim=(0, 3 if dim == 2 else 2))  # (C, K)
-        gw = gpe = gb = None
+        layout = _layout(k, dim)
+        gx = gpe = gb = gw = None
+        if layout == "loop":
+            gx = _circulant_apply(gy, m.transpose(1, 2), dim, None) if need_x else None
+            g_sum = gy.sum(dim=(0, 3 if dim == 2 else 2))  # (C, K)
+        else:  # fold dy once for dx, S and the sums
+            gyf = _fold(gy, dim, layout)
+            if need_x:
+                gx = _unfold(_product(gyf, m.transpose(1, 2), layout), x.shape, dim, layout)
+            g_sum = gyf.sum(dim=2 if layout == "first" else 1)
         if need_w:
-            s = _circulant_outer(gy, x, dim)
+            s = _circulant_outer(gy, x, dim) if layout == "loop" else _outer(gyf, _fold(x, dim, layout), layout)
             if pe is not None:
                 s = s + g_sum.unsqueeze(-1) * pe.to(x.dtype).unsqueeze(-2)
             ar = torch.arange(k, device=x.device)
