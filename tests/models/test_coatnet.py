@@ -136,6 +136,27 @@ def test_fuse_equals_unfused():
         CoAtNet(CoAtNetConfig(**TINY)).fuse()
 
 
+def test_fused_fast_path_float32_equals_unfused():
+    """The documented inference path (eval + fuse() + inference_mode, oneDNN fused kernels on CPU)."""
+    from hybridvision.ops.fused import fast_path_enabled
+
+    torch.manual_seed(0)
+    m = CoAtNet(CoAtNetConfig(**TINY, stride_mode="dw", pool="avg"))
+    with torch.no_grad():
+        for _ in range(2):
+            m(torch.randn(4, 3, 64, 64))
+    m.eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.inference_mode():
+        fast_path_enabled(False)
+        try:
+            ref = m(x)
+        finally:
+            fast_path_enabled(True)
+        m.fuse()
+        torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_gradient_reaches_every_parameter():
     torch.manual_seed(0)
     m = CoAtNet(CoAtNetConfig(**TINY, drop_path_rate=0.1)).train()

@@ -17,6 +17,8 @@ from timm.layers import DropPath
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from hybridvision.ops.fused import conv_act, conv_add
+
 __all__ = ["MBConv", "Downsample2d", "SqueezeExcite", "fold_prenorm_bn_into_conv1x1"]
 
 POOLS = ("max", "avg")
@@ -141,6 +143,9 @@ class MBConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C_in, H, W) -> (B, C_out, H / stride, W / stride)."""
+        if self.fused and not self.training:  # BNs folded: conv+GELU and conv+add are single oneDNN calls on CPU
+            y = conv_act(conv_act(x, self.conv1), self.conv2)
+            return conv_add(self.se(y), self.conv3, self.shortcut(x))
         y = self.act(self.bn1(self.conv1(self.norm(x))))
         y = self.act(self.bn2(self.conv2(y)))
         y = self.conv3(self.se(y))

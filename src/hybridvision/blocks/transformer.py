@@ -16,6 +16,7 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 
 from hybridvision.ops.attention import RelAttention2d
+from hybridvision.ops.fused import linear_act, linear_add
 
 __all__ = ["TransformerBlock"]
 
@@ -72,6 +73,13 @@ class TransformerBlock(nn.Module):
         t = x.permute(0, 2, 3, 1)
         if not t.is_contiguous():
             t = t.contiguous()
-        t = self.proj(self._pool(t)) + self.drop_path1(self.attn(self._pool(self.norm1(t))))
-        t = t + self.drop_path2(self.mlp(self.norm2(t)))
+        shortcut = self._pool(t)
+        if isinstance(self.proj, nn.Linear):
+            shortcut = linear_act(shortcut, self.proj)
+        if self.training:  # stochastic depth / dropout active: the plain expression
+            t = shortcut + self.drop_path1(self.attn(self._pool(self.norm1(t))))
+            t = t + self.drop_path2(self.mlp(self.norm2(t)))
+        else:  # same function; on the CPU inference fast path the adds and the GELU ride on the GEMMs
+            t = self.attn(self._pool(self.norm1(t)), shortcut=shortcut)
+            t = linear_add(linear_act(self.norm2(t), self.mlp.fc1, gelu=True), self.mlp.fc2, t)
         return t.permute(0, 3, 1, 2)

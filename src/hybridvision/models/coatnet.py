@@ -37,6 +37,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from hybridvision.blocks.mbconv import MBConv
 from hybridvision.blocks.transformer import TransformerBlock
 from hybridvision.models.registry import build, pretrained_cfg, register
+from hybridvision.ops.fused import conv_act
 
 __all__ = ["CoAtNetConfig", "CoAtNet", "PRESETS", "LAYOUTS"]
 
@@ -164,6 +165,7 @@ class Stem(nn.Module):
             )
         self.norms = nn.ModuleList([nn.BatchNorm2d(c.out_channels) for c in self.convs[:-1]])
         self.act = nn.GELU()
+        self.fused = False
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
@@ -184,16 +186,21 @@ class Stem(nn.Module):
         self.check_input(x)
         x = x.contiguous(memory_format=torch.channels_last)
         for i, conv in enumerate(self.convs):
-            x = conv(x)
-            if i < len(self.norms):
-                x = self.act(self.norms[i](x))
+            if i == len(self.norms):
+                x = conv(x)
+            elif self.fused:
+                x = conv_act(x, conv)  # BN folded: conv + GELU in one oneDNN call on CPU
+            else:
+                x = self.act(self.norms[i](conv(x)))
         return x
 
     @torch.no_grad()
     def fuse(self) -> None:
         for i, bn in enumerate(self.norms):
-            self.convs[i] = fuse_conv_bn_eval(self.convs[i], bn)
-            self.norms[i] = nn.Identity()
+            if isinstance(bn, nn.BatchNorm2d):
+                self.convs[i] = fuse_conv_bn_eval(self.convs[i], bn)
+                self.norms[i] = nn.Identity()
+        self.fused = True
 
 
 class CoAtNetStage(nn.Module):

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridvision.ops.fused import linear_act, linear_add
+
 __all__ = ["RelPosBias2d", "RelAttention2d", "relative_index"]
 
 
@@ -185,14 +187,16 @@ class RelAttention2d(nn.Module):
         self.proj = nn.Linear(out_dim, out_dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
         """Attention over the grid.
 
         Args:
             x: (B, H, W, C_in), channels last (a token grid).
+            shortcut: optional (B, H, W, C_out) added to the output (fused into the output projection on the
+                CPU inference fast path, see :mod:`hybridvision.ops.fused`).
 
         Returns:
-            (B, H, W, C_out).
+            (B, H, W, C_out): ``proj(attention) (+ shortcut)``.
         """
         if x.ndim != 4 or x.shape[-1] != self.dim:
             raise ValueError(
@@ -200,7 +204,7 @@ class RelAttention2d(nn.Module):
             )
         b, h, w, _ = x.shape
         n = h * w
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = linear_act(x, self.qkv).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, d)
         # (1, heads, N, N): a 4-D mask lets SDPA pick the fused CPU flash kernel (a 3-D one falls back to
         # the math path); with a trainable bias requiring grad SDPA uses the math path, which returns its gradient.
@@ -209,4 +213,8 @@ class RelAttention2d(nn.Module):
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0
         )  # (B, heads, N, d); the flash kernel returns it as a (B, N, heads, d) layout: the reshape is free
         y = y.transpose(1, 2).reshape(b, h, w, self.out_dim)
-        return self.proj_drop(self.proj(y))
+        if shortcut is None:
+            return self.proj_drop(linear_act(y, self.proj))
+        if self.training and self.proj_drop.p > 0:
+            return shortcut + self.proj_drop(self.proj(y))
+        return linear_add(y, self.proj, shortcut)

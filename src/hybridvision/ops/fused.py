@@ -1,0 +1,93 @@
+"""CPU inference fast path (torch only): one oneDNN call for conv/linear + GELU, and for conv/linear + residual add.
+
+PyTorch ships these fused kernels for its own compiler (``torch.ops.mkldnn._convolution_pointwise`` and
+``_linear_pointwise``, the ops Inductor emits on CPU); called eagerly they save a pass over every activation
+(the GELU or the residual add runs as a oneDNN post-op) and, for linears, replace ``addmm`` with oneDNN's GEMM.
+They have no autograd formula, so they run only where nothing needs a gradient:
+
+* grad mode off (``torch.no_grad`` / ``torch.inference_mode``), fp32, CPU, a plain ``torch.Tensor``
+  (not a FakeTensor or another subclass), oneDNN available;
+* not while scripting, compiling (``torch.compile`` does its own fusion), exporting or in ONNX export, and not
+  under a Python dispatch mode (``FlopCounterMode`` counts the plain ops, ``FakeTensorMode`` traces them).
+
+Everywhere else the same functions compute the identical eager expression (``F.gelu(conv(x))``, ...), so callers
+never branch. ``fast_path_enabled(False)`` turns the oneDNN path off globally (e.g. to compare).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+__all__ = ["use_onednn", "fast_path_enabled", "conv_act", "conv_add", "linear_act", "linear_add"]
+
+_ENABLED = True
+
+
+def fast_path_enabled(enabled: bool | None = None) -> bool:
+    """Get (no argument) or set the global switch of the oneDNN inference path; returns the current value."""
+    global _ENABLED
+    if enabled is not None:
+        _ENABLED = bool(enabled)
+    return _ENABLED
+
+
+def use_onednn(x: torch.Tensor) -> bool:
+    """Whether the fused oneDNN kernels may run on ``x`` (see the module docstring for the conditions)."""
+    return (
+        _ENABLED
+        and type(x) is torch.Tensor
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and torch.backends.mkldnn.is_available()
+        and not torch.jit.is_scripting()
+        and not torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and not torch.onnx.is_in_onnx_export()
+        and _get_current_dispatch_mode() is None  # FlopCounterMode, FakeTensorMode, ...: they must see plain ops
+    )
+
+
+def _conv_args(conv: nn.Conv2d) -> tuple:
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError(f"fused conv needs numeric zero padding, got {conv.padding!r} / {conv.padding_mode!r}")
+    return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
+
+
+def conv_act(x: torch.Tensor, conv: nn.Conv2d, gelu: bool = True) -> torch.Tensor:
+    """``F.gelu(conv(x))`` (or ``conv(x)``). x: (B, C_in, H, W) -> (B, C_out, H', W')."""
+    if use_onednn(x):
+        pad, stride, dil, groups = _conv_args(conv)
+        attr, algo = ("gelu", "none") if gelu else ("none", "")
+        return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, pad, stride, dil, groups, attr, [], algo)
+    y = conv(x)
+    return F.gelu(y) if gelu else y
+
+
+def conv_add(x: torch.Tensor, conv: nn.Conv2d, other: torch.Tensor) -> torch.Tensor:
+    """``conv(x) + other``. x: (B, C_in, H, W); other: (B, C_out, H', W') -> (B, C_out, H', W')."""
+    if use_onednn(x) and use_onednn(other) and other.is_contiguous(memory_format=torch.channels_last) \
+            and x.is_contiguous(memory_format=torch.channels_last):
+        pad, stride, dil, groups = _conv_args(conv)
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, other, conv.weight, conv.bias, pad, stride, dil, groups, "add", 1.0, None, [], None
+        )
+    return conv(x) + other
+
+
+def linear_act(x: torch.Tensor, linear: nn.Linear, gelu: bool = False) -> torch.Tensor:
+    """``F.gelu(linear(x))`` or ``linear(x)``. x: (..., C_in) -> (..., C_out)."""
+    if use_onednn(x) and x.is_contiguous():
+        attr, algo = ("gelu", "none") if gelu else ("none", "")
+        return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, attr, [], algo)
+    y = linear(x)
+    return F.gelu(y) if gelu else y
+
+
+def linear_add(x: torch.Tensor, linear: nn.Linear, other: torch.Tensor) -> torch.Tensor:
+    """``linear(x) + other``. x: (..., C_in); other: (..., C_out) -> (..., C_out)."""
+    if use_onednn(x) and use_onednn(other) and x.is_contiguous() and other.is_contiguous():
+        return torch.ops.mkldnn._linear_pointwise.binary(x, other, linear.weight, linear.bias, "add")
+    return linear(x) + other

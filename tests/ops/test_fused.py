@@ -1,0 +1,59 @@
+"""ops.fused: the oneDNN inference path computes the same as the eager expressions, and stays off under autograd."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybridvision.ops.fused import conv_act, conv_add, fast_path_enabled, linear_act, linear_add, use_onednn
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (CPU build)")
+
+
+def _cl(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("groups,stride,k", [(1, 1, 1), (1, 2, 1), (12, 2, 3), (12, 1, 3), (1, 1, 3)])
+def test_conv_paths_equal_eager(groups, stride, k):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(12, 12, k, stride=stride, padding=k // 2, groups=groups)
+    x = _cl(torch.randn(2, 12, 9, 6))
+    with torch.inference_mode():
+        assert use_onednn(x)
+        ref = F.gelu(conv(x))
+        torch.testing.assert_close(conv_act(x, conv), ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(conv_act(x, conv, gelu=False), conv(x), rtol=1e-4, atol=1e-5)
+        other = _cl(torch.randn_like(conv(x)))
+        torch.testing.assert_close(conv_add(x, conv, other), conv(x) + other, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_paths_equal_eager():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(20, 12)
+    x = torch.randn(2, 5, 3, 20)
+    other = torch.randn(2, 5, 3, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_act(x, lin, gelu=True), F.gelu(lin(x)), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(linear_act(x, lin), lin(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(linear_add(x, lin, other), lin(x) + other, rtol=1e-4, atol=1e-5)
+
+
+def test_fast_path_off_under_autograd_and_switch():
+    lin = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4, requires_grad=True)
+    assert not use_onednn(x)
+    linear_act(x, lin, gelu=True).sum().backward()  # eager path: gradients flow
+    assert x.grad is not None and lin.weight.grad is not None
+    with torch.no_grad():
+        assert not use_onednn(x.double())
+        assert fast_path_enabled() and use_onednn(x.detach())
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as fc:
+            assert not use_onednn(x.detach())
+            linear_act(x.detach(), lin, gelu=True)
+        assert fc.get_total_flops() == 2 * 5 * 4 * 3
+        fast_path_enabled(False)
+        try:
+            assert not use_onednn(x.detach())
+        finally:
+            fast_path_enabled(True)
