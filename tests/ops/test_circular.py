@@ -206,3 +206,16 @@ def test_bad_method_and_dtype():
         circular_conv(x, w, 3, method="best")
     with pytest.raises(ValueError, match="floating-point"):
         circular_conv(x.long(), w, 3)
+
+
+@pytest.mark.slow
+def test_benchmark_quick_runs(tmp_path):
+    """benchmarks/bench_circular.py --quick runs end to end and writes its table and plot (no timing asserted)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_circular.py"
+    subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)], check=True, timeout=600)
+    text = (tmp_path / "circular_quick.md").read_text()
+    assert "| 56 | 48 | 3 | fwd |" in text and (tmp_path / "circular_quick.png").stat().st_size > 0
