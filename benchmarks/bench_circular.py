@@ -69,18 +69,18 @@ def copy_bandwidth(mib: int = 256) -> float:
     return 2 * src.numel() * 4 / t
 
 
-def run_case(length: int, dim: int, bw: float, budget_s: float, min_reps: int) -> dict:
+def run_case(length: int, dim: int, bw: float, budget_s: float, min_reps: int, dtype: torch.dtype) -> dict:
     g = torch.Generator().manual_seed(length * 10 + dim)
     c = C_TIMES_L // length
-    x = torch.randn(BATCH, c, length, length, generator=g)
-    w = torch.randn(c, 1, length, generator=g) / length**0.5
+    x = torch.randn(BATCH, c, length, length, generator=g).to(dtype)
+    w = (torch.randn(c, 1, length, generator=g) / length**0.5).to(dtype)
     fwd = {"reference": lambda: reference(x, w, dim)}
     fwd.update({m: (lambda m=m: circular_conv(x, w, dim, method=m)) for m in METHODS})
     with torch.no_grad():
         t_fwd = best_of(fwd, budget_s, min_reps)
 
     xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    gy = torch.randn(x.shape, generator=g)
+    gy = torch.randn(x.shape, generator=g).to(dtype)
 
     def train_step(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], None]:
         def step() -> None:
@@ -92,7 +92,7 @@ def run_case(length: int, dim: int, bw: float, budget_s: float, min_reps: int) -
     bwd = {"reference": train_step(lambda a, b: reference(a, b, dim))}
     bwd.update({m: train_step(lambda a, b, m=m: circular_conv(a, b, dim, method=m)) for m in METHODS})
     t_bwd = best_of(bwd, budget_s, min_reps)
-    floor = 2 * x.numel() * 4 / bw * 1e3
+    floor = 2 * x.numel() * x.element_size() / bw * 1e3
     with torch.no_grad():
         pick_fwd = choose_method(x, w, dim)
     pick_bwd = choose_method(xg, wg, dim)
@@ -135,7 +135,7 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def plot(rows: list[dict], path: Path, clock: str) -> None:
+def plot(rows: list[dict], path: Path, clock: str, dtype: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,7 +159,9 @@ def plot(rows: list[dict], path: Path, clock: str) -> None:
             ax.set_ylabel("ms (best of runs)")
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"circular_conv, B={BATCH}, C={C_TIMES_L}/L, fp32, {torch.get_num_threads()} thread(s), {clock} time")
+    fig.suptitle(
+        f"circular_conv, B={BATCH}, C={C_TIMES_L}/L, {dtype}, {torch.get_num_threads()} thread(s), {clock} time"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -176,6 +178,7 @@ def main() -> None:
         default="wall",
         help="wall: elapsed time (default); cpu: process CPU time, needs --threads 1 -- robust on a loaded machine",
     )
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     args = ap.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -193,18 +196,19 @@ def main() -> None:
     rows = []
     for length in lengths:
         for dim in (2, 3):
-            rows.append(run_case(length, dim, bw, budget_s, min_reps))
+            rows.append(run_case(length, dim, bw, budget_s, min_reps, getattr(torch, args.dtype)))
             print(f"  L={length} dim={dim} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
     lines = table(rows)
-    stem = "circular_quick" if args.quick else "circular"
+    stem = ("circular_quick" if args.quick else "circular") + ("" if args.dtype == "float32" else f"_{args.dtype}")
     cmd = "python benchmarks/bench_circular.py" + (" --quick" if args.quick else "")
     cmd += f" --threads {args.threads}" if args.threads is not None else ""
     cmd += " --clock cpu" if args.clock == "cpu" else ""
+    cmd += f" --dtype {args.dtype}" if args.dtype != "float32" else ""
     header = [
         f"# circular_conv benchmark ({'quick' if args.quick else 'full'})",
         "",
         f"Command: `{cmd}`. Times in ms ({'process CPU time' if args.clock == 'cpu' else 'wall clock'}), best of "
-        f"interleaved runs; B={BATCH}, C={C_TIMES_L}/L, depthwise, fp32.",
+        f"interleaved runs; B={BATCH}, C={C_TIMES_L}/L, depthwise, {args.dtype}.",
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
         f"copy bandwidth (read + write) {bw / 1e9:.1f} GB/s.",
@@ -217,7 +221,7 @@ def main() -> None:
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.md").write_text(text)
-    plot(rows, args.out / f"{stem}.png", args.clock)
+    plot(rows, args.out / f"{stem}.png", args.clock, args.dtype)
     print(f"wrote {args.out / (stem + '.md')} and {stem}.png in {time.perf_counter() - t_start:.0f} s")
 
 

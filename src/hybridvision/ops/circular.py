@@ -65,14 +65,17 @@ def get_default_method() -> str:
 
 GEMM_MAX_K = {("fwd", 2): 72, ("fwd", 3): 48, ("train", 2): 64, ("train", 3): 32}
 """``"auto"`` on CPU, depthwise, float32/64: the largest K that still goes to ``"gemm"``, per pass (``"fwd"`` =
-no backward will follow, ``"train"`` = forward+backward) and ``dim``. Each is the crossover of the per-element
-costs measured on the 2-core development CPU (1 thread, CPU time, B=16, C=2688/K; ns per element):
-gemm forward 0.6 + 0.025 K, forward+backward 3.0 + 0.06 K (2 K FLOPs per element: linear in K);
-fft forward 2.55 (dim 2) / 1.85 (dim 3), forward+backward 7.2 / 5.0 (nearly flat in K; along dim 2 the transforms
-are strided and slower). benchmarks/bench_circular.py measures both at full threads."""
+no backward follows, ``"train"`` = forward+backward) and ``dim``; above it ``"fft"``. The GEMM does 2 K FLOPs per
+element (cost linear in K), the FFT's cost per element is nearly flat in K and higher along dim 2 (the transform
+there is strided: torch copies). The thresholds are the crossovers of per-element costs fitted to exploratory
+1-thread CPU-time runs on the 2-core development machine; the check points are in benchmarks/results/circular.md
+(``python benchmarks/bench_circular.py --threads 1 --clock cpu``), e.g. K=28: gemm wins both passes and dims;
+K=56, dim 2: gemm (fwd 5.46 vs 5.65 ms, fwd+bwd 16.7 vs 25.1 ms); K=56, dim 3: fft (fwd 4.03 vs 5.56 ms,
+fwd+bwd 13.0 vs 17.6 ms); K >= 112: fft."""
 BF16_GEMM_MAX_K = 112
-"""bfloat16 on CPU: the GEMM runs natively in bf16 (3-5x faster than the fp32 GEMM here, measured at K=14 and 56)
-while the FFT computes in fp32, so ``"gemm"`` is used up to this K."""
+"""bfloat16 on CPU: the GEMM runs natively in bf16 while the FFT path computes in fp32, so ``"gemm"`` is used up
+to this K. ``python benchmarks/bench_circular.py --quick --threads 1 --clock cpu --dtype bfloat16`` measured
+(ms, gemm vs fft, forward) K=14: 0.77 vs 1.81 (dim 2), 0.47 vs 1.57 (dim 3); K=56: 3.71 vs 22.8, 2.16 vs 5.57."""
 
 
 def _exporting() -> bool:
