@@ -69,13 +69,14 @@ no backward follows, ``"train"`` = forward+backward) and ``dim``; above it ``"ff
 element (cost linear in K), the FFT's cost per element is nearly flat in K and higher along dim 2 (the transform
 there is strided: torch copies). The thresholds are the crossovers of per-element costs fitted to exploratory
 1-thread CPU-time runs on the 2-core development machine; the check points are in benchmarks/results/circular.md
-(``python benchmarks/bench_circular.py --threads 1 --clock cpu``), e.g. K=28: gemm wins both passes and dims;
-K=56, dim 2: gemm (fwd 5.46 vs 5.65 ms, fwd+bwd 16.7 vs 25.1 ms); K=56, dim 3: fft (fwd 4.03 vs 5.56 ms,
-fwd+bwd 13.0 vs 17.6 ms); K >= 112: fft."""
+(``python benchmarks/bench_circular.py --threads 1 --clock cpu``, a loaded machine: identical calls there differ by
+up to 40 %), e.g. K=28: gemm, or a tie with fft along dim 3; K=56, dim 2: gemm (fwd 9.8 vs 10.9 ms, fwd+bwd 18.5
+vs 34.6 ms); K=56, dim 3: fft (fwd 4.6 vs 6.6 ms, fwd+bwd 13.9 vs 18.8 ms); K >= 112: fft."""
 BF16_GEMM_MAX_K = 112
 """bfloat16 on CPU: the GEMM runs natively in bf16 while the FFT path computes in fp32, so ``"gemm"`` is used up
 to this K. ``python benchmarks/bench_circular.py --quick --threads 1 --clock cpu --dtype bfloat16`` measured
-(ms, gemm vs fft, forward) K=14: 0.77 vs 1.81 (dim 2), 0.47 vs 1.57 (dim 3); K=56: 3.71 vs 22.8, 2.16 vs 5.57."""
+(ms, gemm vs fft, forward) K=14: 0.60 vs 1.60 (dim 2), 0.38 vs 1.39 (dim 3); K=56: 2.39 vs 6.06, 2.10 vs 4.74
+(benchmarks/results/circular_quick_bfloat16.md)."""
 
 
 def _exporting() -> bool:
@@ -95,14 +96,17 @@ def choose_method(x: torch.Tensor, weight: torch.Tensor, dim: int, needs_grad: O
         1. tracing or exporting (torch.jit.trace, torch.onnx.export, torch.export): ``"gemm"`` through plain
            differentiable ops (Gather + MatMul, which every runtime has; no FFT operators, no Python Functions).
         2. grouped or dense kernels (``weight.size(1) > 1``): ``"fft"`` -- a (C_out/g, C_in/g) complex product per
-           frequency instead of 2 K C_in/g FLOPs per output; measured 2-6x faster than gemm and direct for dense
-           ParC-ResNet50-like shapes (C=128, K=14), on par with direct only at K <= 7.
+           frequency instead of 2 K C_in/g FLOPs per output. Exploratory 1-thread CPU-time runs, dense, B=16:
+           C=128, K=14 forward fft 4.7-5.0 ms, direct 6.8-9.9 ms, gemm 22 ms; on par with direct only at K <= 7.
         3. depthwise on a non-CPU device: ``"gemm"`` for K <= 32, else ``"fft"`` (not measured: no GPU here).
-        4. depthwise float16 on CPU: ``"fft"`` (CPU float16 matmul is 10x slower than the fp32 FFT);
+        4. depthwise float16 on CPU: ``"fft"`` (CPU float16 matmul is slow: K=56, C=48, B=16 gemm 45 ms vs fft
+           4.3-5.5 ms in exploratory 1-thread runs);
            bfloat16: ``"gemm"`` up to :data:`BF16_GEMM_MAX_K`, else ``"fft"``.
         5. depthwise float32/64 on CPU: ``"gemm"`` up to :data:`GEMM_MAX_K` [pass, dim], else ``"fft"``.
-        ``"direct"`` is never chosen: oneDNN's depthwise K x 1 / 1 x K convolution on this CPU is erratic (the same
-        call measured 0.3 ms and 2.6 ms in different runs) and 2-10x slower than gemm/fft from K = 14 up.
+        ``"direct"`` is never chosen: it is ahead only for depthwise forward at K <= 14 and by little (K=7 along
+        dim 3: 0.46 vs gemm 0.63 ms in benchmarks/results/circular.md), oneDNN's timing for these shapes was erratic
+        in exploratory runs (the same K=7 call between 0.3 and 2.9 ms from run to run), and from K=28 it is 2-8x
+        slower than gemm/fft.
     Override: ``set_default_method(...)`` / ``HYBRIDVISION_CIRCULAR_METHOD`` globally, ``method=`` per call.
     """
     if _exporting():
@@ -190,7 +194,8 @@ def circular_conv(
     return _circular_conv(x, weight, dim, bias, groups, method)
 
 
-def _resolve(method: str, x: torch.Tensor, weight: torch.Tensor, dim: int, groups: int) -> str:
+def _resolve(method: str, x: torch.Tensor, weight: torch.Tensor, dim: int) -> str:
+    """The concrete method for a call: per-call choice, else the global default, else :func:`choose_method`."""
     if method == "auto":
         method = _default_method
     if method == "auto":
@@ -212,7 +217,7 @@ def _circular_conv(
     pe: (C_in, K) or None, added to x along ``dim`` (broadcast over batch and the other axis) before the
     convolution: ``circular_conv(x + pe, ...)``. The depthwise FFT path fuses the addition into the spectrum.
     """
-    method = _resolve(method, x, weight, dim, groups)
+    method = _resolve(method, x, weight, dim)
     if bias is not None:
         bias = bias.to(x.dtype)
     if weight.size(1) == 1 and weight.size(0) == x.size(1) and not _exporting():  # depthwise: fused Functions
@@ -286,8 +291,9 @@ GEMM_FOLD_MAX_K = 16
 of a transposing copy in and out); above it, it loops over the batch with in-place products (no copies)."""
 GEMM_COLS_MAX_K = 8
 """Folding along dim 3 (W): up to this K the kernel axis goes first, (C, K, B*H) (the product's long side is the
-columns); above it, the kernel axis stays last, (C, B*H, K) (a cheaper copy). Measured (1 thread, B=16, C=2688/K):
-K=7 0.42 vs 0.82 ms, K=14 0.70 vs 0.53 ms; along dim 2 the kernel-first layout is the natural one."""
+columns); above it, the kernel axis stays last, (C, B*H, K) (a cheaper copy). Measured in exploratory 1-thread
+CPU-time runs of the forward product alone (B=16, C=2688/K), first vs last: K=7 0.42 vs 0.82 ms, K=14 0.70 vs
+0.53 ms; along dim 2 the kernel-first layout is the natural one."""
 
 
 def _layout(k: int, dim: int) -> str:
@@ -324,7 +330,8 @@ def _product(xf: torch.Tensor, m: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def _outer(gf: torch.Tensor, xf: torch.Tensor, layout: str) -> torch.Tensor:
-    """S[c, i, j] = sum_n gf[c, i, n] xf[c, j, n] on folded data (indices along the kernel axis) -> (C, K, K)."""
+    """S[c, i, j] = sum over the folded batch/other index n of gf[c, i, n] * xf[c, j, n] (i, j along the kernel
+    axis), for either folded layout -> (C, K, K)."""
     return torch.bmm(gf, xf.transpose(1, 2)) if layout == "first" else torch.bmm(gf.transpose(1, 2), xf)
 
 
