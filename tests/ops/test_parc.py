@@ -106,9 +106,11 @@ def test_dense_and_no_pe():
 def test_set_base_size_freezes_instance_kernel():
     torch.manual_seed(4)
     m = ParC2d(4, "H", 7)
+    m.pe.requires_grad_(False)
     x = torch.randn(2, 4, 12, 5)
     before = m(x)
     m.set_base_size(12)
+    assert m.weight.requires_grad and not m.pe.requires_grad
     assert m.base_size == 12 and m.weight.shape == (4, 1, 12) and m.pe.shape == (4, 12)
     assert isinstance(m.weight, torch.nn.Parameter)
     torch.testing.assert_close(m(x), before)

@@ -128,12 +128,13 @@ class ParC2d(nn.Module):
         """Replace ``weight`` and ``pe`` by their resized versions for length ``size`` (and set ``base_size``).
 
         Use it to fine-tune at a new resolution, or to freeze the instance kernel before exporting at a fixed
-        resolution (the exported graph then has no Resize). Changes the shapes in the state dict.
+        resolution (the exported graph then has no Resize). Changes the shapes in the state dict and replaces the
+        Parameter objects (``requires_grad`` is kept): build the optimizer afterwards.
         """
         weight, pe = self.instance_params(size)
-        self.weight = nn.Parameter(weight.clone())
+        self.weight = nn.Parameter(weight.clone(), requires_grad=self.weight.requires_grad)
         if pe is not None:
-            self.pe = nn.Parameter(pe.clone())
+            self.pe = nn.Parameter(pe.clone(), requires_grad=self.pe.requires_grad)
         self.base_size = size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
