@@ -210,7 +210,7 @@ def main() -> None:
         f"Command: `{cmd}`. Times in ms ({'process CPU time' if args.clock == 'cpu' else 'wall clock'}), best of "
         f"interleaved runs; B={BATCH}, C={C_TIMES_L}/L, depthwise, {args.dtype}.",
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
+        f"{torch.get_num_threads()} thread(s), load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
         f"copy bandwidth (read + write) {bw / 1e9:.1f} GB/s.",
         "floor = (bytes in + bytes out) / copy bandwidth. speed-up = reference / auto. "
         "Targets: fwd auto >= 3x reference at L >= 56, >= 1x at L <= 14, <= 1.5x floor at L >= 56; "
