@@ -57,3 +57,24 @@ def test_fast_path_off_under_autograd_and_switch():
             assert not use_onednn(x.detach())
         finally:
             fast_path_enabled(True)
+
+
+def test_onednn_linear_autograd_matches_eager():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 40)
+    x = torch.randn(3, 5, 7, 24, requires_grad=True)
+    g = torch.randn(3, 5, 7, 40)
+    for gelu in (False, True):
+        ref = F.gelu(lin(x)) if gelu else lin(x)
+        ref_grads = torch.autograd.grad(ref, (x, lin.weight, lin.bias), g)
+        out = linear_act(x, lin, gelu=gelu)
+        if not gelu:
+            assert "OneDNN" in type(out.grad_fn).__name__
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        for a, b in zip(torch.autograd.grad(out, (x, lin.weight, lin.bias), g), ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # frozen weight, no bias: only the input gradient
+    lin2 = torch.nn.Linear(24, 8, bias=False).requires_grad_(False)
+    out = linear_act(x, lin2)
+    (gx,) = torch.autograd.grad(out.sum(), (x,))
+    torch.testing.assert_close(gx, lin2.weight.sum(0).expand_as(x), rtol=1e-5, atol=1e-5)

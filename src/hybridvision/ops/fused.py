@@ -3,7 +3,8 @@
 PyTorch ships these fused kernels for its own compiler (``torch.ops.mkldnn._convolution_pointwise`` and
 ``_linear_pointwise``, the ops Inductor emits on CPU); called eagerly they save a pass over every activation
 (the GELU or the residual add runs as a oneDNN post-op) and, for linears, replace ``addmm`` with oneDNN's GEMM.
-They have no autograd formula, so they run only where nothing needs a gradient:
+They have no autograd formula, so the fused forms run only where nothing needs a gradient (with autograd on,
+``linear_act`` runs its GEMMs, forward and backward, through oneDNN in a small autograd Function):
 
 * grad mode off (``torch.no_grad`` / ``torch.inference_mode``), fp32, CPU, a plain ``torch.Tensor``
   (not a FakeTensor or another subclass), oneDNN available;
@@ -33,14 +34,12 @@ def fast_path_enabled(enabled: bool | None = None) -> bool:
     return _ENABLED
 
 
-def use_onednn(x: torch.Tensor) -> bool:
-    """Whether the fused oneDNN kernels may run on ``x`` (see the module docstring for the conditions)."""
+def _onednn_ok(x: torch.Tensor) -> bool:
     return (
         _ENABLED
         and type(x) is torch.Tensor
         and x.device.type == "cpu"
         and x.dtype == torch.float32
-        and not torch.is_grad_enabled()
         and torch.backends.mkldnn.is_available()
         and not torch.jit.is_scripting()
         and not torch.compiler.is_compiling()
@@ -48,6 +47,44 @@ def use_onednn(x: torch.Tensor) -> bool:
         and not torch.onnx.is_in_onnx_export()
         and _get_current_dispatch_mode() is None  # FlopCounterMode, FakeTensorMode, ...: they must see plain ops
     )
+
+
+def use_onednn(x: torch.Tensor) -> bool:
+    """Whether the fused (gradient-free) oneDNN kernels may run on ``x`` (conditions: module docstring)."""
+    return not torch.is_grad_enabled() and _onednn_ok(x)
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T with oneDNN. a: (M, K), b: (N, K) -> (M, N)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``F.linear`` with every GEMM (forward, grad input, grad weight) run by oneDNN (fp32 CPU).
+
+    On the CPUs we measured, oneDNN's GEMM ran ~2.5x the FLOP/s of ``torch.mm`` (benchmarks/bench_models.py
+    prints both peaks), so training steps gain too; the backward costs two transposed copies.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).contiguous()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _gemm(g, weight.t().contiguous()).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            gw = _gemm(g.t().contiguous(), x.reshape(-1, x.shape[-1]).t().contiguous())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0)
+        return gx, gw, gb
 
 
 def _conv_args(conv: nn.Conv2d) -> tuple:
@@ -79,10 +116,13 @@ def conv_add(x: torch.Tensor, conv: nn.Conv2d, other: torch.Tensor) -> torch.Ten
 
 def linear_act(x: torch.Tensor, linear: nn.Linear, gelu: bool = False) -> torch.Tensor:
     """``F.gelu(linear(x))`` or ``linear(x)``. x: (..., C_in) -> (..., C_out)."""
-    if use_onednn(x) and x.is_contiguous():
-        attr, algo = ("gelu", "none") if gelu else ("none", "")
-        return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, attr, [], algo)
-    y = linear(x)
+    if _onednn_ok(x) and x.is_contiguous():
+        if not torch.is_grad_enabled():
+            attr, algo = ("gelu", "none") if gelu else ("none", "")
+            return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, attr, [], algo)
+        y = _OneDNNLinear.apply(x, linear.weight, linear.bias)
+    else:
+        y = linear(x)
     return F.gelu(y) if gelu else y
 
 
