@@ -168,6 +168,7 @@ class Stem(nn.Module):
         self.fused = False
 
     def check_input(self, x: torch.Tensor) -> None:
+        """Raise ValueError unless x is (B, in_chans, H, W) with H, W multiples of the total stride."""
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(
                 f"expected a (B, {self.in_chans}, H, W) image batch, got shape {tuple(x.shape)}: "
@@ -196,6 +197,7 @@ class Stem(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> None:
+        """Fold the stem's BatchNorms into the preceding convs (eval statistics)."""
         for i, bn in enumerate(self.norms):
             if isinstance(bn, nn.BatchNorm2d):
                 self.convs[i] = fuse_conv_bn_eval(self.convs[i], bn)
@@ -375,7 +377,14 @@ class CoAtNet(nn.Module):
     def fuse(self) -> "CoAtNet":
         """Fold every BatchNorm into its adjacent conv (stem, MBConv pre-norm/inner BNs) for inference.
 
-        Requires eval mode; the outputs are unchanged up to float rounding (tested). Returns self.
+        Requires eval mode; the outputs are unchanged up to float rounding (tested). Returns self. Under
+        ``torch.inference_mode()``/``no_grad`` on CPU fp32 the fused model then runs conv+GELU, conv+residual and
+        linear+GELU/+residual as single oneDNN kernels (:mod:`hybridvision.ops.fused`); the Transformer parts use
+        them in eval mode with or without ``fuse()``. Typical use::
+
+            model = hybridvision.create_model("coatnet_0").eval().fuse()
+            with torch.inference_mode():
+                logits = model(images)
         """
         if self.training:
             raise RuntimeError("CoAtNet.fuse() folds eval-mode BatchNorm statistics: call model.eval() first")
