@@ -58,6 +58,16 @@ def test_training_macs_count_the_backward():
     assert m.training and all(p.grad is None for p in m.parameters())  # the caller's model is untouched
 
 
+def test_depthwise_conv_backward_by_hand():
+    """Forward + weight grad + input grad of the depthwise conv; torch's own formula ignores groups (64x more)."""
+    m = nn.Sequential(nn.Conv2d(3, 64, 1), nn.Conv2d(64, 64, 7, padding=3, groups=64))
+    pointwise = 2 * 64 * 3 * 16 * 16
+    depthwise = 2 * 64 * 49 * 16 * 16
+    assert count_macs(m, (2, 3, 16, 16)) == pointwise + depthwise
+    # first conv: forward + weight grad (no input grad); depthwise: forward + weight grad + input grad
+    assert count_macs(m, (2, 3, 16, 16), train=True) == 2 * pointwise + 3 * depthwise
+
+
 def test_fft_parc_flops_by_hand():
     c, h, k = 4, 6, 8  # log2(8) = 3
     flops = count_flops(FFTParC(c, k), (1, c, h, k))

@@ -1,13 +1,14 @@
 """Cost of a model: parameters, MACs, inference / training throughput and MFU.
 
-MACs come from :class:`torch.utils.flop_counter.FlopCounterMode` (MACs = FLOPs / 2) with three additions
-that torch does not count by itself:
+MACs come from :class:`torch.utils.flop_counter.FlopCounterMode` (MACs = FLOPs / 2) with these additions
+and corrections:
 
 * the FFT ops behind Fast-ParC (``aten._fft_r2c``, ``aten._fft_c2r``, ``aten._fft_c2c``) with the standard
   estimate of 5·N·log2(n) FLOPs for a complex transform of N points over a length-n axis set and half of
   that, 2.5·N·log2(n), for a real one (N = number of real points of the real side);
 * the complex pointwise product of the spectra (``aten.mul`` with a complex result): 6 FLOPs per element
   (4 multiplications + 2 additions); real element-wise ops stay uncounted, as everywhere in torch's counter;
+* the backward of grouped / depthwise convolutions (torch's formula ignores ``groups``);
 * CPU's fused attention kernel ``aten._scaled_dot_product_flash_attention_for_cpu`` (and its backward),
   which torch's registry lacks, with torch's own SDPA formula (QKᵀ and AV: 4·B·h·Nq·Nk·d FLOPs forward).
 
@@ -86,6 +87,17 @@ def _complex_mul_flop(*args: Any, out_val: Any = None, **_: Any) -> int:
     return 0
 
 
+def _conv_backward_flop(
+    grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed, _out_pad, _groups, output_mask,
+    *, out_shape=None, **_: Any,
+) -> int:
+    """Backward of a (grouped) convolution: the forward cost once for the input gradient and once for the weight
+    gradient, each when requested. torch's own formula ignores ``groups`` and overcounts a depthwise conv's
+    backward by a factor of ``C``."""
+    fwd = flop_counter.conv_flop_count(x_shape, w_shape, grad_out_shape, transposed=transposed)
+    return fwd * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
 def _sdpa_cpu_flop(q_shape, k_shape, v_shape, *args: Any, out_shape=None, **_: Any) -> int:
     """CPU flash attention, ``q: (B, h, Nq, d)``, ``k, v: (B, h, Nk, d)``: torch's SDPA formula."""
     return flop_counter.sdpa_flop_count(q_shape, k_shape, v_shape)
@@ -101,6 +113,7 @@ FLOP_FORMULAS: dict[Any, Callable] = {
     aten._fft_c2r: _fft_c2r_flop,
     aten._fft_c2c: _fft_c2c_flop,
     aten.mul: _complex_mul_flop,
+    aten.convolution_backward: _conv_backward_flop,
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flop,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flop,
 }
