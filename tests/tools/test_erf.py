@@ -107,6 +107,8 @@ def test_run_erf_writes_png_and_json(tmp_path):
         Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     (folder / "notes.txt").write_text("ignored")
     assert len(load_images(folder, 16, num_images=10)) == 3
+    grey = load_images(folder, (12, 20), num_images=1, mean=(0.5,), std=(0.5,), in_chans=1)
+    assert grey[0].shape == (1, 12, 20) and -1 <= grey[0].min() and grey[0].max() <= 1
     res = run_erf({"a": ConvNet(3), "b": ConvNet(5)}, folder, tmp_path / "out", img_size=16, num_images=2, seed=1)
     saved = json.loads((tmp_path / "out" / "erf.json").read_text())
     assert saved == res

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from hybridvision.tools.erf import spatial_features
+from hybridvision.tools.profile import model_in_chans
 
 __all__ = ["find_target_layer", "grad_cam", "overlay", "run_cam"]
 
@@ -151,7 +152,7 @@ def run_cam(
     mean = np.asarray(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=np.float32)
     std = np.asarray(cfg.get("std", (0.229, 0.224, 0.225)), dtype=np.float32)
     gray = rgb.mean(-1, keepdims=True)
-    in_chans = int(cfg.get("input_size", (3,))[0])
+    in_chans = model_in_chans(model)
     arr = np.repeat(gray, in_chans, -1) if in_chans != 3 else rgb
     x = torch.from_numpy((arr - mean[:in_chans]) / std[:in_chans]).permute(2, 0, 1)[None]
     p = next(model.parameters(), None)

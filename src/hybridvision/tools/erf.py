@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hybridvision.tools.profile import model_in_chans
+
 __all__ = [
     "THRESHOLDS",
     "area_ratio",
@@ -152,9 +154,13 @@ def load_images(
     seed: int = 0,
     mean: Sequence[float] = (0.485, 0.456, 0.406),
     std: Sequence[float] = (0.229, 0.224, 0.225),
+    in_chans: int = 3,
 ) -> list[torch.Tensor]:
-    """Up to ``num_images`` images from ``folder`` (sorted, then shuffled with ``seed``), RGB, resized to
-    ``img_size`` (bicubic), normalised with ``mean``/``std``: a list of ``(3, H, W)`` float32 tensors."""
+    """Up to ``num_images`` images from ``folder`` (sorted, then shuffled with ``seed``), RGB (grey when
+    ``in_chans == 1``), resized to ``img_size`` (bicubic), normalised with ``mean``/``std``: a list of
+    ``(in_chans, H, W)`` float32 tensors."""
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans={in_chans}: images are read as RGB (3) or grey (1)")
     from PIL import Image, UnidentifiedImageError
 
     folder = Path(folder)
@@ -165,16 +171,17 @@ def load_images(
         raise ValueError(f"--images {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     random.Random(seed).shuffle(files)
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    m = torch.tensor(mean, dtype=torch.float32)[:in_chans].view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32)[:in_chans].view(-1, 1, 1)
+    mode = "RGB" if in_chans == 3 else "L"
     out = []
     for p in files[:num_images]:
         try:
             with Image.open(p) as im:
-                arr = np.asarray(im.convert("RGB").resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0
+                arr = np.asarray(im.convert(mode).resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"cannot read image {p}: {e}; remove or replace the file") from e
-        out.append((torch.from_numpy(arr).permute(2, 0, 1) - m) / s)
+        out.append((torch.from_numpy(arr.reshape(h, w, in_chans)).permute(2, 0, 1) - m) / s)
     return out
 
 
@@ -235,6 +242,7 @@ def run_erf(
         seed=seed,
         mean=cfg.get("mean", (0.485, 0.456, 0.406)),
         std=cfg.get("std", (0.229, 0.224, 0.225)),
+        in_chans=model_in_chans(first),
     )
     maps = {name: compute_erf(m, imgs) for name, m in models.items()}
     ratios = {name: erf_area_ratios(e) for name, e in maps.items()}

@@ -45,7 +45,13 @@ __all__ = [
 
 
 def model_in_chans(model: nn.Module) -> int:
-    """Input channels of ``model``: timm's ``pretrained_cfg["input_size"][0]``, else 3."""
+    """Input channels of ``model``: its ``in_chans`` attribute, else the first ``Conv2d``'s ``in_channels``, else
+    timm's ``pretrained_cfg["input_size"][0]``, else 3."""
+    if isinstance(getattr(model, "in_chans", None), int):
+        return model.in_chans
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is not None:
+        return conv.in_channels
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return int(cfg.get("input_size", (3,))[0])
 
