@@ -306,7 +306,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         else:
             warnings.warn(f"{resume} holds RNG states of {len(states)} process(es), this run has "
                           f"{info.world_size}: augmentation randomness will differ from an uninterrupted run")
-        log(f"resumed from {resume} (epoch {start_epoch} of {cfg.epochs})")
+        log(f"resumed from {resume} (continuing at epoch {start_epoch + 1} of {cfg.epochs})")
     if cfg.compile:
         model = torch.compile(model)
 
