@@ -20,19 +20,24 @@ ort = pytest.importorskip("onnxruntime")
 
 
 class Toy(nn.Module):
-    """conv-BN stem, a depthwise ParC-H and a dense ParC-W (meta kernels of length 8), relative attention."""
+    """conv-BN stem, a pre-norm BN -> grouped 1x1 conv residual, a depthwise ParC-H and a dense ParC-W (meta kernels
+    of length 8), relative attention."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(16)
+        self.pre_norm = nn.BatchNorm2d(16)
+        self.pw = nn.Conv2d(16, 16, 1, groups=4)
         self.parc_h = ParC2d(16, "H", 8)
         self.parc_w = ParC2d(16, "W", 8, groups=1)
         self.attn = RelAttention2d(16, head_dim=8, size=4)
         self.fc = nn.Linear(16, 5)
 
     def forward(self, x):
-        x = self.parc_w(self.parc_h(self.bn(self.conv(x))))
+        x = self.bn(self.conv(x))
+        x = x + self.pw(self.pre_norm(x))
+        x = self.parc_w(self.parc_h(x))
         x = x + self.attn(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return self.fc(x.mean((2, 3)))
 
@@ -41,10 +46,11 @@ def _toy():
     torch.manual_seed(0)
     m = Toy()
     with torch.no_grad():
-        m.bn.running_mean.uniform_(-1, 1)
-        m.bn.running_var.uniform_(0.5, 2)
-        m.bn.weight.uniform_(0.5, 2)
-        m.bn.bias.uniform_(-1, 1)
+        for bn in (m.bn, m.pre_norm):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 2)
+            bn.bias.uniform_(-1, 1)
     return m.train()
 
 

@@ -13,7 +13,8 @@
 
 The model is then exported with torch's dynamo-based exporter (``torch.onnx.export(..., dynamo=True)``), whose
 onnxscript optimizer folds constants and folds eval-mode BatchNorm into the preceding Conv where that is exact
-(the Conv's output feeds only the BatchNorm). :func:`verify_onnx` compares onnxruntime with eager PyTorch.
+(the Conv's output feeds only the BatchNorm); :func:`fold_batchnorm_into_next_conv` then folds the pre-norm
+BatchNorms into the 1×1 Conv that follows them. :func:`verify_onnx` compares onnxruntime with eager PyTorch.
 """
 from __future__ import annotations
 
@@ -29,7 +30,15 @@ import torch.nn as nn
 
 from hybridvision.ops import ParC2d, RelPosBias2d
 
-__all__ = ["EXPORT_METHODS", "FixedRelPosBias", "export_onnx", "freeze_for_resolution", "onnx_op_types", "verify_onnx"]
+__all__ = [
+    "EXPORT_METHODS",
+    "FixedRelPosBias",
+    "export_onnx",
+    "fold_batchnorm_into_next_conv",
+    "freeze_for_resolution",
+    "onnx_op_types",
+    "verify_onnx",
+]
 
 EXPORT_METHODS = ("conv", "matmul", "fft")
 _CIRCULAR_METHOD = {"conv": "direct", "matmul": "gemm", "fft": "fft"}
@@ -201,6 +210,7 @@ def export_onnx(
             stacklevel=2,
         )
         _export(frozen, path, size, False, method, opset_version)
+    fold_batchnorm_into_next_conv(path)
     return path
 
 
@@ -238,6 +248,87 @@ def _batch_is_symbolic(path: Path) -> bool:
 
     dim0 = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
     return bool(dim0.dim_param) or not dim0.HasField("dim_value")
+
+
+def fold_batchnorm_into_next_conv(path: str | Path) -> int:
+    """Fold eval-mode ``BatchNormalization`` nodes into the 1×1 ``Conv`` that consumes them, in place.
+
+    The exporter folds Conv → BN; pre-norm blocks (CoAtNet's MBConv, ParC-Net) have BN → 1×1 Conv instead. For a
+    1×1 convolution without padding the fold is exact (``W' = W·a``, ``b' = b + W·t`` with ``a = γ/√(σ²+ε)``,
+    ``t = β - μ·a`` per input channel); it is done only where the BN output feeds nothing else and every
+    parameter is an initializer used by that node alone.
+
+    Returns:
+        The number of BatchNormalization nodes removed.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    removed = []
+    for bn in graph.node:
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1 or bn.output[0] in outputs:
+            continue
+        users = consumers.get(bn.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Conv" or users[0].input[0] != bn.output[0]:
+            continue
+        conv = users[0]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
+        params = list(bn.input[1:5]) + list(conv.input[1:])
+        if (
+            any(p not in inits or uses.get(p, 0) != 1 for p in params)
+            or any(int(v) != 0 for v in attrs.get("pads", []))
+            or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID")
+        ):
+            continue
+        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        if w.shape[2:] != (1, 1):
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
+        eps = next((onnx.helper.get_attribute_value(a) for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        a = gamma / np.sqrt(var + eps)
+        t = beta - mean * a
+        groups = int(attrs.get("group", 1))
+        c_out, c_in_g = w.shape[:2]
+        channel = (np.arange(c_out)[:, None] // (c_out // groups)) * c_in_g + np.arange(c_in_g)[None, :]
+        bias = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else np.zeros(c_out)
+        new_w = w * a[channel][:, :, None, None]
+        new_b = bias + (w[:, :, 0, 0] * t[channel]).sum(1)
+        dtype = numpy_helper.to_array(inits[conv.input[1]]).dtype
+        inits[conv.input[1]].CopyFrom(numpy_helper.from_array(new_w.astype(dtype), conv.input[1]))
+        bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else f"{conv.input[1]}_folded_bn_bias"
+        bias_tensor = numpy_helper.from_array(new_b.astype(dtype), bias_name)
+        if bias_name in inits:
+            inits[bias_name].CopyFrom(bias_tensor)
+        else:
+            graph.initializer.append(bias_tensor)
+            inits[bias_name] = graph.initializer[-1]
+            if len(conv.input) > 2:
+                conv.input[2] = bias_name
+            else:
+                conv.input.append(bias_name)
+        conv.input[0] = bn.input[0]
+        removed.append(bn)
+    if removed:
+        for bn in removed:
+            graph.node.remove(bn)
+        dead = {n for bn in removed for n in bn.input[1:5]}
+        keep = [t for t in graph.initializer if t.name not in dead]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        onnx.save(model, str(path))
+    return len(removed)
 
 
 def onnx_op_types(path: str | Path) -> dict[str, int]:
