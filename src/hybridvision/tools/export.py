@@ -256,7 +256,7 @@ def fold_batchnorm_into_next_conv(path: str | Path) -> int:
     The exporter folds Conv → BN; pre-norm blocks (CoAtNet's MBConv, ParC-Net) have BN → 1×1 Conv instead. For a
     1×1 convolution without padding the fold is exact (``W' = W·a``, ``b' = b + W·t`` with ``a = γ/√(σ²+ε)``,
     ``t = β - μ·a`` per input channel); it is done only where the BN output feeds nothing else and every
-    parameter is an initializer used by that node alone.
+    parameter is an initializer. The folded weights are new initializers (shared ones stay intact).
 
     Returns:
         The number of BatchNormalization nodes removed.
@@ -267,10 +267,6 @@ def fold_batchnorm_into_next_conv(path: str | Path) -> int:
     model = onnx.load(str(path))
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
     outputs = {o.name for o in graph.output}
     consumers: dict[str, list] = {}
     for node in graph.node:
@@ -285,16 +281,17 @@ def fold_batchnorm_into_next_conv(path: str | Path) -> int:
             continue
         conv = users[0]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
-        params = list(bn.input[1:5]) + list(conv.input[1:])
+        has_bias = len(conv.input) > 2 and bool(conv.input[2])
         if (
-            any(p not in inits or uses.get(p, 0) != 1 for p in params)
+            any(p not in inits for p in list(bn.input[1:5]) + list(conv.input[1 : 3 if has_bias else 2]))
             or any(int(v) != 0 for v in attrs.get("pads", []))
             or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID")
         ):
             continue
-        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
-        if w.shape[2:] != (1, 1):
+        w32 = numpy_helper.to_array(inits[conv.input[1]])
+        if w32.shape[2:] != (1, 1):
             continue
+        w = w32.astype(np.float64)
         gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
         eps = next((onnx.helper.get_attribute_value(a) for a in bn.attribute if a.name == "epsilon"), 1e-5)
         a = gamma / np.sqrt(var + eps)
@@ -302,29 +299,23 @@ def fold_batchnorm_into_next_conv(path: str | Path) -> int:
         groups = int(attrs.get("group", 1))
         c_out, c_in_g = w.shape[:2]
         channel = (np.arange(c_out)[:, None] // (c_out // groups)) * c_in_g + np.arange(c_in_g)[None, :]
-        bias = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else np.zeros(c_out)
-        new_w = w * a[channel][:, :, None, None]
+        bias = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if has_bias else np.zeros(c_out)
+        stem = f"{conv.output[0]}_bn_folded"
+        graph.initializer.append(numpy_helper.from_array((w * a[channel][:, :, None, None]).astype(w32.dtype), f"{stem}_w"))
         new_b = bias + (w[:, :, 0, 0] * t[channel]).sum(1)
-        dtype = numpy_helper.to_array(inits[conv.input[1]]).dtype
-        inits[conv.input[1]].CopyFrom(numpy_helper.from_array(new_w.astype(dtype), conv.input[1]))
-        bias_name = conv.input[2] if len(conv.input) > 2 and conv.input[2] else f"{conv.input[1]}_folded_bn_bias"
-        bias_tensor = numpy_helper.from_array(new_b.astype(dtype), bias_name)
-        if bias_name in inits:
-            inits[bias_name].CopyFrom(bias_tensor)
-        else:
-            graph.initializer.append(bias_tensor)
-            inits[bias_name] = graph.initializer[-1]
-            if len(conv.input) > 2:
-                conv.input[2] = bias_name
-            else:
-                conv.input.append(bias_name)
+        graph.initializer.append(numpy_helper.from_array(new_b.astype(w32.dtype), f"{stem}_b"))
         conv.input[0] = bn.input[0]
+        conv.input[1] = f"{stem}_w"
+        if has_bias:
+            conv.input[2] = f"{stem}_b"
+        else:
+            conv.input.append(f"{stem}_b")
         removed.append(bn)
     if removed:
         for bn in removed:
             graph.node.remove(bn)
-        dead = {n for bn in removed for n in bn.input[1:5]}
-        keep = [t for t in graph.initializer if t.name not in dead]
+        used = {n for node in graph.node for n in node.input} | outputs
+        keep = [t for t in graph.initializer if t.name in used]
         del graph.initializer[:]
         graph.initializer.extend(keep)
         onnx.save(model, str(path))
