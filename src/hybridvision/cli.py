@@ -200,8 +200,135 @@ def _run_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analysis_model(name: str, checkpoint: Optional[str]):
+    """``--model`` (a hybridvision or timm name, ``timm:`` prefix allowed) or the model of ``--checkpoint``."""
+    if checkpoint:
+        from hybridvision.engine.inference import load_trained
+
+        return load_trained(checkpoint)[0]
+    from hybridvision.models.registry import create_model
+
+    return create_model(name.removeprefix("timm:"))
+
+
+def add_erf(sub) -> None:
+    p = sub.add_parser("erf", help="effective receptive field (RepLKNet protocol): erf.png + erf.json")
+    p.add_argument("--model", required=True, help="model name (untrained unless --checkpoint)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint-*.pt, model.safetensors or a run folder")
+    p.add_argument("--images", required=True, help="folder of images (png/jpg), read with PIL")
+    p.add_argument("--img-size", type=int, default=224, help="input side (RepLKNet uses 1024)")
+    p.add_argument("--num-images", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0, help="image order and the initialisation of untrained models")
+    p.add_argument("--output", default="runs/erf", help="folder for erf.png and erf.json")
+    p.add_argument("--compare", default=None, help="a second model drawn beside the first (same seed)")
+    p.set_defaults(func=_run_erf)
+
+
+def _run_erf(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from hybridvision.tools.erf import run_erf
+
+    models = {}
+    for name, ckpt in ((args.model, args.checkpoint), (args.compare, None)):
+        if name:
+            torch.manual_seed(args.seed)
+            models[name] = _analysis_model(name, ckpt)
+    res = run_erf(models, args.images, args.output, img_size=args.img_size, num_images=args.num_images, seed=args.seed)
+    print(json.dumps(res, indent=2))
+    print(f"wrote {Path(args.output) / 'erf.png'} and {Path(args.output) / 'erf.json'}")
+    return 0
+
+
+def add_cam(sub) -> None:
+    p = sub.add_parser("cam", help="Grad-CAM overlay of one image (pytorch-grad-cam)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--checkpoint", default=None, help="checkpoint-*.pt, model.safetensors or a run folder")
+    p.add_argument("--image", required=True)
+    p.add_argument("--target-layer", default="auto", help="'auto' (last stage) or a module name, e.g. stages.2")
+    p.add_argument("--class", dest="target_class", type=int, default=None, help="class to explain (default: top-1)")
+    p.add_argument("--img-size", type=int, default=None, help="input side (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation of an untrained model")
+    p.add_argument("--output", default="cam.png", help="overlay PNG")
+    p.set_defaults(func=_run_cam)
+
+
+def _run_cam(args: argparse.Namespace) -> int:
+    import torch
+
+    from hybridvision.tools.cam import run_cam
+
+    torch.manual_seed(args.seed)
+    res = run_cam(_analysis_model(args.model, args.checkpoint), args.image, args.output, img_size=args.img_size,
+                  target_layer=args.target_layer, target_class=args.target_class)
+    print(f"class {res['class']} explained at layer {res['target_layer']}; wrote {res['output']}")
+    return 0
+
+
+def add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="params, MACs, inference/training img/s and MFU")
+    p.add_argument("--model", required=True)
+    p.add_argument("--img-size", type=int, nargs="+", default=[224], metavar=("H", "W"), help="H [W]")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--compare", action="append", default=[], metavar="timm:NAME",
+                   help="another model profiled the same way (repeatable)")
+    p.add_argument("--iters", type=int, default=5, help="timed steps (median)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--no-speed", action="store_true", help="params and MACs only")
+    p.set_defaults(func=_run_profile)
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from hybridvision.tools.profile import format_results, matmul_peak_flops, profile_model
+
+    size = tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
+    peak = None if args.no_speed else matmul_peak_flops(args.device)
+    results = [
+        profile_model(_analysis_model(name, None).to(args.device), size, batch_size=args.batch_size, name=name,
+                      peak_flops=peak, iters=args.iters, measure_speed=not args.no_speed)
+        for name in [args.model, *args.compare]
+    ]
+    print(format_results(results))
+    return 0
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="ONNX export at a fixed resolution (optionally verified in onnxruntime)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--checkpoint", default=None, help="checkpoint-*.pt, model.safetensors or a run folder")
+    p.add_argument("--img-size", type=int, nargs="+", required=True, metavar=("H", "W"), help="H [W]")
+    p.add_argument("--batch-size", type=int, default=1, help="example batch (the batch axis stays dynamic)")
+    _bool_flag(p, "dynamic-batch", "symbolic batch axis (default on)")
+    p.add_argument("--method", choices=["conv", "matmul", "fft"], default=None, help="ParC form (default conv)")
+    p.add_argument("--output", required=True, help="the .onnx file")
+    p.add_argument("--verify", action="store_true", help="compare onnxruntime with PyTorch on random input")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from hybridvision.tools.export import export_onnx, verify_onnx
+    from hybridvision.tools.profile import model_in_chans
+
+    if len(args.img_size) > 2:
+        raise ValueError(f"--img-size takes H or H W, got {args.img_size}")
+    h, w = (args.img_size * 2)[:2]
+    model = _analysis_model(args.model, args.checkpoint)
+    size = (args.batch_size, model_in_chans(model), h, w)
+    path = export_onnx(model, args.output, size, dynamic_batch=getattr(args, "dynamic_batch", True), method=args.method)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) for input {size}")
+    if args.verify:
+        res = verify_onnx(model, path, size)
+        print(f"onnxruntime vs PyTorch: relative error {res['rel_err']:.2e} (max abs {res['max_abs_err']:.2e}); "
+              f"latency PyTorch {res['torch_ms']:.1f} ms, onnxruntime {res['ort_ms']:.1f} ms (batch {size[0]})")
+    return 0
+
+
 #: the sub-command registrations, in help order; append yours
-COMMANDS: list[Callable] = [add_models, add_train, add_eval, add_predict, add_download, add_demo]
+COMMANDS: list[Callable] = [
+    add_models, add_train, add_eval, add_predict, add_download, add_demo, add_erf, add_cam, add_profile, add_export,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -74,3 +74,15 @@ def test_run_cam_writes_overlay(tmp_path):
     assert res["target_layer"] == "layer4" and 0 <= res["class"] < 5
     with pytest.raises(ValueError, match="cannot read"):
         run_cam(_model("resnet18"), tmp_path / "missing.png", tmp_path / "o.png")
+
+
+def test_cli_cam(tmp_path, capsys):
+    from hybridvision.cli import main
+
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(img)
+    out = tmp_path / "cam.png"
+    assert main(["cam", "--model", "resnet18", "--image", str(img), "--img-size", "48", "--output", str(out)]) == 0
+    assert Image.open(out).size == (48, 48) and "layer4" in capsys.readouterr().out
+    assert main(["cam", "--model", "resnet18", "--image", str(img), "--target-layer", "nope", "--output", str(out)]) == 1
+    assert "not a module" in capsys.readouterr().err

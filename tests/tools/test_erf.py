@@ -127,3 +127,20 @@ def test_bad_image_folder_messages(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot read image"):
         load_images(tmp_path, 16, num_images=1)
+
+
+def test_cli_erf(tmp_path, capsys):
+    from hybridvision.cli import main
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "erf"
+    args = ["erf", "--model", "resnet18", "--compare", "timm:resnet10t", "--images", str(folder), "--img-size", "32",
+            "--num-images", "2", "--output", str(out)]
+    assert main(args) == 0
+    saved = json.loads((out / "erf.json").read_text())
+    assert saved["model"] == "resnet18" and saved["num_images"] == 2 and "timm:resnet10t" in saved["compare"]
+    assert (out / "erf.png").exists() and "erf.json" in capsys.readouterr().out
+    assert main(["erf", "--model", "resnet18", "--images", str(tmp_path / "none"), "--output", str(out)]) == 1

@@ -260,3 +260,16 @@ def test_torch_compile_parc_methods(method):
             pytest.xfail(f"compiled training step of the FFT path fails in inductor: {type(e).__name__}: {str(e)[:200]}")
     else:
         _compile_check(m)
+
+
+def test_cli_export_verify(tmp_path, capsys):
+    from hybridvision.cli import main
+
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--model", "timm:resnet10t", "--img-size", "32", "48", "--output", str(out), "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert out.exists() and "relative error" in text and "onnxruntime" in text
+    rel = float(text.split("relative error ")[1].split()[0])
+    assert rel <= 1e-4
+    assert main(["export", "--model", "timm:resnet10t", "--img-size", "32", "48", "64", "--output", str(out)]) == 1
+    assert "H or H W" in capsys.readouterr().err

@@ -120,3 +120,12 @@ def test_throughput_and_profile(tmp_path):
         format_results([])
     with pytest.raises(ValueError, match="input_size"):
         count_macs(m, (3, 16, 16))
+
+
+def test_cli_profile(capsys):
+    from hybridvision.cli import main
+
+    assert main(["profile", "--model", "resnet18", "--img-size", "32", "48", "--batch-size", "2", "--iters", "1",
+                 "--compare", "timm:resnet10t"]) == 0
+    out = capsys.readouterr().out
+    assert "| resnet18 | 32×48 |" in out and "| timm:resnet10t |" in out and "matmul peak" in out
