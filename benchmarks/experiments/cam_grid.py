@@ -12,7 +12,7 @@ CPU budget: a few seconds per model (one batched Grad-CAM of ``--num-images`` ca
 (ConvNeXt pair, 8 images) runs in < 1 min plus model loading. ``--smoke``: 2 images.
 
     python benchmarks/experiments/cam_grid.py                    # after cluttered_parc_vs_base.py (default runs)
-    python benchmarks/experiments/cam_grid.py --pairs convnext mobilenetv2 --num-images 12 --seed 2
+    python benchmarks/experiments/cam_grid.py --pairs mobilenetv2 --runs runs/cluttered_b   # the committed grid
     python benchmarks/experiments/cam_grid.py --smoke --runs runs/cluttered_smoke
 
 Writes ``benchmarks/results/experiments/cam_grid.png``, ``.md`` and ``.json``.
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle(f"Grad-CAM, cluttered Fashion-MNIST test canvases, weights {a.runs}/<model>/seed{a.seed}", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (2.4 * n)))
     png = stem.with_suffix(".png")
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)

@@ -13,9 +13,10 @@ Recipe: AdamW, lr 2e-3, weight decay 0.05, cosine per iteration, 1 warm-up epoch
 label smoothing 0.1, random translation 12.5% + horizontal flip, batch 128, fp32, 28 px, 1 channel, no
 stochastic depth (``drop_path`` 0, so the training loss measures fit).
 
-CPU budget (2 shared cores, 2 threads, loaded machine): coatnet_nano trains at roughly 50-150 img/s at 28 px, so
-``--train-subset 5000 --epochs 2`` (the run in ``benchmarks/results/experiments/``) takes ~5-10 min for the five
-layouts; the full data (``--train-subset 0 --epochs 30``) is a GPU job. ``--smoke``: 256 / 128 images, 1 epoch.
+CPU budget, measured (2 cores shared with other jobs, load average 5-10): the five layouts trained at 14-92 img/s
+at 28 px (C-C-C-C fastest), so ``--train-subset 5000 --epochs 2`` (the committed run) took ~2-10 min per layout,
+~35 min in all on the loaded machine; the full data (``--train-subset 0 --epochs 30``) is a GPU job.
+``--smoke`` (C-C-C-C and ViT_rel, 256 / 128 images, 1 epoch): ~30 s on a quiet machine.
 
     python benchmarks/experiments/coatnet_layouts.py --train-subset 5000 --epochs 2
     python benchmarks/experiments/coatnet_layouts.py --train-subset 0 --test-subset 0 --epochs 30 --seeds 1 2 3

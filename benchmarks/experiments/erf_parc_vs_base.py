@@ -15,13 +15,14 @@ Two modes:
     (``RUNS/<model>/seed<k>/model.safetensors`` + ``config.json``), rebuilt at their training size; images:
     cluttered Fashion-MNIST test canvases (the data they were trained on), normalised as in training.
 
-CPU budget (2 shared cores, 2 threads, loaded machine): about 1-3 s per image and model at 224 px, so the default
-(3 pairs, 16 images, 224 px) takes ~3-6 min; ``--smoke`` (ConvNeXt pair, 2 images, 64 px) < 30 s.
+CPU budget, measured (2 cores shared with other jobs, load average 6-10, 2 threads): 16 images at 224 px took
+47-186 s per model (ResNet50 slowest), 1170 s for the default run (3 pairs x 2 inits); ``--smoke`` (ConvNeXt
+pair, 2 images, 64 px, timm init) ~10-20 s. The trained mode at 112 px takes seconds.
 The paper protocol (>= 50 images at 1024 px) is ``--num-images 50 --img-size 1024`` (hours on this CPU).
 
     python benchmarks/experiments/erf_parc_vs_base.py                       # untrained, 16 photos at 224 px
     python benchmarks/experiments/erf_parc_vs_base.py --num-images 8 --img-size 448 --pairs convnext
-    python benchmarks/experiments/erf_parc_vs_base.py --trained runs/cluttered --trained-seed 1
+    python benchmarks/experiments/erf_parc_vs_base.py --trained runs/cluttered_b --pairs mobilenetv2
     python benchmarks/experiments/erf_parc_vs_base.py --smoke
 
 Writes ``benchmarks/results/experiments/erf_parc_vs_base[_trained].md``, ``.png`` (heatmap grid) and ``.json``.
