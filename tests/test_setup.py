@@ -15,14 +15,14 @@ def test_import_timm_and_torchvision_in_venv():
     code = (
         "import torch, torchvision, timm\n"
         "from torchvision.transforms import v2\n"
-        "m = timm.create_model('resnet18', num_classes=3)\n"
-        "print(torch.__version__, torchvision.__version__, timm.__version__, tuple(m(torch.randn(1, 3, 32, 32)).shape))\n"
+        "m = timm.create_model('resnet18', num_classes=3).eval()\n"
+        "print(torch.__version__, torchvision.__version__, timm.__version__, tuple(m(torch.randn(2, 3, 64, 64)).shape))\n"
     )
     out = subprocess.run([str(VENV_PY), "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     torch_v, tv_v, timm_v, shape = out.stdout.split(maxsplit=3)
     assert torch_v.startswith("2.13.0") and tv_v.startswith("0.28.0") and timm_v == "1.0.31"
-    assert shape.strip() == "(1, 3)"
+    assert shape.strip() == "(2, 3)"
 
 
 def test_constraints_pin_torch_stack():
