@@ -60,14 +60,7 @@ def _toy():
 )
 def test_parity_no_resize_bn_folded(tmp_path, method, size):
     m = _toy()
-    if method == "fft":
-        try:
-            path = export_onnx(m, tmp_path / "m.onnx", size, method=method)
-        except RuntimeError as e:  # the optional DFT form depends on the exporter handling ops.circular's FFT code
-            assert "method='conv'" in str(e)
-            pytest.xfail(f"FFT form not exportable with this torch/ops version: {e}")
-    else:
-        path = export_onnx(m, tmp_path / "m.onnx", size, method=method)
+    path = export_onnx(m, tmp_path / "m.onnx", size, method=method)
     ops = onnx_op_types(path)
     assert "Resize" not in ops and "BatchNormalization" not in ops
     assert "Gather" not in ops and "GatherND" not in ops  # no run-time kernel resize / bias-table lookup

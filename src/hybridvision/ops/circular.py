@@ -557,7 +557,11 @@ def _fft(x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[torch.T
     xf = torch.fft.rfft(x, dim=dim)  # (B, C_in, F, W) or (B, C_in, H, F)
     wf = torch.fft.rfft(weight.to(x.dtype), dim=-1).conj()  # (C_out, Cg, F)
     f = wf.size(-1)
-    if dim == 2:
+    if c_g == 1 and o_g == 1:
+        # depthwise (reached while exporting): an elementwise complex product, which ONNX export can lower
+        # (it has no decomposition for a complex einsum).
+        yf = xf * (wf.view(1, c_out, f, 1) if dim == 2 else wf.view(1, c_out, 1, f))
+    elif dim == 2:
         xf = xf.view(b, groups, c_g, f, w)
         yf = torch.einsum("gocf,bgcfw->bgofw", wf.view(groups, o_g, c_g, f), xf).reshape(b, c_out, f, w)
     else:
