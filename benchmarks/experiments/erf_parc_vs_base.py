@@ -45,7 +45,7 @@ from _common import PAIRS, RESULTS, Timer  # noqa: E402
 import timm  # noqa: E402
 
 import hybridvision  # noqa: E402,F401  (registers the models)
-from hybridvision.tools.erf import THRESHOLDS, _normalise, compute_erf, erf_area_ratios  # noqa: E402
+from hybridvision.tools.erf import THRESHOLDS, normalise_erf, compute_erf, erf_area_ratios  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 #: photos bundled with scikit-image (no download); grayscale ones are repeated to RGB
@@ -138,7 +138,7 @@ def plot_grid(rows: list[list[tuple[str, np.ndarray, dict]]], path: Path, title:
     for r, row in enumerate(rows):
         for c, (name, erf, ar) in enumerate(row):
             ax = axes[r, c]
-            im = ax.imshow(_normalise(erf), cmap="RdYlGn", vmin=0, vmax=1)
+            im = ax.imshow(normalise_erf(erf), cmap="RdYlGn", vmin=0, vmax=1)
             ax.set_title(f"{name}\nt=0.2: {ar['0.2']:.4f}   t=0.99: {ar['0.99']:.3f}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])

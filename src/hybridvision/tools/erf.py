@@ -107,7 +107,7 @@ def compute_erf(model: nn.Module, images: Iterable[torch.Tensor]) -> np.ndarray:
     return (total / count).cpu().numpy()
 
 
-def _normalise(erf: np.ndarray) -> np.ndarray:
+def normalise_erf(erf: np.ndarray) -> np.ndarray:
     """``log10(x + 1)`` then divided by its maximum (an all-zero map stays zero)."""
     m = np.log10(np.asarray(erf, dtype=np.float64) + 1.0)
     peak = m.max()
@@ -142,7 +142,7 @@ def area_ratio(erf: np.ndarray, t: float) -> float:
 
 def erf_area_ratios(erf: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> dict[str, float]:
     """``{"0.2": ratio, ...}`` of the log-scaled, normalised ``erf: (H, W)`` (the raw map of :func:`compute_erf`)."""
-    m = _normalise(erf)
+    m = normalise_erf(erf)
     return {str(t): area_ratio(m, t) for t in thresholds}
 
 
@@ -194,7 +194,7 @@ def plot_erf(maps: dict[str, np.ndarray], path: str | Path, ratios: dict[str, di
 
     fig, axes = plt.subplots(1, len(maps), figsize=(4.2 * len(maps), 4.2), squeeze=False)
     for ax, (name, erf) in zip(axes[0], maps.items()):
-        im = ax.imshow(_normalise(erf), cmap="RdYlGn", vmin=0, vmax=1)
+        im = ax.imshow(normalise_erf(erf), cmap="RdYlGn", vmin=0, vmax=1)
         title = name
         if ratios and name in ratios:
             title += f"\narea ratio t=0.2: {ratios[name]['0.2']:.4f}, t=0.99: {ratios[name]['0.99']:.4f}"
