@@ -1,6 +1,9 @@
-"""Shared by the experiment scripts: where results go, the machine line, the pairs, thread control."""
+"""Shared by the experiment scripts: where results go, the machine line, the pairs, thread control, the common
+command-line options, figure saving and the results files."""
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import shlex
@@ -60,3 +63,59 @@ def write_text(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A script's argument parser: the first paragraph of its docstring ``doc`` as description, the rest kept."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_training_args(p: argparse.ArgumentParser, *, epochs: int, train_subset: int, batch_size: int) -> None:
+    """``--seeds --epochs --train-subset --test-subset --batch-size --lr`` of the scripts that train (defaults given)."""
+    p.add_argument("--seeds", nargs="+", type=int, default=[1])
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--train-subset", type=int, default=train_subset, help="training images (of 60,000); 0 = all")
+    p.add_argument("--test-subset", type=int, default=2000, help="test images (of 10,000); 0 = all")
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=2e-3)
+
+
+def add_run_args(p: argparse.ArgumentParser, *, output: str, smoke: str) -> None:
+    """``--threads --output --smoke``, the last options of every script (``output``: the default stem's name)."""
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--output", type=Path, default=None, help=f"results stem (default results/experiments/{output})")
+    p.add_argument("--smoke", action="store_true", help=smoke)
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int, rect: tuple[float, float, float, float] | None = None) -> Path:
+    """Lay out ``fig`` (``tight_layout(rect=rect)``), save it to ``path`` (parents created), close it; the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout(rect=rect)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def write_report(stem: Path, lines: list[str], png: Path, alt: str, result: dict) -> dict:
+    """Write ``stem``.md (``lines`` and then the figure ``png`` as ``![alt]``) and ``stem``.json (the running
+    :func:`command_line` as ``"command"``, then ``result``), print the report and the written paths; return the json's
+    dict."""
+    result = {"command": command_line(), **result}
+    lines = [*lines, "", f"![{alt}]({png.name})", ""]
+    md = write_text(stem.with_suffix(".md"), "\n".join(lines))
+    write_text(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {md}, {png}, {stem.with_suffix('.json')}")
+    return result

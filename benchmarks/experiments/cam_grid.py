@@ -19,8 +19,6 @@ Writes ``benchmarks/results/experiments/cam_grid.png``, ``.md`` and ``.json``.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -54,16 +52,13 @@ def item_box(canvas: np.ndarray, item: np.ndarray) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _common.parser(__doc__)
     p.add_argument("--runs", type=Path, default=Path("runs/cluttered"), help="RUNS of cluttered_parc_vs_base.py")
     p.add_argument("--pairs", nargs="+", default=["convnext"], choices=list(PAIRS))
     p.add_argument("--seed", type=int, default=1, help="which training seed's weights")
     p.add_argument("--num-images", type=int, default=8)
     p.add_argument("--first", type=int, default=0, help="index of the first test canvas")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--output", type=Path, default=None, help="results stem (default results/experiments/cam_grid)")
-    p.add_argument("--smoke", action="store_true", help="2 images")
+    _common.add_run_args(p, output="cam_grid", smoke="2 images")
     a = p.parse_args(argv)
     if a.smoke:
         a.num_images = 2
@@ -96,11 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}: Grad-CAM at {layer}, {sum(int(k) == int(t) for k, t in zip(classes, labels))}/"
                   f"{len(idx)} correct, CAM on item {statistics.fmean(fr):.3f}", flush=True)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
+    plt = _common.pyplot()
     import matplotlib.patches as patches
-    import matplotlib.pyplot as plt
 
     n, ncol = len(idx), 1 + len(columns)
     fig, axes = plt.subplots(n, ncol, figsize=(2.3 * ncol, 2.4 * n), squeeze=False)
@@ -119,11 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle(f"Grad-CAM, cluttered Fashion-MNIST test canvases, weights {a.runs}/<model>/seed{a.seed}", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (2.4 * n)))
-    png = stem.with_suffix(".png")
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    png = _common.save_figure(fig, stem.with_suffix(".png"), dpi=100, rect=(0, 0, 1, 1 - 0.45 / (2.4 * n)))
 
     lines = [
         "# Grad-CAM: base vs ParC on cluttered Fashion-MNIST",
@@ -140,15 +128,12 @@ def main(argv: list[str] | None = None) -> dict:
     for name, cams, classes in columns:
         correct = sum(int(k) == int(t) for k, t in zip(classes, labels))
         lines.append(f"| {name} | {correct}/{n} | {statistics.fmean(on_item[name]):.3f} |")
-    lines += ["", f"![Grad-CAM grid]({png.name})", ""]
-    md = _common.write_text(stem.with_suffix(".md"), "\n".join(lines))
-    result = {"command": _common.command_line(), "images": idx, "labels": [int(v) for v in labels],
-              "models": {name: {"classes": [int(k) for k in classes], "cam_on_item": on_item[name]}
-                         for name, _, classes in columns}}
-    _common.write_text(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {md}, {png}, {stem.with_suffix('.json')}")
-    return result
+    return _common.write_report(
+        stem, lines, png, "Grad-CAM grid",
+        {"images": idx, "labels": [int(v) for v in labels],
+         "models": {name: {"classes": [int(k) for k in classes], "cam_on_item": on_item[name]}
+                    for name, _, classes in columns}},
+    )
 
 
 if __name__ == "__main__":

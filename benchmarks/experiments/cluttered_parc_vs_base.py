@@ -92,11 +92,7 @@ def fmt(xs: list[float]) -> str:
 
 def plot(summary: dict, path: Path, title: str) -> Path:
     """Bars of test top-1 (mean, std error bars, seeds as dots) for each base / ParC pair."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _common.pyplot()
     fig, ax = plt.subplots(figsize=(2.6 + 2.2 * len(summary), 3.8))
     for i, (label, s) in enumerate(summary.items()):
         for j, (key, colour) in enumerate((("base", "tab:gray"), ("parc", "tab:green"))):
@@ -114,29 +110,17 @@ def plot(summary: dict, path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=8)
     ax.legend(loc="lower right")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _common.save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _common.parser(__doc__)
     p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[1])
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--train-subset", type=int, default=3000, help="training images (of 60,000); 0 = all")
-    p.add_argument("--test-subset", type=int, default=2000, help="test images (of 10,000); 0 = all")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
+    _common.add_training_args(p, epochs=3, train_subset=3000, batch_size=64)
     p.add_argument("--img-size", type=int, default=112)
     p.add_argument("--runs", type=Path, default=None, help="where the run folders go (runs/cluttered[_smoke])")
     p.add_argument("--retrain", action="store_true", help="train even when a finished identical run exists")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--output", type=Path, default=None, help="results stem (default results/experiments/...)")
-    p.add_argument("--smoke", action="store_true", help="ConvNeXt pair, 128/64 images, 1 epoch (< 60 s)")
+    _common.add_run_args(p, output="...", smoke="ConvNeXt pair, 128/64 images, 1 epoch (< 60 s)")
     a = p.parse_args(argv)
     if a.smoke:
         a.pairs, a.seeds, a.epochs, a.train_subset, a.test_subset, a.batch_size = ["convnext"], [1], 1, 128, 64, 32
@@ -184,13 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"{sum(s['base_seconds']):.0f} ({statistics.fmean(s['base_img_per_s']):.0f}) / "
             f"{sum(s['parc_seconds']):.0f} ({statistics.fmean(s['parc_img_per_s']):.0f}) |")
     png = plot(summary, stem.with_suffix(".png"), budget)
-    lines += ["", f"![accuracy]({png.name})", ""]
-    md = _common.write_text(stem.with_suffix(".md"), "\n".join(lines))
-    result = {"command": _common.command_line(), "budget": budget, "pairs": summary, "seconds": timer.seconds}
-    _common.write_text(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {md}, {png}, {stem.with_suffix('.json')}")
-    return result
+    return _common.write_report(stem, lines, png, "accuracy",
+                                {"budget": budget, "pairs": summary, "seconds": timer.seconds})
 
 
 if __name__ == "__main__":

@@ -28,8 +28,6 @@ Writes ``benchmarks/results/experiments/coatnet_layouts.md``, ``.png`` and ``.js
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -81,11 +79,7 @@ def register_layouts() -> None:
 
 def plot(rows: dict, path: Path, title: str) -> Path:
     """Two panels like the paper's Figure 1: final training loss and test accuracy per layout."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _common.pyplot()
     labels = list(rows)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, ylabel, colour in ((axes[0], "train_loss", "final training loss (capacity)", "tab:blue"),
@@ -105,28 +99,16 @@ def plot(rows: dict, path: Path, title: str) -> Path:
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _common.save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _common.parser(__doc__)
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[1])
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--train-subset", type=int, default=5000, help="training images (of 60,000); 0 = all")
-    p.add_argument("--test-subset", type=int, default=2000, help="test images (of 10,000); 0 = all")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    _common.add_training_args(p, epochs=2, train_subset=5000, batch_size=128)
     p.add_argument("--runs", type=Path, default=None, help="where the run folders go (runs/coatnet_layouts[_smoke])")
     p.add_argument("--retrain", action="store_true", help="train even when a finished identical run exists")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--output", type=Path, default=None, help="results stem (default results/experiments/...)")
-    p.add_argument("--smoke", action="store_true", help="C-C-C-C and ViT_rel, 256 / 128 images, 1 epoch (< 60 s)")
+    _common.add_run_args(p, output="...", smoke="C-C-C-C and ViT_rel, 256 / 128 images, 1 epoch (< 60 s)")
     a = p.parse_args(argv)
     if a.smoke:
         a.layouts, a.seeds, a.epochs, a.train_subset, a.test_subset = ["C-C-C-C", "ViT_rel"], [1], 1, 256, 128
@@ -174,13 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
         lines.append(f"| {label} | {r['model']} | {r['params'] / 1e6:.3f} | {fmt(r['train_loss'])} | "
                      f"{fmt(r['top1'])} | {r['img_per_s']:.0f} |")
     png = plot(rows, stem.with_suffix(".png"), budget)
-    lines += ["", f"![layouts]({png.name})", ""]
-    md = _common.write_text(stem.with_suffix(".md"), "\n".join(lines))
-    result = {"command": _common.command_line(), "budget": budget, "layouts": rows, "seconds": timer.seconds}
-    _common.write_text(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {md}, {png}, {stem.with_suffix('.json')}")
-    return result
+    return _common.write_report(stem, lines, png, "layouts",
+                                {"budget": budget, "layouts": rows, "seconds": timer.seconds})
 
 
 if __name__ == "__main__":

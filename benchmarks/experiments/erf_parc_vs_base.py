@@ -29,8 +29,6 @@ Writes ``benchmarks/results/experiments/erf_parc_vs_base[_trained].md``, ``.png`
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -128,11 +126,7 @@ def build_trained(runs: Path, name: str, seed: int) -> tuple[nn.Module, dict]:
 
 def plot_grid(rows: list[list[tuple[str, np.ndarray, dict]]], path: Path, title: str) -> Path:
     """A grid of normalised log-ERF heatmaps: ``rows[r] = [(panel title, (H, W) raw map, area ratios), ...]``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _common.pyplot()
     ncols = max(len(r) for r in rows)
     fig, axes = plt.subplots(len(rows), ncols, figsize=(3.8 * ncols, 3.8 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
@@ -144,16 +138,11 @@ def plot_grid(rows: list[list[tuple[str, np.ndarray, dict]]], path: Path, title:
             ax.set_yticks([])
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _common.save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _common.parser(__doc__)
     p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS), help="which base/ParC pairs")
     p.add_argument("--img-size", type=int, default=224, help="analysis resolution (untrained mode)")
     p.add_argument("--num-images", type=int, default=16)
@@ -163,9 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--trained", type=Path, default=None,
                    help="RUNS folder of cluttered_parc_vs_base.py: use RUNS/<model>/seed<k> weights")
     p.add_argument("--trained-seed", type=int, default=1, help="which training seed's weights (with --trained)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--output", type=Path, default=None, help="results stem (default results/experiments/erf_...)")
-    p.add_argument("--smoke", action="store_true", help="ConvNeXt pair, 2 images, 64 px, timm init (< 60 s)")
+    _common.add_run_args(p, output="erf_...", smoke="ConvNeXt pair, 2 images, 64 px, timm init (< 60 s)")
     a = p.parse_args(argv)
     if a.smoke:
         a.pairs, a.num_images, a.img_size, a.inits = ["convnext"], 2, 64, ["timm"]
@@ -229,15 +216,11 @@ def main(argv: list[str] | None = None) -> dict:
                 row.append((f"{name} [{init}]", maps[init, name], ratios[init, name]))
         rows.append(row)
     png = plot_grid(rows, stem.with_suffix(".png"), images_desc)
-    lines += ["", f"![ERF heatmaps]({png.name})", ""]
-    md = _common.write_text(stem.with_suffix(".md"), "\n".join(lines))
-    result = {"command": _common.command_line(), "images": images_desc,
-              "area_ratio": {f"{i}/{n}": r for (i, n), r in ratios.items()}, "pairs": summary,
-              "seconds": timer.seconds}
-    _common.write_text(stem.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {md}, {png}, {stem.with_suffix('.json')}")
-    return result
+    return _common.write_report(
+        stem, lines, png, "ERF heatmaps",
+        {"images": images_desc, "area_ratio": {f"{i}/{n}": r for (i, n), r in ratios.items()}, "pairs": summary,
+         "seconds": timer.seconds},
+    )
 
 
 if __name__ == "__main__":

@@ -43,12 +43,21 @@ PARC_RECIPES: dict[str, Where] = {
 
 
 class _ParCMixin:
-    """Shared by the ParC ConvNets: convert after the timm network is built; PEs out of weight decay."""
+    """Shared by the ParC ConvNets: convert after the timm network is built; PEs out of weight decay.
+
+    Listed before the timm class in the bases, so ``super().__init__`` is that class's ``__init__``.
+    """
 
     parc_replacements: list[ParCReplacement]
 
-    def _parcify(self, where: Where, img_size: ImgSize, method: str, use_pe: bool) -> None:
-        self.parc_replacements = replace_convs(self, where=where, img_size=img_size, method=method, use_pe=use_pe)
+    def __init__(
+        self, *, parc_where: Where = "auto", img_size: ImgSize = 224, parc_method: str = "auto",
+        parc_use_pe: bool = True, **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.parc_replacements = replace_convs(
+            self, where=parc_where, img_size=img_size, method=parc_method, use_pe=parc_use_pe
+        )
 
     def no_weight_decay(self) -> set[str]:
         """The ParC position embeddings (timm's optimizer factory excludes these from weight decay)."""
@@ -67,13 +76,6 @@ class ParCConvNeXt(_ParCMixin, ConvNeXt):
         forward: x (B, in_chans, H, W) -> (B, num_classes).
     """
 
-    def __init__(
-        self, *, parc_where: Where = "auto", img_size: ImgSize = 224, parc_method: str = "auto",
-        parc_use_pe: bool = True, **kwargs,
-    ) -> None:
-        ConvNeXt.__init__(self, **kwargs)
-        self._parcify(parc_where, img_size, parc_method, parc_use_pe)
-
 
 class ParCResNet(_ParCMixin, ResNet):
     """timm's ``ResNet`` with dense ParC pairs instead of the bottleneck 3x3 conv in the ``parc_where`` blocks.
@@ -84,13 +86,6 @@ class ParCResNet(_ParCMixin, ResNet):
         forward: x (B, in_chans, H, W) -> (B, num_classes).
     """
 
-    def __init__(
-        self, *, parc_where: Where = "auto", img_size: ImgSize = 224, parc_method: str = "auto",
-        parc_use_pe: bool = True, **kwargs,
-    ) -> None:
-        ResNet.__init__(self, **kwargs)
-        self._parcify(parc_where, img_size, parc_method, parc_use_pe)
-
 
 class ParCEfficientNet(_ParCMixin, EfficientNet):
     """timm's ``EfficientNet`` (MobileNetV2 here) with ParC pairs instead of the depthwise conv in ``parc_where``.
@@ -100,13 +95,6 @@ class ParCEfficientNet(_ParCMixin, EfficientNet):
     Shapes:
         forward: x (B, in_chans, H, W) -> (B, num_classes).
     """
-
-    def __init__(
-        self, *, parc_where: Where = "auto", img_size: ImgSize = 224, parc_method: str = "auto",
-        parc_use_pe: bool = True, **kwargs,
-    ) -> None:
-        EfficientNet.__init__(self, **kwargs)
-        self._parcify(parc_where, img_size, parc_method, parc_use_pe)
 
 
 _CONVNEXT_FEATURES = dict(out_indices=(0, 1, 2, 3), flatten_sequential=True)

@@ -376,6 +376,14 @@ def _circulant_outer(gy: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tenso
     return s
 
 
+def _saved(ctx) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int, tuple[bool, ...]]:
+    """What the forward of a depthwise autograd Function saved (``save_for_backward(x, weight, pe)``, ``ctx.dim``),
+    for its backward: (x, weight, pe, dim, needs), ``needs`` flagging which of x, weight, bias, pe want gradients.
+    x: (B, C, H, W); weight: (C, 1, K); pe: (C, K) or None."""
+    x, weight, pe = ctx.saved_tensors
+    return x, weight, pe, ctx.dim, ctx.needs_input_grad[:4]
+
+
 class _DepthwiseGemm(torch.autograd.Function):
     """Depthwise circulant GEMM without broadcast copies of the matrices, position embedding and bias fused.
 
@@ -402,9 +410,7 @@ class _DepthwiseGemm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):  # type: ignore[override]
-        x, weight, pe = ctx.saved_tensors
-        dim = ctx.dim
-        need_x, need_w, need_b, need_pe = ctx.needs_input_grad[:4]
+        x, weight, pe, dim, (need_x, need_w, need_b, need_pe) = _saved(ctx)
         k = x.size(dim)
         m = _circulant(weight.to(x.dtype), x.size(1), transpose=False)
         layout = _layout(k, dim)
@@ -487,9 +493,7 @@ class _DepthwiseFFT(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):  # type: ignore[override]
-        x, weight, pe = ctx.saved_tensors
-        dim = ctx.dim
-        need_x, need_w, need_b, need_pe = ctx.needs_input_grad[:4]
+        x, weight, pe, dim, (need_x, need_w, need_b, need_pe) = _saved(ctx)
         k = x.size(dim)
         other = 3 if dim == 2 else 2
         ct = torch.float64 if x.dtype == torch.float64 else torch.float32
