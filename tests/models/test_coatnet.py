@@ -183,8 +183,8 @@ def test_timm_create_model_features_only_and_kwargs():
     f = timm.create_model("coatnet_nano", features_only=True, in_chans=1, out_indices=(1, 3))
     f.eval()
     with torch.no_grad():
-        outs = f(torch.randn(2, 1, 28, 28))
-    assert [tuple(o.shape) for o in outs] == [(2, 32, 7, 7), (2, 96, 7, 7)]
+        outs = f(torch.randn(2, 1, 32, 32))
+    assert [tuple(o.shape) for o in outs] == [(2, 32, 8, 8), (2, 96, 4, 4)]
     tiny = timm.create_model("coatnet_0", features_only=True, depths=(1, 1, 1, 1, 1), dims=(8, 16, 32, 32, 64),
                              head_dim=8, img_size=64)
     with torch.no_grad():
@@ -259,16 +259,19 @@ def test_checkpoint_path_loading(tmp_path, fmt):
 
 
 def test_small_image_presets_on_fashion_mnist_shapes():
-    for name in ("coatnet_nano", "coatnet_pico"):
+    # nano: the demo model, Fashion-MNIST resized to 32 px, total stride 8; pico: native 28 px, total stride 4
+    for name, side, stride in (("coatnet_nano", 32, 8), ("coatnet_pico", 28, 4)):
         torch.manual_seed(0)
         m = hybridvision.create_model(name, in_chans=1, num_classes=10).eval()
         assert 1e5 < _n_params(m) < 3e6
-        assert m.feature_info[-1]["reduction"] == 4
+        assert m.cfg.layout == "CCTT" and m.cfg.img_size == side
+        assert m.pretrained_cfg["input_size"][-2:] == (side, side)
+        assert m.feature_info[-1]["reduction"] == stride
         with torch.no_grad():
-            assert m(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+            assert m(torch.randn(3, 1, side, side)).shape == (3, 10)
             assert m(torch.randn(3, 1, 32, 48)).shape == (3, 10)
-        with pytest.raises(ValueError, match="total stride 4"):
-            m(torch.randn(1, 1, 30, 28))
+        with pytest.raises(ValueError, match=f"total stride {stride}"):
+            m(torch.randn(1, 1, side + 2, side))
 
 
 def test_config_is_frozen_and_overrides_apply():
