@@ -1,7 +1,8 @@
 """CoAtNet's layout ablation (paper Figure 1 / Table 1) on Fashion-MNIST: capacity vs generalisation.
 
-Five models share the small-image preset ``coatnet_nano`` (S0..S4 depths 2,2,2,2,2, widths 16,32,64,96,128, total
-stride 4: 28 -> 14 -> 7x7 for S1..S4) and differ only in the block type of each stage:
+Five models share one small-image CoAtNet (``coatnet_nano`` with the stages fixed in ``ARCH``: S0..S4 depths
+2,2,2,2,2, widths 16,32,64,96,128, total stride 4: 28 -> 14 -> 7x7 for S1..S4, stride on the 1x1 conv; pinned here so
+the ablation does not change when the demo's ``coatnet_nano`` preset does) and differ only in the block type of each stage:
 C-C-C-C, C-C-C-T, C-C-T-T (CoAtNet), C-T-T-T, and ViT_rel (``layout="VIT_REL"``: a 4x4 patch embedding, then the
 S1..S3 blocks all Transformer blocks at S3's width, S4 as usual; stride 4 like the others). Same depth per stage,
 same widths, same recipe, data subset and seed, trained through the library's engine
@@ -44,6 +45,9 @@ from hybridvision.engine.trainer import TrainConfig  # noqa: E402
 from cluttered_parc_vs_base import fmt, run_one  # noqa: E402
 
 BASE = "coatnet_nano"
+#: the ablation's fixed architecture (create_model overrides of the base preset, applied before the layout's)
+ARCH: dict = {"depths": (2, 2, 2, 2, 2), "dims": (16, 32, 64, 96, 128), "strides": (2, 2, 1, 1, 1),
+              "stride_mode": "1x1", "img_size": 28}
 #: layout label -> create_model overrides of the base preset
 LAYOUTS: dict[str, dict] = {
     "C-C-C-C": {"layout": "CCCC"},
@@ -70,10 +74,10 @@ def register_layouts() -> None:
         def entry(pretrained: bool = False, _o: dict = overrides, **kwargs):
             for k in _TIMM_ARGS:
                 kwargs.pop(k, None)
-            return timm.create_model(BASE, pretrained=pretrained, **{**_o, **kwargs})
+            return timm.create_model(BASE, pretrained=pretrained, **{**ARCH, **_o, **kwargs})
 
         entry.__name__ = entry.__qualname__ = name
-        entry.__doc__ = f"{BASE} with {overrides} (layout ablation)."
+        entry.__doc__ = f"{BASE} with {ARCH} and {overrides} (layout ablation)."
         register_model(entry)
 
 
