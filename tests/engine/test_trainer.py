@@ -123,3 +123,12 @@ def test_bad_flags(fmnist_dir, tmp_path, kw, match):
 def test_unknown_recipe_key():
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['learning_rate'\]"):
         TrainConfig.from_dict({"learning-rate": 1.0}, source="demo.yaml")
+
+
+def test_default_img_size_follows_small_image_models():
+    from hybridvision.engine.trainer import default_img_size
+
+    assert default_img_size("coatnet_nano") == 32  # its stride-8 stages need a multiple of 8
+    assert default_img_size("coatnet_pico") == 28
+    assert default_img_size("resnet18") is None  # ImageNet models train at the dataset's native size
+    assert default_img_size("coatnet_0") is None
