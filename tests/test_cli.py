@@ -8,18 +8,11 @@ import pytest
 from PIL import Image
 
 from hybridvision.cli import COMMANDS, build_parser, main
-from hybridvision.data.fashion_mnist import FILES, write_idx
 
 
 @pytest.fixture
-def fmnist_dir(tmp_path):
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "fmnist"
-    folder.mkdir()
-    for split, n in (("train", 16), ("test", 8)):
-        write_idx(folder / FILES[split][0], rng.integers(0, 256, (n, 28, 28)))
-        write_idx(folder / FILES[split][1], rng.integers(0, 10, n))
-    return folder
+def fmnist_dir(make_fmnist):
+    return make_fmnist(16, 8)
 
 
 def test_train_eval_predict_end_to_end(fmnist_dir, tmp_path, capsys):
