@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from hybridvision.data import cluttered, fashion_mnist
@@ -21,13 +22,6 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def batch_collate(batch):
     """Collate for datasets fetched with ``__getitems__``: the batch is already ``(images, labels)``."""
     return batch
-
-
-class _NoOp:
-    """Batch transform of file datasets (their per-sample transform already made float tensors)."""
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
 
 @dataclass
@@ -108,7 +102,7 @@ def build_data(
         test_set = ImageFolderDataset(data_dir, "val", file_transform(img_size, in_chans, mean, std, False),
                                       class_names=names, **kw)
         names = test_set.class_names
-        train_tf = eval_tf = _NoOp()
+        train_tf = eval_tf = nn.Identity()  # file datasets' per-sample transform made float tensors
         collate = None
     else:
         module = fashion_mnist if dataset == "fashion-mnist" else cluttered

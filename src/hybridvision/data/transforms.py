@@ -88,7 +88,9 @@ class BatchTransform:
         if x.shape[-2:] != (self.img_size, self.img_size):
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
                               antialias=x.shape[-1] > self.img_size)
-        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        if self.mean.device != x.device:  # moved once, not per batch
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        x = (x - self.mean) / self.std
         if self.in_chans == 3 and x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1).contiguous()
         if self.erase is not None:

@@ -338,7 +338,7 @@ def _outer(gf: torch.Tensor, xf: torch.Tensor, layout: str) -> torch.Tensor:
 def _circulant_apply(x: torch.Tensor, m: torch.Tensor, dim: int, addend: Optional[torch.Tensor]) -> torch.Tensor:
     """Per channel, the matrix product along ``dim``: y[b, c, i] = sum_j m[c, i, j] x[b, c, j] (+ addend[c, i]).
 
-    x: (B, C, H, W); m: (C, K, K) (any strides); addend: (C, K) or None. Returns (B, C, H, W), contiguous.
+    x: (B, C, H, W); m: (C, K, K) (any strides); addend: (C, K), (C, 1) or None. Returns (B, C, H, W), contiguous.
     """
     layout = _layout(x.size(dim), dim)
     if layout != "loop":
@@ -402,9 +402,8 @@ class _DepthwiseGemm(torch.autograd.Function):
         if pe is not None:
             addend = torch.bmm(m, pe.to(x.dtype).unsqueeze(-1)).squeeze(-1)
         if bias is not None:
-            addend = bias.to(x.dtype).unsqueeze(-1) if addend is None else addend + bias.to(x.dtype).unsqueeze(-1)
-        if addend is not None:
-            addend = addend.expand(x.size(1), x.size(dim))
+            b = bias.to(x.dtype).unsqueeze(-1)  # (C, 1): broadcasts along the axis
+            addend = b if addend is None else addend + b
         return _circulant_apply(x, m, dim, addend)
 
     @staticmethod

@@ -34,12 +34,15 @@ def fast_path_enabled(enabled: bool | None = None) -> bool:
     return _ENABLED
 
 
+def _plain_cpu_f32(t: torch.Tensor) -> bool:
+    """A plain (not subclassed) float32 CPU tensor: what the oneDNN kernels take."""
+    return type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == torch.float32
+
+
 def _onednn_ok(x: torch.Tensor) -> bool:
     return (
         _ENABLED
-        and type(x) is torch.Tensor
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and _plain_cpu_f32(x)
         and torch.backends.mkldnn.is_available()
         and not torch.jit.is_scripting()
         and not torch.compiler.is_compiling()
@@ -105,7 +108,7 @@ def conv_act(x: torch.Tensor, conv: nn.Conv2d, gelu: bool = True) -> torch.Tenso
 
 def conv_add(x: torch.Tensor, conv: nn.Conv2d, other: torch.Tensor) -> torch.Tensor:
     """``conv(x) + other``. x: (B, C_in, H, W); other: (B, C_out, H', W') -> (B, C_out, H', W')."""
-    if use_onednn(x) and use_onednn(other) and other.is_contiguous(memory_format=torch.channels_last) \
+    if use_onednn(x) and _plain_cpu_f32(other) and other.is_contiguous(memory_format=torch.channels_last) \
             and x.is_contiguous(memory_format=torch.channels_last):
         pad, stride, dil, groups = _conv_args(conv)
         return torch.ops.mkldnn._convolution_pointwise.binary(
@@ -128,6 +131,6 @@ def linear_act(x: torch.Tensor, linear: nn.Linear, gelu: bool = False) -> torch.
 
 def linear_add(x: torch.Tensor, linear: nn.Linear, other: torch.Tensor) -> torch.Tensor:
     """``linear(x) + other``. x: (..., C_in); other: (..., C_out) -> (..., C_out)."""
-    if use_onednn(x) and use_onednn(other) and x.is_contiguous() and other.is_contiguous():
+    if use_onednn(x) and _plain_cpu_f32(other) and x.is_contiguous() and other.is_contiguous():
         return torch.ops.mkldnn._linear_pointwise.binary(x, other, linear.weight, linear.bias, "add")
     return linear(x) + other
