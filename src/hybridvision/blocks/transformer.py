@@ -70,9 +70,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C_in, H, W) -> (B, C_out, H / stride, W / stride), channels-last in memory."""
-        t = x.permute(0, 2, 3, 1)
-        if not t.is_contiguous():
-            t = t.contiguous()
+        t = x.permute(0, 2, 3, 1).contiguous()  # a no-op for channels-last input
         shortcut = self._pool(t)
         if isinstance(self.proj, nn.Linear):
             shortcut = linear_act(shortcut, self.proj)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from timm.layers import NormMlpClassifierHead
+from timm.layers import NormMlpClassifierHead, calculate_drop_path_rates
 from timm.models import checkpoint_seq, generate_default_cfgs
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -252,7 +252,7 @@ class CoAtNet(nn.Module):
         img = _pair(cfg.img_size)
         specs = cfg.stage_specs()
         n_blocks = sum(d for _, runs in specs for _, d, _, _ in runs)
-        dpr = torch.linspace(0, cfg.drop_path_rate, n_blocks, device="cpu").tolist() if n_blocks else []
+        dpr = calculate_drop_path_rates(cfg.drop_path_rate, n_blocks)
         stages, k = [], 0
         for _, runs in specs:
             blocks: list[nn.Module] = []
