@@ -47,6 +47,9 @@ def test_resume_is_bit_exact(fmnist_dir, tmp_path, monkeypatch):
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert [e["train_loss"] for e in straight["epochs"]] == [e["train_loss"] for e in resumed["epochs"]]
     assert len(resumed["epochs"]) == 2
+    assert resumed["ema_test_top1"] == resumed["epochs"][-1]["ema_top1"] == straight["ema_test_top1"]
+    assert f"EMA weights (checkpoint 'ema'): test top-1 {straight['ema_test_top1']:.2f}%" in trainer.summary(
+        straight, tmp_path / "straight")
 
 
 def test_outputs_and_metrics_schema(fmnist_dir, tmp_path):
@@ -57,6 +60,7 @@ def test_outputs_and_metrics_schema(fmnist_dir, tmp_path):
     row = on_disk["epochs"][0]
     assert {"epoch", "train_loss", "test_top1", "test_top5", "lr", "seconds"} <= row.keys()
     assert 0 <= row["test_top1"] <= row["test_top5"] <= 100 and on_disk["train_img_per_s"] > 0
+    assert on_disk["ema_test_top1"] is None and "EMA" not in trainer.summary(on_disk, out)
     for name in ("checkpoint-last.pt", "checkpoint-best.pt", "model.safetensors", "config.json", "curves.png"):
         assert (out / name).is_file(), name
     assert list((out / "tb").iterdir())

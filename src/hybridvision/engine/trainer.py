@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -191,7 +192,8 @@ def evaluate(
 
     was_training = model.training
     model.eval()
-    sums = [0.0, 0.0, 0.0, 0.0]  # correct@1, correct@5, loss sum, count
+    sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # correct@1, correct@5, loss sum
+    count = 0
     for x, y in tqdm(loader, desc="eval", leave=False, disable=not (progress and info.is_main)):
         x = transform(x.to(info.device, non_blocking=True))
         y = torch.as_tensor(y).to(info.device, non_blocking=True)
@@ -203,11 +205,9 @@ def evaluate(
         k5 = min(5, out.shape[1])
         top1, top5 = accuracy(out, y, topk=(1, k5))
         n = y.shape[0]
-        sums[0] += top1.item() * n / 100
-        sums[1] += top5.item() * n / 100
-        sums[2] += nn.functional.cross_entropy(out, y, reduction="sum").item()
-        sums[3] += n
-    c1, c5, loss, n = hvdist.all_reduce_sum(sums, info)
+        sums += torch.stack([top1 * (n / 100), top5 * (n / 100), nn.functional.cross_entropy(out, y, reduction="sum")])
+        count += n
+    c1, c5, loss, n = hvdist.all_reduce_sum(sums.tolist() + [count], info)  # one host sync per evaluation
     model.train(was_training)
     if n == 0:
         raise ValueError("the test set is empty")
@@ -348,11 +348,13 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
             "test_top1": history[-1]["test_top1"] if history else None,
             "test_top5": history[-1]["test_top5"] if history else None,
             "best_test_top1": max((h["test_top1"] for h in history), default=None),
+            "ema_test_top1": history[-1].get("ema_top1") if history else None,
             "train_img_per_s": sum(tput) / len(tput) if tput else None,
             "train_seconds": sum(h["seconds"] for h in history),
             "args": _jsonable(cfg),
         }
 
+    ema_source = hvdist.unwrap(model)  # the plain module behind DDP / FSDP / compile wrappers
     for epoch in range(start_epoch, cfg.epochs):
         data.train_sampler.set_epoch(epoch)
         model.train()
@@ -371,14 +373,17 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                 loss = loss_fn(model(x), y)
-            finite = torch.isfinite(loss.detach()).float()
+            loss_value = loss.item()  # the step's one host sync
+            finite = math.isfinite(loss_value)
             if info.enabled:
-                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-            if finite.item() < 1:
+                flag = torch.tensor(float(finite), device=info.device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+                finite = flag.item() == 1
+            if not finite:
                 last = out / LAST
                 kept = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint was written"
                 raise NonFiniteLossError(
-                    f"the loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; training stopped and "
+                    f"the loss became {loss_value} at epoch {epoch + 1}, step {i + 1}; training stopped and "
                     f"{kept}. Lower --lr (now {cfg.lr}), set --grad-clip 1.0 or check the data, then resume "
                     f"with --resume {last} (or start again).")
             optimizer.zero_grad(set_to_none=True)
@@ -387,12 +392,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             if ema is not None:
-                ema.update(hvdist.unwrap(model), step=step + 1)
-            loss_sum += loss.item() * x.shape[0]
+                ema.update(ema_source, step=step + 1)
+            loss_sum += loss_value * x.shape[0]
             seen += x.shape[0]
             if main and i % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-                writer.add_scalar("train/loss_step", loss.item(), step)
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                writer.add_scalar("train/loss_step", loss_value, step)
         seconds = time.perf_counter() - t0
         loss_sum, seen = hvdist.all_reduce_sum([loss_sum, seen], info)
         ev = evaluate(model, data.test_loader, data.eval_transform, info, cfg.amp, cfg.channels_last, cfg.progress)
@@ -462,6 +467,8 @@ def summary(metrics: dict, output: str | os.PathLike) -> str:
         f"test top-1 {metrics['test_top1']:.2f}%  top-5 {metrics['test_top5']:.2f}%  "
         f"(best top-1 {metrics['best_test_top1']:.2f}% at epoch "
         f"{max(h, key=lambda r: r['test_top1'])['epoch']})",
+        *([f"EMA weights (checkpoint 'ema'): test top-1 {metrics['ema_test_top1']:.2f}%"]
+          if metrics.get("ema_test_top1") is not None else []),
         f"training time {metrics['train_seconds']:.0f}s, throughput {metrics['train_img_per_s']:.0f} img/s",
         f"outputs in {out}/: metrics.json, curves.png, {LAST}, {BEST}, model.safetensors, config.json, tb/",
         "=" * 72,

@@ -1,7 +1,7 @@
 """CoAtNet (Dai et al. 2021): MBConv stages followed by relative-attention Transformer stages.
 
 One module, :class:`CoAtNet`, built from a frozen :class:`CoAtNetConfig`. Presets ``coatnet_0`` ...
-``coatnet_7`` follow the paper (Tables 3, 4, 9-12), ``coatnet_nano`` (32 px, total stride 8) / ``coatnet_pico``
+``coatnet_7`` follow the paper (Tables 3, 4, 9-12), ``coatnet_nano`` / ``coatnet_micro`` (32 px, total stride 8) / ``coatnet_pico``
 (28 px, total stride 4) are small-image models (Fashion-MNIST, CIFAR). All are registered in timm's registry::
 
     import hybridvision, timm
@@ -422,6 +422,12 @@ PRESETS: dict[str, CoAtNetConfig] = {
         depths=(2, 1, 1, 1, 1), dims=(24, 32, 64, 96, 128), strides=(2, 2, 2, 1, 1), stride_mode="dw",
         drop_path_rate=0.0, img_size=32,
     ),
+    # micro: nano's geometry, two blocks per stage in S1..S3 and ~1.5x the width (1.3M params): the longer
+    # Fashion-MNIST recipe (configs/fashion_mnist_long.yaml).
+    "coatnet_micro": CoAtNetConfig(
+        depths=(2, 2, 2, 2, 1), dims=(32, 48, 96, 160, 192), strides=(2, 2, 2, 1, 1), stride_mode="dw",
+        drop_path_rate=0.0, img_size=32,
+    ),
     "coatnet_pico": CoAtNetConfig(
         depths=(1, 1, 1, 1, 1), dims=(16, 32, 48, 64, 96), strides=(2, 2, 1, 1, 1), head_dim=16,
         drop_path_rate=0.0, img_size=28,
@@ -431,7 +437,7 @@ PRESETS: dict[str, CoAtNetConfig] = {
 def _cfg(name: str) -> dict:
     c = PRESETS[name]
     h, w = _pair(c.img_size)
-    small = name in ("coatnet_nano", "coatnet_pico")
+    small = name in ("coatnet_nano", "coatnet_micro", "coatnet_pico")
     return pretrained_cfg(
         (c.in_chans, h, w),
         first_conv="stem.convs.0",
@@ -504,6 +510,12 @@ def coatnet_7(pretrained: bool = False, **kwargs: Any) -> CoAtNet:
 def coatnet_nano(pretrained: bool = False, **kwargs: Any) -> CoAtNet:
     """Small-image CoAtNet (32 px, total stride 8), C-C-T-T, 0.37M params; the training demo's default model."""
     return _create("coatnet_nano", pretrained, **kwargs)
+
+
+@register
+def coatnet_micro(pretrained: bool = False, **kwargs: Any) -> CoAtNet:
+    """Small-image CoAtNet (32 px, total stride 8), C-C-T-T, 1.3M params; the longer Fashion-MNIST recipe's model."""
+    return _create("coatnet_micro", pretrained, **kwargs)
 
 
 @register

@@ -45,6 +45,23 @@ def relative_index(height: int, width: int, device: torch.device | str | None = 
     return (rel[0] + height - 1) * (2 * width - 1) + (rel[1] + width - 1)
 
 
+_INDEX_CACHE: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+_INDEX_CACHE_MAX = 32
+
+
+def _shared_index(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """:func:`relative_index`, cached once for every layer (at most :data:`_INDEX_CACHE_MAX` grid/device pairs):
+    (N, N) int64, read-only. Built outside inference mode: a plain tensor that the gather's backward may save."""
+    key = (height, width, device)
+    index = _INDEX_CACHE.get(key)
+    if index is None:
+        if len(_INDEX_CACHE) >= _INDEX_CACHE_MAX:
+            _INDEX_CACHE.clear()
+        with torch.inference_mode(False):
+            index = _INDEX_CACHE[key] = relative_index(height, width, device=device)
+    return index
+
+
 class RelPosBias2d(nn.Module):
     """Per-head relative position bias for 2-D attention (CoAtNet Eq. 3).
 
@@ -71,7 +88,6 @@ class RelPosBias2d(nn.Module):
         self.table = nn.Parameter(torch.empty(self.num_heads, 2 * h - 1, 2 * w - 1))
         nn.init.trunc_normal_(self.table, std=0.02)
         self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
-        self._index_cache: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, size={self.size}"
@@ -92,12 +108,7 @@ class RelPosBias2d(nn.Module):
     def _compute(self, grid: tuple[int, int]) -> torch.Tensor:
         h, w = grid
         table = self.table_for(grid).flatten(1)  # (heads, (2h-1)(2w-1))
-        key = (h, w, table.device)
-        index = self._index_cache.get(key)
-        if index is None:
-            with torch.inference_mode(False):  # a plain tensor: the gather's backward saves it
-                index = self._index_cache[key] = relative_index(h, w, device=table.device)
-        return table[:, index]
+        return table[:, _shared_index(h, w, table.device)]
 
     def forward(
         self, grid: int | tuple[int, int], dtype: torch.dtype | None = None
@@ -128,9 +139,8 @@ class RelPosBias2d(nn.Module):
         return bias
 
     def clear_cache(self) -> None:
-        """Drop every cached bias and index."""
+        """Drop every cached bias."""
         self._cache.clear()
-        self._index_cache.clear()
 
     def train(self, mode: bool = True) -> "RelPosBias2d":
         self._cache.clear()
