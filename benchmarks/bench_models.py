@@ -19,6 +19,10 @@ Other families append their (name, model, anchor) rows to ``ROWS``.
     python benchmarks/bench_models.py             # 5 rounds -> benchmarks/results/models.md + models.png
     python benchmarks/bench_models.py --quick     # 2 rounds, inference batch 8 (< 2 min) -> models_quick.md
     python benchmarks/bench_models.py --compile   # + torch.compile rows
+    python benchmarks/bench_models.py --adamw fused   # fused AdamW for both models -> models_adamw_fused.md
+
+The process runs with ``hybridvision.engine.runtime.tune_cpu_allocator()`` (both models alike; the header says
+so); ``HYBRIDVISION_MALLOC_TUNING=0`` keeps glibc's malloc defaults.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hybridvision
+from hybridvision.engine.runtime import allocator_state, tune_cpu_allocator
 from hybridvision.tools.profile import count_flops, matmul_peak_flops
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -88,9 +93,13 @@ def _inference_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def _train_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+ADAMW_IMPLS = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+"""``torch.optim.AdamW`` implementations (``--adamw``); "for-loop" is torch's default for CPU parameters."""
+
+
+def _train_fn(model: nn.Module, x: torch.Tensor, adamw: str = "for-loop") -> Callable[[], None]:
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **ADAMW_IMPLS[adamw])
     y = torch.randint(0, 1000, (x.shape[0],))
 
     def run() -> None:
@@ -121,7 +130,7 @@ def paired(fn_a: Callable[[], None], fn_b: Callable[[], None], rounds: int) -> t
 
 def bench_row(
     name: str, make_model: Builder, make_anchor: Builder, *, infer_batch: int, train_batch: int, size: int,
-    rounds: int, peak: float, compile_model: bool = False,
+    rounds: int, peak: float, compile_model: bool = False, adamw: str = "for-loop",
 ) -> list[dict]:
     """Time one (model, anchor) pair for inference and a training step; returns one dict per mode."""
     out = []
@@ -130,8 +139,10 @@ def bench_row(
         model, anchor = make_model(), make_anchor()
         x = torch.randn(batch, 3, size, size)
         flops_img = count_flops(model, (1, 3, size, size), train=mode != "inference")
-        make = _inference_fn if mode == "inference" else _train_fn
-        fn_m, fn_a = make(model, x), make(anchor, x)
+        if mode == "inference":
+            fn_m, fn_a = _inference_fn(model, x), _inference_fn(anchor, x)
+        else:  # the same optimizer for both
+            fn_m, fn_a = _train_fn(model, x, adamw), _train_fn(anchor, x, adamw)
         if compile_model:  # after fuse(): compile the inference graph that will run
             model.forward = torch.compile(model.forward)  # type: ignore[method-assign]
         t_anchor, t_model, paired_ratio = paired(fn_a, fn_m, rounds)
@@ -148,16 +159,17 @@ def bench_row(
     return out
 
 
-def write(rows: list[dict], peaks: tuple[float, float], cmd: str, path: Path) -> None:
+def write(rows: list[dict], peaks: tuple[float, float], cmd: str, path: Path, adamw: str) -> None:
     mm_peak, dnn_peak = peaks
     peak = max(peaks)
     lines = [
         "# Model speed vs timm (CPU fp32, same run, alternating A/B)", "",
         f"Command: `{cmd}`  ",
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads. fp32 matmul peak measured in this run: torch.mm {mm_peak / 1e9:.1f}, "
+        f"{torch.get_num_threads()} threads, {allocator_state()}. fp32 matmul peak measured in this run: torch.mm {mm_peak / 1e9:.1f}, "
         f"oneDNN GEMM {dnn_peak / 1e9:.1f} GFLOP/s; MFU is against the larger ({peak / 1e9:.1f}).  ",
-        "MFU = FLOPs/img (torch.utils.flop_counter, train = forward+backward) x img/s / peak.", "",
+        "MFU = FLOPs/img (torch.utils.flop_counter, train = forward+backward) x img/s / peak. "
+        f"Training step: cross-entropy + torch.optim.AdamW ({adamw} implementation), the same for both models.", "",
         "img/s from the best round of each model; speed-up = ratio of the best times; paired = median over rounds "
         "of the per-round ratio (A and B timed back to back).", "",
         "| row | mode | batch | anchor img/s | ours img/s | speed-up | paired | GFLOPs/img | MFU |",
@@ -196,7 +208,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models (opt-in)")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    ap.add_argument("--adamw", choices=tuple(ADAMW_IMPLS), default="for-loop",
+                    help="AdamW implementation of the training step, both models (default: torch's CPU default)")
     args = ap.parse_args()
+    tune_cpu_allocator()  # both models alike; HYBRIDVISION_MALLOC_TUNING=0 keeps glibc's defaults
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = args.rounds or (2 if args.quick else 5)
@@ -210,15 +225,17 @@ def main() -> None:
     results = []
     for name, make_model, make_anchor in rows:
         results += bench_row(name, make_model, make_anchor, infer_batch=infer_batch, train_batch=train_batch,
-                             size=args.size, rounds=rounds, peak=peak)
+                             size=args.size, rounds=rounds, peak=peak, adamw=args.adamw)
         if args.compile:
             results += bench_row(name, make_model, make_anchor, infer_batch=infer_batch, train_batch=train_batch,
-                                 size=args.size, rounds=rounds, peak=peak, compile_model=True)
+                                 size=args.size, rounds=rounds, peak=peak, compile_model=True, adamw=args.adamw)
     cmd = "python benchmarks/bench_models.py" + "".join(
         f" {a}" for a, on in (("--quick", args.quick), ("--compile", args.compile)) if on
-    ) + (f" --threads {args.threads}" if args.threads else "") + (f" --rounds {args.rounds}" if args.rounds else "")
+    ) + (f" --threads {args.threads}" if args.threads else "") + (f" --rounds {args.rounds}" if args.rounds else "") + (
+        f" --adamw {args.adamw}" if args.adamw != "for-loop" else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write(results, (mm_peak, dnn_peak), cmd, RESULTS / ("models_quick" if args.quick else "models"))
+    stem = ("models_quick" if args.quick else "models") + ("" if args.adamw == "for-loop" else f"_adamw_{args.adamw}")
+    write(results, (mm_peak, dnn_peak), cmd, RESULTS / stem, args.adamw)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from hybridvision.engine.runtime import allocator_state, tune_cpu_allocator
+
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "experiments"
 
 #: (label, base model, ParC model): the ParC ConvNets of the ParC paper and the timm networks they start from
@@ -24,10 +26,12 @@ PAIRS: dict[str, tuple[str, str, str]] = {
 
 
 def set_threads(threads: int) -> None:
-    """Fix torch's intra-op threads for this process (the machine is shared; results state the count)."""
+    """Fix torch's intra-op threads for this process (the machine is shared; results state the count) and tune
+    the CPU allocator as the CLI does (``hybridvision.engine.runtime``)."""
     if threads < 1:
         raise ValueError(f"--threads {threads}: need at least 1")
     torch.set_num_threads(threads)
+    tune_cpu_allocator()
 
 
 def command_line() -> str:
@@ -44,7 +48,7 @@ def machine_line() -> str:
     """CPU/torch/threads and the 1-minute load average when the run ended (a shared machine says so)."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} intra-op thread(s), load average {load:.1f} at the end of the run")
+            f"{torch.get_num_threads()} intra-op thread(s), {allocator_state()}, load average {load:.1f} at the end of the run")
 
 
 class Timer:
