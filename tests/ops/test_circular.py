@@ -165,7 +165,8 @@ def test_choose_method_rule(monkeypatch):
         return choose_method(x, w, dim, needs_grad=grad)
 
     assert pick(8, 14, dense=True) == "fft"
-    assert pick(8, 7) == "gemm" and pick(8, 224) == "fft"
+    assert pick(8, 7) == "direct" and pick(8, 7, grad=True) == "gemm" and pick(8, 224) == "fft"
+    assert pick(8, circular.DIRECT_MAX_K + 1) == "gemm"
     k_fwd, k_train = circular.GEMM_MAX_K["fwd", 3], circular.GEMM_MAX_K["train", 3]
     assert pick(4, k_fwd) == "gemm" and pick(4, k_fwd + 1) == "fft"
     assert pick(4, k_train, grad=True) == "gemm" and pick(4, k_train + 1, grad=True) == "fft"

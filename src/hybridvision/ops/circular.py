@@ -72,6 +72,11 @@ there is strided: torch copies). The thresholds are the crossovers of per-elemen
 (``python benchmarks/bench_circular.py --threads 1 --clock cpu``, a loaded machine: identical calls there differ by
 up to 40 %), e.g. K=28: gemm, or a tie with fft along dim 3; K=56, dim 2: gemm (fwd 9.8 vs 10.9 ms, fwd+bwd 18.5
 vs 34.6 ms); K=56, dim 3: fft (fwd 4.6 vs 6.6 ms, fwd+bwd 13.9 vs 18.8 ms); K >= 112: fft."""
+DIRECT_MAX_K = 8
+"""``"auto"`` on CPU, depthwise float32/64, no backward: up to this K ``"direct"`` (oneDNN's depthwise conv on the
+circularly padded input). At K=7 the whole tensor sits in cache and every method costs about the same;
+``python benchmarks/bench_circular.py`` (malloc tuned, 2 threads, idle) measured forward ms direct / gemm /
+reference: 0.19 / 0.23 / 0.20 along dim 2 and 0.24 / 0.30 / 0.26 along dim 3 (B=16, C=384)."""
 BF16_GEMM_MAX_K = 112
 """bfloat16 on CPU: the GEMM runs natively in bf16 while the FFT path computes in fp32, so ``"gemm"`` is used up
 to this K. ``python benchmarks/bench_circular.py --quick --threads 1 --clock cpu --dtype bfloat16`` measured
@@ -102,11 +107,9 @@ def choose_method(x: torch.Tensor, weight: torch.Tensor, dim: int, needs_grad: O
         4. depthwise float16 on CPU: ``"fft"`` (CPU float16 matmul is slow: K=56, C=48, B=16 gemm 45 ms vs fft
            4.3-5.5 ms in exploratory 1-thread runs);
            bfloat16: ``"gemm"`` up to :data:`BF16_GEMM_MAX_K`, else ``"fft"``.
-        5. depthwise float32/64 on CPU: ``"gemm"`` up to :data:`GEMM_MAX_K` [pass, dim], else ``"fft"``.
-        ``"direct"`` is never chosen: it is ahead only for depthwise forward at K <= 14 and by little (K=7 along
-        dim 3: 0.46 vs gemm 0.63 ms in benchmarks/results/circular.md), oneDNN's timing for these shapes was erratic
-        in exploratory runs (the same K=7 call between 0.3 and 2.9 ms from run to run), and from K=28 it is 2-8x
-        slower than gemm/fft.
+        5. depthwise float32/64 on CPU without backward: ``"direct"`` up to :data:`DIRECT_MAX_K` (ahead of gemm by
+           10-20% at K=7; from K=14 on it loses, from K=28 by 2-8x).
+        6. depthwise float32/64 on CPU: ``"gemm"`` up to :data:`GEMM_MAX_K` [pass, dim], else ``"fft"``.
     Override: ``set_default_method(...)`` / ``HYBRIDVISION_CIRCULAR_METHOD`` globally, ``method=`` per call.
     """
     if _exporting():
@@ -122,6 +125,8 @@ def choose_method(x: torch.Tensor, weight: torch.Tensor, dim: int, needs_grad: O
         return "gemm" if k <= BF16_GEMM_MAX_K else "fft"
     if needs_grad is None:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if not needs_grad and k <= DIRECT_MAX_K:
+        return "direct"
     return "gemm" if k <= GEMM_MAX_K["train" if needs_grad else "fwd", dim % 4] else "fft"
 
 
