@@ -17,13 +17,15 @@ implementation of the operator). Two ways of combining ParC-H and ParC-W:
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 from timm.layers import ConvNormAct, DropPath, Mlp
 
 from hybridvision.ops.parc import ParC2d
+from hybridvision.ops.sizes import Size2
+from hybridvision.ops.sizes import pair as _pair
 
 __all__ = [
     "ChannelAttention",
@@ -35,18 +37,6 @@ __all__ = [
     "conv_parc_eligibility",
     "parc_no_weight_decay",
 ]
-
-Size2 = Union[int, Sequence[int]]
-
-
-def _pair(size: Size2, what: str) -> tuple[int, int]:
-    """``K`` or ``(K_h, K_w)`` -> ``(K_h, K_w)``, both positive ints."""
-    if isinstance(size, int):
-        size = (size, size)
-    size = tuple(size)
-    if len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
-        raise ValueError(f"{what} must be a positive int or a (height, width) pair of positive ints; got {size!r}")
-    return size  # type: ignore[return-value]
 
 
 def _half_groups(channels: int, groups: int) -> Optional[int]:

@@ -38,14 +38,11 @@ from hybridvision.blocks.mbconv import MBConv
 from hybridvision.blocks.transformer import TransformerBlock
 from hybridvision.models.registry import build, pretrained_cfg, register
 from hybridvision.ops.fused import conv_act
+from hybridvision.ops.sizes import pair as _pair
 
 __all__ = ["CoAtNetConfig", "CoAtNet", "PRESETS", "LAYOUTS"]
 
 LAYOUTS = ("CCCC", "CCCT", "CCTT", "CTTT", "VIT_REL")
-
-
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 @dataclass(frozen=True)

@@ -18,17 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridvision.ops.fused import linear_act, linear_add
+from hybridvision.ops.sizes import pair as _pair
 
 __all__ = ["RelPosBias2d", "RelAttention2d", "relative_index"]
-
-
-def _pair(size: int | tuple[int, int], what: str) -> tuple[int, int]:
-    if isinstance(size, int):
-        size = (size, size)
-    size = tuple(int(s) for s in size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"{what} must be a positive int or an (H, W) pair of positive ints, got {size!r}")
-    return size  # type: ignore[return-value]
 
 
 def relative_index(height: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:
