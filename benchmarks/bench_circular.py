@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from hybridvision.engine.runtime import allocator_state, tune_cpu_allocator
+from hybridvision.engine.runtime import cpu_state, tune_cpu
 from hybridvision.ops.circular import choose_method, circular_conv
 
 BATCH = 16
@@ -181,7 +181,7 @@ def main() -> None:
     )
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     args = ap.parse_args()
-    tune_cpu_allocator()  # HYBRIDVISION_MALLOC_TUNING=0 keeps glibc's defaults
+    tune_cpu()  # HYBRIDVISION_MALLOC_TUNING=0 keeps glibc's defaults
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu":
@@ -213,7 +213,7 @@ def main() -> None:
         f"interleaved runs; B={BATCH}, C={C_TIMES_L}/L, depthwise, {args.dtype}.",
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
-        f"{allocator_state()}; copy bandwidth (read + write) {bw / 1e9:.1f} GB/s.",
+        f"{cpu_state()}; copy bandwidth (read + write) {bw / 1e9:.1f} GB/s.",
         "floor = (bytes in + bytes out) / copy bandwidth. speed-up = reference / auto. "
         "Targets: fwd auto >= 3x reference at L >= 56, >= 1x at L <= 14, <= 1.5x floor at L >= 56; "
         "fwd+bwd >= 2x reference at L >= 56.",

@@ -21,7 +21,7 @@ Other families append their (name, model, anchor) rows to ``ROWS``.
     python benchmarks/bench_models.py --compile   # + torch.compile rows
     python benchmarks/bench_models.py --adamw fused   # fused AdamW for both models -> models_adamw_fused.md
 
-The process runs with ``hybridvision.engine.runtime.tune_cpu_allocator()`` (both models alike; the header says
+The process runs with ``hybridvision.engine.runtime.tune_cpu()`` (both models alike; the header says
 so); ``HYBRIDVISION_MALLOC_TUNING=0`` keeps glibc's malloc defaults.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hybridvision
-from hybridvision.engine.runtime import allocator_state, tune_cpu_allocator
+from hybridvision.engine.runtime import cpu_state, tune_cpu
 from hybridvision.tools.profile import count_flops, matmul_peak_flops
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -166,7 +166,7 @@ def write(rows: list[dict], peaks: tuple[float, float], cmd: str, path: Path, ad
         "# Model speed vs timm (CPU fp32, same run, alternating A/B)", "",
         f"Command: `{cmd}`  ",
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {allocator_state()}. fp32 matmul peak measured in this run: torch.mm {mm_peak / 1e9:.1f}, "
+        f"{torch.get_num_threads()} threads, {cpu_state()}. fp32 matmul peak measured in this run: torch.mm {mm_peak / 1e9:.1f}, "
         f"oneDNN GEMM {dnn_peak / 1e9:.1f} GFLOP/s; MFU is against the larger ({peak / 1e9:.1f}).  ",
         "MFU = FLOPs/img (torch.utils.flop_counter, train = forward+backward) x img/s / peak. "
         f"Training step: cross-entropy + torch.optim.AdamW ({adamw} implementation), the same for both models.", "",
@@ -211,7 +211,7 @@ def main() -> None:
     ap.add_argument("--adamw", choices=tuple(ADAMW_IMPLS), default="for-loop",
                     help="AdamW implementation of the training step, both models (default: torch's CPU default)")
     args = ap.parse_args()
-    tune_cpu_allocator()  # both models alike; HYBRIDVISION_MALLOC_TUNING=0 keeps glibc's defaults
+    tune_cpu()  # both models alike; HYBRIDVISION_MALLOC_TUNING=0 keeps glibc's defaults
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = args.rounds or (2 if args.quick else 5)

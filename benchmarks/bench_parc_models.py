@@ -33,7 +33,7 @@ import timm
 import hybridvision.models.parc_convnets  # noqa: F401  (registers the models)
 import hybridvision.models.parc_net  # noqa: F401
 from hybridvision.models.convert import parcify
-from hybridvision.engine.runtime import allocator_state, tune_cpu_allocator
+from hybridvision.engine.runtime import cpu_state, tune_cpu
 from hybridvision.tools.profile import count_macs
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -133,7 +133,7 @@ def to_markdown(rows: list[dict], args: argparse.Namespace, command: str) -> str
         "",
         f"Command: `{command}`  ",
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} intra-op threads, {allocator_state()}, batch {args.batch}, {args.rounds} alternating rounds "
+        f"{torch.get_num_threads()} intra-op threads, {cpu_state()}, batch {args.batch}, {args.rounds} alternating rounds "
         f"(median), {args.warmup} warm-up.  ",
         "Ratio = median over rounds of the paired ParC / base latency (measured back to back in the same run); "
         "ms = median per model. Params in M; MACs in G per image "
@@ -187,7 +187,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--only", nargs="+", metavar="PARC_NAME", help="only these ParC models (third column of PAIRS)")
     p.add_argument("--out", type=Path, default=RESULTS / "parc_models.md")
     args = p.parse_args(argv)
-    tune_cpu_allocator()  # both models alike; HYBRIDVISION_MALLOC_TUNING=0 keeps glibc's defaults
+    tune_cpu()  # both models alike; HYBRIDVISION_MALLOC_TUNING=0 keeps glibc's defaults
     if args.quick:
         args.batch, args.rounds, args.warmup = 8, 3, 1
     if args.threads is not None:

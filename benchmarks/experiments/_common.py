@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from hybridvision.engine.runtime import allocator_state, tune_cpu_allocator
+from hybridvision.engine.runtime import cpu_state, tune_cpu
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "experiments"
 
@@ -31,7 +31,7 @@ def set_threads(threads: int) -> None:
     if threads < 1:
         raise ValueError(f"--threads {threads}: need at least 1")
     torch.set_num_threads(threads)
-    tune_cpu_allocator()
+    tune_cpu()
 
 
 def command_line() -> str:
@@ -48,7 +48,7 @@ def machine_line() -> str:
     """CPU/torch/threads and the 1-minute load average when the run ended (a shared machine says so)."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} intra-op thread(s), {allocator_state()}, load average {load:.1f} at the end of the run")
+            f"{torch.get_num_threads()} intra-op thread(s), {cpu_state()}, load average {load:.1f} at the end of the run")
 
 
 class Timer:
