@@ -115,18 +115,15 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the run stopped and the last good checkpoint was kept."""
 
 
-SMALL_IMAGE_MAX = 64
-"""A model whose default input side is at most this many px is a small-image model (e.g. ``coatnet_nano``, 32 px)."""
-
-
 def default_img_size(model: str) -> Optional[int]:
     """The image side to train ``model`` at when ``--img-size`` is not given.
 
-    Small-image models (default input side <= :data:`SMALL_IMAGE_MAX`, e.g. ``coatnet_nano`` at 32 px) declare the
+    Small-image models (default input side <= :data:`hybridvision.models.registry.SMALL_IMAGE_MAX`, e.g. ``coatnet_nano`` at 32 px) declare the
     size their stride needs, so their default is used (Fashion-MNIST's 28 px images are resized to it). For every
     other model ``None``: the dataset's native size (28 px for Fashion-MNIST, 112 for the cluttered variant).
     """
     import hybridvision.models  # noqa: F401  (registers the models)
+    from hybridvision.models.registry import SMALL_IMAGE_MAX
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(model)
@@ -281,8 +278,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
 
     _seed_all(cfg.seed)
     data = build_data(
-        cfg.dataset, cfg.data_dir, img_size=cfg.img_size or default_img_size(cfg.model), in_chans=cfg.in_chans, batch_size=cfg.batch_size,
-        workers=cfg.workers, seed=cfg.seed, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
+        cfg.dataset, cfg.data_dir, img_size=cfg.img_size or default_img_size(cfg.model), in_chans=cfg.in_chans,
+        batch_size=cfg.batch_size, workers=cfg.workers, seed=cfg.seed, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
         rank=info.rank, world_size=info.world_size, translate=cfg.translate, hflip=cfg.hflip, re_prob=cfg.reprob,
         auto_augment=cfg.aa, skip_bad_images=cfg.skip_bad_images, pin_memory=info.device.type == "cuda",
     )

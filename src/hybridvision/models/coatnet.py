@@ -36,7 +36,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from hybridvision.blocks.mbconv import MBConv
 from hybridvision.blocks.transformer import TransformerBlock
-from hybridvision.models.registry import build, pretrained_cfg, register
+from hybridvision.models.registry import SMALL_IMAGE_MAX, build, pretrained_cfg, register
 from hybridvision.ops.fused import conv_act
 from hybridvision.ops.sizes import pair as _pair
 
@@ -434,7 +434,7 @@ PRESETS: dict[str, CoAtNetConfig] = {
 def _cfg(name: str) -> dict:
     c = PRESETS[name]
     h, w = _pair(c.img_size)
-    small = name in ("coatnet_nano", "coatnet_micro", "coatnet_pico")
+    small = max(h, w) <= SMALL_IMAGE_MAX
     return pretrained_cfg(
         (c.in_chans, h, w),
         first_conv="stem.convs.0",

@@ -16,6 +16,10 @@ from timm.models import build_model_with_cfg, register_model
 
 _HV_MODELS: list[str] = []
 
+SMALL_IMAGE_MAX = 64
+"""A model whose default input side is at most this many px is a small-image model (e.g. ``coatnet_nano``, 32 px):
+no crop at evaluation, and the trainer's default image size when ``--img-size`` is not given."""
+
 
 def pretrained_cfg(
     input_size: tuple[int, int, int] = (3, 224, 224),
