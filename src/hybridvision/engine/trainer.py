@@ -118,9 +118,10 @@ class NonFiniteLossError(RuntimeError):
 def default_img_size(model: str) -> Optional[int]:
     """The image side to train ``model`` at when ``--img-size`` is not given.
 
-    Small-image models (default input side <= :data:`hybridvision.models.registry.SMALL_IMAGE_MAX`, e.g. ``coatnet_nano`` at 32 px) declare the
-    size their stride needs, so their default is used (Fashion-MNIST's 28 px images are resized to it). For every
-    other model ``None``: the dataset's native size (28 px for Fashion-MNIST, 112 for the cluttered variant).
+    Small-image models (default input side <= :data:`hybridvision.models.registry.SMALL_IMAGE_MAX`, e.g.
+    ``coatnet_nano`` at 32 px) declare the size their stride needs, so their default is used (Fashion-MNIST's 28 px
+    images are resized to it). For every other model ``None``: the dataset's native size (28 px for Fashion-MNIST,
+    112 for the cluttered variant).
     """
     import hybridvision.models  # noqa: F401  (registers the models)
     from hybridvision.models.registry import SMALL_IMAGE_MAX
