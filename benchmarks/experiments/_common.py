@@ -1,4 +1,4 @@
-"""Shared by the experiment scripts: where results go, the machine line, the pairs, thread control, the common
+"""Shared by the experiment scripts: where results go, the machine line, the pairs, process set-up, the common
 command-line options, figure saving and the results files."""
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ PAIRS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def set_threads(threads: int) -> None:
-    """Fix torch's intra-op threads for this process (the machine is shared; results state the count) and tune
-    the CPU allocator as the CLI does (``hybridvision.engine.runtime``)."""
+def setup_process(threads: int) -> None:
+    """Fix torch's intra-op threads for this process (the machine is shared; results state the count) and apply
+    the CLI's CPU settings (``hybridvision.engine.runtime.tune_cpu``)."""
     if threads < 1:
         raise ValueError(f"--threads {threads}: need at least 1")
     torch.set_num_threads(threads)

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if a.smoke:
         a.num_images = 2
-    _common.set_threads(a.threads)
+    _common.setup_process(a.threads)
     stem = a.output or RESULTS / ("cam_grid" + ("_smoke" if a.smoke else ""))
     timer = Timer()
 

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.smoke:
         a.pairs, a.seeds, a.epochs, a.train_subset, a.test_subset, a.batch_size = ["convnext"], [1], 1, 128, 64, 32
     a.runs = a.runs or Path("runs/cluttered" + ("_smoke" if a.smoke else ""))
-    _common.set_threads(a.threads)
+    _common.setup_process(a.threads)
     stem = a.output or RESULTS / ("cluttered_parc_vs_base" + ("_smoke" if a.smoke else ""))
     timer = Timer()
 

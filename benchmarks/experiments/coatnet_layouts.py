@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.smoke:
         a.layouts, a.seeds, a.epochs, a.train_subset, a.test_subset = ["C-C-C-C", "ViT_rel"], [1], 1, 256, 128
     a.runs = a.runs or Path("runs/coatnet_layouts" + ("_smoke" if a.smoke else ""))
-    _common.set_threads(a.threads)
+    _common.setup_process(a.threads)
     register_layouts()
     stem = a.output or RESULTS / ("coatnet_layouts" + ("_smoke" if a.smoke else ""))
     timer = Timer()

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if a.smoke:
         a.pairs, a.num_images, a.img_size, a.inits = ["convnext"], 2, 64, ["timm"]
-    _common.set_threads(a.threads)
+    _common.setup_process(a.threads)
     stem = a.output or RESULTS / ("erf_parc_vs_base" + ("_trained" if a.trained else "") + ("_smoke" if a.smoke else ""))
     timer = Timer()
     inits = ["trained"] if a.trained else a.inits

@@ -1,4 +1,5 @@
-"""Process-wide CPU settings for training, evaluation and benchmarks.
+"""Process-wide CPU settings for training, evaluation and benchmarks: :func:`tune_cpu` = :func:`tune_cpu_allocator`
++ flushing denormal floats.
 
 ``tune_cpu_allocator()`` stops glibc's malloc from handing large tensors' memory back to the kernel. PyTorch
 allocates CPU tensors with ``posix_memalign``; glibc serves requests above its mmap threshold (at most 32 MiB) with
@@ -8,8 +9,9 @@ there. Every such allocation then pays one page fault per 4 KiB page when it is 
 every call (``getrusage``), i.e. milliseconds of kernel time per activation, on every training step.
 With the tuning, memory freed by one step is reused by the next, fault-free.
 
-The cost: the process keeps the peak of its heap until it exits. The CLI applies the tuning on start-up (set
-``HYBRIDVISION_MALLOC_TUNING=0`` to keep glibc's defaults); benchmarks apply it to both sides of a comparison.
+The cost: the process keeps the peak of its heap until it exits. The CLI applies :func:`tune_cpu` on start-up (set
+``HYBRIDVISION_MALLOC_TUNING=0`` to keep glibc's and torch's defaults); benchmarks apply it to both sides of a
+comparison.
 Library users call it themselves, once, at the start of a CPU job.
 """
 from __future__ import annotations
