@@ -59,10 +59,10 @@ def tune_cpu_allocator() -> bool:
 
 def tune_cpu() -> None:
     """:func:`tune_cpu_allocator` plus ``torch.set_flush_denormal(True)``: denormal floats (magnitudes below
-    1.2e-38, which appear in the gradients of freshly initialised networks) take a slow microcode path on x86.
-    Measured with torch.profiler on one CoAtNet-0 training step (batch 8, 224 px): GELU backward on the
-    (8, 768, 56, 56) activation 130.7 ms with denormals, 13.3 ms flushed. Flushing changes results only below
-    1.2e-38. Both settings follow ``HYBRIDVISION_MALLOC_TUNING`` (``0`` keeps torch's and glibc's defaults)."""
+    1.2e-38) take a slow microcode path on x86; flushing changes results only below 1.2e-38. The flush is a
+    safeguard: ``python benchmarks/profile_train_step.py`` with and without ``--keep-denormals`` showed no
+    consistent effect on CoAtNet-0 training here. Both settings follow ``HYBRIDVISION_MALLOC_TUNING`` (``0`` keeps
+    torch's and glibc's defaults)."""
     if os.environ.get(ENV_VAR, "1") == "0":
         return
     tune_cpu_allocator()

@@ -75,8 +75,9 @@ vs 34.6 ms); K=56, dim 3: fft (fwd 4.6 vs 6.6 ms, fwd+bwd 13.9 vs 18.8 ms); K >=
 DIRECT_MAX_K = 8
 """``"auto"`` on CPU, depthwise float32/64, no backward: up to this K ``"direct"`` (oneDNN's depthwise conv on the
 circularly padded input). At K=7 the whole tensor sits in cache and every method costs about the same;
-``python benchmarks/bench_circular.py`` (malloc tuned, 2 threads, idle) measured forward ms direct / gemm /
-reference: 0.19 / 0.23 / 0.20 along dim 2 and 0.24 / 0.30 / 0.26 along dim 3 (B=16, C=384)."""
+``python benchmarks/bench_circular.py`` (malloc tuned, 2 threads, idle; benchmarks/results/circular.md) measured
+forward ms direct / gemm / reference: 0.18 / 0.25 / 0.18 along dim 2 and 0.23 / 0.33 / 0.24 along dim 3
+(B=16, C=384)."""
 BF16_GEMM_MAX_K = 112
 """bfloat16 on CPU: the GEMM runs natively in bf16 while the FFT path computes in fp32, so ``"gemm"`` is used up
 to this K. ``python benchmarks/bench_circular.py --quick --threads 1 --clock cpu --dtype bfloat16`` measured
@@ -107,8 +108,9 @@ def choose_method(x: torch.Tensor, weight: torch.Tensor, dim: int, needs_grad: O
         4. depthwise float16 on CPU: ``"fft"`` (CPU float16 matmul is slow: K=56, C=48, B=16 gemm 45 ms vs fft
            4.3-5.5 ms in exploratory 1-thread runs);
            bfloat16: ``"gemm"`` up to :data:`BF16_GEMM_MAX_K`, else ``"fft"``.
-        5. depthwise float32/64 on CPU without backward: ``"direct"`` up to :data:`DIRECT_MAX_K` (ahead of gemm by
-           10-20% at K=7; from K=14 on it loses, from K=28 by 2-8x).
+        5. depthwise float32/64 on CPU without backward: ``"direct"`` up to :data:`DIRECT_MAX_K` (ahead of gemm at
+           K=7; at K=14 on par or behind, from K=28 on 1.2-5x slower than the better of gemm and fft in
+           benchmarks/results/circular.md).
         6. depthwise float32/64 on CPU: ``"gemm"`` up to :data:`GEMM_MAX_K` [pass, dim], else ``"fft"``.
     Override: ``set_default_method(...)`` / ``HYBRIDVISION_CIRCULAR_METHOD`` globally, ``method=`` per call.
     """
