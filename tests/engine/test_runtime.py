@@ -43,13 +43,20 @@ def test_environment_variable_opts_out():
     assert applied == "False"
 
 
-@GLIBC
-def test_tune_cpu_flushes_denormals_and_says_so():
-    code = ("import torch; from hybridvision.engine.runtime import cpu_state, tune_cpu; before = cpu_state(); "
-            "tune_cpu(); print(before, '|', cpu_state(), '|', (torch.tensor([1e-30]) * 1e-10).item())")
+def _flush_state(code: str) -> list[str]:
     env = dict(os.environ)
     env.pop("HYBRIDVISION_MALLOC_TUNING", None)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
-    before, after, tiny = (p.strip() for p in out.split("|"))
+    prelude = "import torch; torch.set_num_threads(2); from hybridvision.engine.runtime import cpu_state, tune_cpu; "
+    out = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, check=True, env=env)
+    return [p.strip() for p in out.stdout.split("|")]
+
+
+@GLIBC
+def test_tune_cpu_flushes_denormals_in_every_thread_and_says_so():
+    tiny = "((torch.full((1 << 20,), 1e-30) * 1e-10) == 0).float().mean().item()"
+    after, zeros = _flush_state(f"tune_cpu(); print(cpu_state(), '|', {tiny})")
+    assert "malloc tuned, denormals flushed (" in after and float(zeros) == 1.0
+    # called after the worker threads exist, the flush reaches the main thread only, and cpu_state says so
+    before, after, zeros = _flush_state(f"b = cpu_state(); tune_cpu(); print(b, '|', cpu_state(), '|', {tiny})")
     assert "glibc malloc defaults, denormals kept" in before
-    assert "malloc tuned, denormals flushed" in after and float(tiny) == 0.0
+    assert "denormals flushed in the main thread only" in after and 0.0 < float(zeros) < 1.0

@@ -62,7 +62,11 @@ def tune_cpu() -> None:
     1.2e-38) take a slow microcode path on x86; flushing changes results only below 1.2e-38. The flush is a
     safeguard: ``python benchmarks/profile_train_step.py`` with and without ``--keep-denormals`` showed no
     consistent effect on CoAtNet-0 training here. Both settings follow ``HYBRIDVISION_MALLOC_TUNING`` (``0`` keeps
-    torch's and glibc's defaults)."""
+    torch's and glibc's defaults).
+
+    Call it before the first multi-threaded torch op: the flush is a per-thread CPU flag, and torch's intra-op
+    worker threads copy it from the main thread only when they are created (at the first parallel op); a later call
+    flushes in the main thread alone (:func:`cpu_state` then says so)."""
     if os.environ.get(ENV_VAR, "1") == "0":
         return
     tune_cpu_allocator()
@@ -72,5 +76,7 @@ def tune_cpu() -> None:
 def cpu_state() -> str:
     """One phrase for benchmark headers: which of :func:`tune_cpu`'s settings are in effect in this process."""
     malloc = "malloc tuned" if _applied else "glibc malloc defaults"
-    ftz = "denormals flushed" if (torch.tensor([1e-30]) * 1e-10).item() == 0.0 else "denormals kept"
+    # big enough that every intra-op thread multiplies a share (torch's grain size is 32768 elements)
+    zeros = ((torch.full((1 << 20,), 1e-30) * 1e-10) == 0).float().mean().item()
+    ftz = {1.0: "denormals flushed", 0.0: "denormals kept"}.get(zeros, "denormals flushed in the main thread only")
     return f"{malloc}, {ftz} (hybridvision.engine.runtime)"
