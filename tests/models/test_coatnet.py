@@ -259,9 +259,11 @@ def test_checkpoint_path_loading(tmp_path, fmt):
 
 
 def test_small_image_presets_on_fashion_mnist_shapes():
-    # nano: the demo model, Fashion-MNIST resized to 32 px, total stride 8 (micro: the long recipe's, same geometry);
-    # pico: native 28 px, total stride 4
-    for name, side, stride in (("coatnet_nano", 32, 8), ("coatnet_micro", 32, 8), ("coatnet_pico", 28, 4)):
+    # nano: the demo model, Fashion-MNIST resized to 32 px, total stride 8 (micro and mini: same geometry, the long
+    # recipe's); pico: native 28 px, total stride 4
+    for name, side, stride in (
+        ("coatnet_nano", 32, 8), ("coatnet_micro", 32, 8), ("coatnet_mini", 32, 8), ("coatnet_pico", 28, 4)
+    ):
         torch.manual_seed(0)
         m = hybridvision.create_model(name, in_chans=1, num_classes=10).eval()
         assert 1e5 < _n_params(m) < 3e6
