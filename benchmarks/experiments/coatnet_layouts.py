@@ -7,19 +7,20 @@ C-C-C-C, C-C-C-T, C-C-T-T (CoAtNet), C-T-T-T, and ViT_rel (``layout="VIT_REL"``:
 S1..S3 blocks all Transformer blocks at S3's width, S4 as usual; stride 4 like the others). Same depth per stage,
 same widths, same recipe, data subset and seed, trained through the library's engine
 (``hybridvision.engine.trainer.train``). Reported like the paper: the final training loss (capacity: lower fits
-better) and the test accuracy (generalisation). The paper's finding at ImageNet scale: generalisation
-C-C-C-C ~ C-C-C-T >= C-C-T-T > C-T-T-T >> ViT_rel, capacity C-T-T-T ~ ViT_rel > C-C-T-T > C-C-C-T > C-C-C-C.
+better) and the test accuracy (generalisation). The paper's findings: generalisation (ImageNet-1K)
+C-C-C-C ~ C-C-C-T >= C-C-T-T > C-T-T-T >> ViT_rel, capacity (JFT) C-C-T-T ~ C-T-T-T > ViT_rel > C-C-C-T > C-C-C-C
+(more Transformer blocks do not by themselves mean more capacity).
 
 Recipe: AdamW, lr 2e-3, weight decay 0.05, cosine per iteration, 1 warm-up epoch when ``--epochs >= 3``,
 label smoothing 0.1, random translation 12.5% + horizontal flip, batch 128, fp32, 28 px, 1 channel, no
 stochastic depth (``drop_path`` 0, so the training loss measures fit).
 
-CPU budget, measured (2 cores shared with other jobs, load average 5-10): the five layouts trained at 14-92 img/s
-at 28 px (C-C-C-C fastest), so ``--train-subset 5000 --epochs 2`` (the committed run) took ~2-10 min per layout,
-~35 min in all on the loaded machine; the full data (``--train-subset 0 --epochs 30``) is a GPU job.
+CPU budget, measured: with 1 thread, beside a 2-thread training job on the 2 cores, the five layouts trained at
+148-200 img/s at 28 px, so ``--train-subset 10000 --test-subset 5000 --epochs 6 --threads 1`` (the committed run)
+took ~6 min per layout, 31 min in all; the full data (``--train-subset 0 --epochs 30``) is a GPU job.
 ``--smoke`` (C-C-C-C and ViT_rel, 256 / 128 images, 1 epoch): ~30 s on a quiet machine.
 
-    python benchmarks/experiments/coatnet_layouts.py --train-subset 5000 --epochs 2
+    python benchmarks/experiments/coatnet_layouts.py --train-subset 10000 --test-subset 5000 --epochs 6 --threads 1
     python benchmarks/experiments/coatnet_layouts.py --train-subset 0 --test-subset 0 --epochs 30 --seeds 1 2 3
     python benchmarks/experiments/coatnet_layouts.py --smoke
 
