@@ -12,7 +12,7 @@ CPU budget: a few seconds per model (one batched Grad-CAM of ``--num-images`` ca
 (ConvNeXt pair, 8 images) runs in < 1 min plus model loading. ``--smoke``: 2 images.
 
     python benchmarks/experiments/cam_grid.py                    # after cluttered_parc_vs_base.py (default runs)
-    python benchmarks/experiments/cam_grid.py --pairs mobilenetv2 --runs runs/cluttered_b   # the committed grid
+    python benchmarks/experiments/cam_grid.py --pairs mobilenetv2 --runs runs/cluttered_c   # the committed grid
     python benchmarks/experiments/cam_grid.py --smoke --runs runs/cluttered_smoke
 
 Writes ``benchmarks/results/experiments/cam_grid.png``, ``.md`` and ``.json``.

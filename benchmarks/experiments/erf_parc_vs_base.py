@@ -22,7 +22,7 @@ The paper protocol (>= 50 images at 1024 px) is ``--num-images 50 --img-size 102
 
     python benchmarks/experiments/erf_parc_vs_base.py                       # untrained, 16 photos at 224 px
     python benchmarks/experiments/erf_parc_vs_base.py --num-images 8 --img-size 448 --pairs convnext
-    python benchmarks/experiments/erf_parc_vs_base.py --trained runs/cluttered_b --pairs mobilenetv2
+    python benchmarks/experiments/erf_parc_vs_base.py --trained runs/cluttered_c --pairs mobilenetv2 --num-images 16 --threads 2
     python benchmarks/experiments/erf_parc_vs_base.py --smoke
 
 Writes ``benchmarks/results/experiments/erf_parc_vs_base[_trained].md``, ``.png`` (heatmap grid) and ``.json``.
