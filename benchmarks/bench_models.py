@@ -110,12 +110,20 @@ def _train_fn(model: nn.Module, x: torch.Tensor, adamw: str = "for-loop") -> Cal
     return run
 
 
+WARMUP = 3
+"""Untimed calls of each side before the rounds: the first training steps of a model still grow the heap and fault
+fresh pages in (``python benchmarks/profile_train_step.py`` counted ~30k-47k minor faults in the third step of
+either model)."""
+
+
 def paired(fn_a: Callable[[], None], fn_b: Callable[[], None], rounds: int) -> tuple[float, float, float]:
-    """Alternating A/B timing. Returns (best s of A, best s of B, median of the paired ratios A/B).
+    """Alternating A/B timing after :data:`WARMUP` untimed calls of each. Returns (best s of A, best s of B, median of
+    the paired ratios A/B).
 
     Best-of (not median) for the absolute numbers: load on a shared machine only ever slows a run down.
     """
-    fn_a(), fn_b()  # warm-up
+    for _ in range(WARMUP):
+        fn_a(), fn_b()
     ta, tb, ratio = [], [], []
     for r in range(rounds):
         order = [(0, fn_a), (1, fn_b)] if r % 2 == 0 else [(1, fn_b), (0, fn_a)]
