@@ -1,8 +1,9 @@
 """Where a CoAtNet-0 training step spends its time, op by op, ours vs timm (torch.profiler, CPU fp32).
 
 Builds hybridvision ``coatnet_0(stride_mode="dw", pool="avg")`` and timm ``coatnet_0_224`` (the pair of
-``bench_models.py``), runs ``--warmup`` steps (3) and one profiled step each (batch 8, 224 px, cross-entropy, AdamW) and
-prints the ops with the most self CPU time, plus the minor page faults of the last warm-up step and of the profiled step.
+``bench_models.py``), runs ``--warmup`` steps (3) and one profiled step each (bench_models' training step: batch 8,
+224 px, cross-entropy, AdamW) and prints the ops with the most self CPU time, plus the minor page faults of the last
+warm-up step and of the profiled step.
 Faults mark allocations that got fresh pages from the kernel: the op that first writes them pays for the faulting
 (a 77 MB activation gradient is ~19k faults); with few faults in the warm-up step but thousands in the profiled one,
 the profiler itself moved the heap and the times of the ops that allocate are inflated.
@@ -17,18 +18,14 @@ from __future__ import annotations
 import argparse
 import resource
 
-import timm
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-import hybridvision
 from hybridvision.engine.runtime import cpu_state, tune_cpu
 
-MODELS = {
-    "ours coatnet_0 (dw, avg)": lambda: hybridvision.create_model("coatnet_0", stride_mode="dw", pool="avg"),
-    "timm coatnet_0_224": lambda: timm.create_model("coatnet_0_224"),
-}
+from bench_models import _coatnet0_paper_like, _timm_coatnet0, _train_fn  # the benchmark's pair and training step
+
+MODELS = {"ours coatnet_0 (dw, avg)": _coatnet0_paper_like, "timm coatnet_0_224": _timm_coatnet0}
 
 
 def profile_step(model: torch.nn.Module, batch: int, size: int, warmup: int):
@@ -36,14 +33,7 @@ def profile_step(model: torch.nn.Module, batch: int, size: int, warmup: int):
 
     Returns (profiler, minor page faults of the last warm-up step, minor page faults of the profiled step).
     """
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    step = _train_fn(model, torch.randn(batch, 3, size, size))
 
     def faults() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
