@@ -44,22 +44,31 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [str(script), *sys.argv[1:]])
 
 
-def machine_line() -> str:
-    """CPU/torch/threads and the 1-minute load average when the run ended (a shared machine says so)."""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} intra-op thread(s), {cpu_state()}, load average {load:.1f} at the end of the run")
+def _load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 class Timer:
-    """Wall-clock seconds since construction: ``Timer().seconds``."""
+    """Wall-clock seconds since construction (``Timer().seconds``) and the 1-minute load average then."""
 
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
+        self.load0 = _load()
 
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.t0
+
+
+def machine_line(timer: Timer) -> str:
+    """CPU/torch/threads, the wall time since ``timer`` started and the 1-minute load average at its start and now;
+    says the machine was shared when either load exceeds this process's thread count by more than 0.5."""
+    threads = torch.get_num_threads()
+    load0, load1 = timer.load0, _load()
+    shared = "; the machine was shared (load above the thread count)" if max(load0, load1) > threads + 0.5 else ""
+    return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} intra-op thread(s), "
+            f"{cpu_state()}; wall time {timer.seconds:.0f}s; load average {load0:.1f} at the start, "
+            f"{load1:.1f} at the end{shared}")
 
 
 def write_text(path: Path, text: str) -> Path:

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"Command: `{_common.command_line()}`  ",
         f"Weights: `{a.runs}/<model>/seed{a.seed}` (cluttered_parc_vs_base.py); test canvases "
         f"#{idx[0]}..#{idx[-1]}.  ",
-        f"Machine: {_common.machine_line()}; wall time {timer.seconds:.0f}s.  ",
+        f"Machine: {_common.machine_line(timer)}.  ",
         "CAM on item = CAM mass inside the item's 28x28 box / total CAM mass (uniform CAM: 0.06).",
         "",
         "| model | correct | CAM on item (mean) |",

@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"Command: `{_common.command_line()}`  ",
         f"Budget: {budget}; recipe in the script's docstring (identical for base and ParC).  ",
-        f"Machine: {_common.machine_line()}; wall time of this invocation {timer.seconds:.0f}s (finished runs "
-        "with the same recipe are reused; training seconds in the table); a shared, loaded machine.  ",
+        f"Machine: {_common.machine_line(timer)} (this invocation; finished runs with the same recipe are "
+        "reused; training seconds in the table).  ",
         f"Run folders: `{a.runs}/<model>/seed<k>/`. Accuracy = test top-1 (%) after the last epoch; "
         "Delta = ParC - base per seed (mean +- sample std over seeds).",
         "",

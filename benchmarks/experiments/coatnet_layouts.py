@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"Command: `{_common.command_line()}`  ",
         f"Budget: {budget}; recipe in the script's docstring (identical for every layout).  ",
-        f"Machine: {_common.machine_line()}; wall time {timer.seconds:.0f}s (a shared, loaded machine).  ",
+        f"Machine: {_common.machine_line(timer)}.  ",
         "Final train loss = mean label-smoothed loss over the last epoch's training batches (with augmentation); "
         "test top-1 after the last epoch. Mean +- sample std over seeds where there are several.",
         "",
