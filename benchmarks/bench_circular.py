@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from hybridvision.engine.runtime import cpu_state, tune_cpu
+from hybridvision.ops import native
 from hybridvision.ops.circular import choose_method, circular_conv
 
 BATCH = 16
 C_TIMES_L = 2688  # 48 channels at 56, 384 at 7
-METHODS = ("direct", "gemm", "fft", "auto")
+METHODS = ("direct", "gemm", "fft", "native", "auto")  # "native" only where it builds and for float32
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -76,7 +77,8 @@ def run_case(length: int, dim: int, bw: float, budget_s: float, min_reps: int, d
     x = torch.randn(BATCH, c, length, length, generator=g).to(dtype)
     w = (torch.randn(c, 1, length, generator=g) / length**0.5).to(dtype)
     fwd = {"reference": lambda: reference(x, w, dim)}
-    fwd.update({m: (lambda m=m: circular_conv(x, w, dim, method=m)) for m in METHODS})
+    methods = [m for m in METHODS if m != "native" or (dtype in (torch.float32, torch.float64) and native.available())]
+    fwd.update({m: (lambda m=m: circular_conv(x, w, dim, method=m)) for m in methods})
     with torch.no_grad():
         t_fwd = best_of(fwd, budget_s, min_reps)
 
@@ -91,7 +93,7 @@ def run_case(length: int, dim: int, bw: float, budget_s: float, min_reps: int, d
         return step
 
     bwd = {"reference": train_step(lambda a, b: reference(a, b, dim))}
-    bwd.update({m: train_step(lambda a, b, m=m: circular_conv(a, b, dim, method=m)) for m in METHODS})
+    bwd.update({m: train_step(lambda a, b, m=m: circular_conv(a, b, dim, method=m)) for m in methods})
     t_bwd = best_of(bwd, budget_s, min_reps)
     floor = 2 * x.numel() * x.element_size() / bw * 1e3
     with torch.no_grad():
@@ -113,11 +115,12 @@ def verdicts(r: dict) -> list[str]:
 
 
 def table(rows: list[dict]) -> list[str]:
+    methods = [m for m in METHODS if m != "auto" and m in rows[0]["fwd"]]
     head = (
-        "| L | C | dim | pass | reference | direct | gemm | fft | auto (pick) | floor | auto speed-up | auto / floor "
+        f"| L | C | dim | pass | reference | {' | '.join(methods)} | auto (pick) | floor | auto speed-up | auto / floor "
         "| >=3x (L>=56) | >=1x (L<=14) | <=1.5x floor | fwd+bwd >=2x |"
     )
-    lines = [head, "|" + "---|" * 16]
+    lines = [head, "|" + "---|" * (13 + len(methods))]
     for r in rows:
         v = verdicts(r)
         for kind in ("fwd", "bwd"):
@@ -128,8 +131,8 @@ def table(rows: list[dict]) -> list[str]:
             checks = v[:3] + [""] if kind == "fwd" else ["", "", "", v[3]]
             lines.append(
                 f"| {r['L']} | {r['C']} | {r['dim']} | {'fwd' if kind == 'fwd' else 'fwd+bwd'} "
-                f"| {t['reference']:.2f} | {t['direct']:.2f} | {t['gemm']:.2f} | {t['fft']:.2f} "
-                f"| {t['auto']:.2f} ({pick}) | {floor} | {t['reference'] / t['auto']:.2f}x | {ratio} | "
+                f"| {t['reference']:.2f} | " + "".join(f"{t[m]:.2f} | " for m in methods) +
+                f"{t['auto']:.2f} ({pick}) | {floor} | {t['reference'] / t['auto']:.2f}x | {ratio} | "
                 + " | ".join(checks)
                 + " |"
             )
@@ -148,7 +151,7 @@ def plot(rows: list[dict], path: Path, clock: str, dtype: str) -> None:
         ls = [r["L"] for r in sub]
         for j, kind in enumerate(("fwd", "bwd")):
             ax = axes[j][i]
-            for name in ("reference", *METHODS):
+            for name in ("reference", *[m for m in METHODS if m in sub[0][kind]]):
                 ax.plot(ls, [r[kind][name] for r in sub], marker="o", label=name, lw=2.5 if name == "auto" else 1.2)
             if kind == "fwd":
                 ax.plot(ls, [r["floor"] for r in sub], "k--", label="memory floor")

@@ -32,6 +32,10 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
     echo "$want" > "$STAMP"
 fi
 
+# The native circular_conv CPU kernel: compiled once into torch's extension cache (a no-op when built; optional,
+# so a missing compiler only warns).
+"$VENV/bin/python" -c "from hybridvision.ops import native; native.prebuild()"
+
 # Fashion-MNIST from Debian (real data for the demo and the training tests).
 if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     :

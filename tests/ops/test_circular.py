@@ -7,7 +7,7 @@ import torch
 from hybridvision.ops import circular
 from hybridvision.ops.circular import choose_method, circular_conv, get_default_method, set_default_method
 
-METHODS = ["direct", "gemm", "fft", "auto"]
+METHODS = ["direct", "gemm", "fft", "native", "auto"]
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, dim: int, bias, groups: int) -> torch.Tensor:
@@ -55,6 +55,10 @@ def test_forward_and_grads_match_float64_formula(method, dim, shape, c_out, grou
     g = shape[1] if groups is None else groups
     x, w, b = make(shape, c_out, g, dim, seed=hash((shape, dim)) % 1000)
     x.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True)
+    if method == "native" and (g != shape[1] or c_out != shape[1]):  # depthwise only: a clear error otherwise
+        with pytest.raises(ValueError, match="method='native': depthwise kernels only"):
+            circular_conv(x, w, dim, b, groups=groups, method=method)
+        return
     y = circular_conv(x, w, dim, b, groups=groups, method=method)
     assert y.shape == (shape[0], c_out, shape[2], shape[3]) and y.dtype == torch.float32
 
@@ -103,6 +107,7 @@ FUSED_VARIANTS = [  # (method, {module attribute: value}): every code path of th
     ("gemm", {"GEMM_FOLD_MAX_K": 1 << 10, "GEMM_COLS_MAX_K": 1 << 10}),  # batch folded, kernel axis first
     ("gemm", {"GEMM_FOLD_MAX_K": 1 << 10, "GEMM_COLS_MAX_K": 0}),  # batch folded, kernel axis last (dim 3)
     ("gemm", {"GEMM_FOLD_MAX_K": 0}),  # loop over the batch, in place
+    ("native", {}),  # the C++ kernel, pe and bias in one addend
 ]
 
 
@@ -158,7 +163,11 @@ def test_default_method_override(monkeypatch):
 
 
 def test_choose_method_rule(monkeypatch):
-    """The documented rule of choose_method, item by item."""
+    """The documented rule of choose_method, item by item (rules without the native kernel, then with it)."""
+    from hybridvision.ops import native
+
+    monkeypatch.setattr(native, "available", lambda: False)
+
     def pick(c, k, dim=3, dtype=torch.float32, dense=False, grad=False):
         x = torch.zeros(2, c, k, k, dtype=dtype)
         w = torch.zeros(c, c if dense else 1, k, dtype=dtype)
@@ -177,6 +186,15 @@ def test_choose_method_rule(monkeypatch):
     assert choose_method(x, w, 2) == "fft"  # needs_grad inferred from x.requires_grad
     with torch.no_grad():
         assert choose_method(x, w, 2) == "gemm"
+    monkeypatch.setattr(native, "available", lambda: True)
+    for (pass_, dim), (lo, hi) in circular.NATIVE_K.items():
+        grad = pass_ == "train"
+        assert pick(4, max(lo, 2), dim=dim, grad=grad) == "native" and pick(4, hi, dim=dim, grad=grad) == "native"
+        assert pick(4, hi + 1, dim=dim, grad=grad) in ("gemm", "fft")
+    assert pick(4, 7, dim=3) == "direct" and pick(4, 7, dim=2) == "native"
+    assert pick(4, 14, dense=True) == "fft" and pick(4, 14, dtype=torch.float16) == "fft"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert pick(4, 14, dim=2) == "gemm"  # torch.compile traces the other methods
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
     assert pick(4, 224) == "gemm" and pick(4, 14, dense=True) == "gemm"  # exportable MatMul while exporting
 

@@ -8,7 +8,7 @@ with ``K == x.size(dim)``, the circular **cross-correlation** of the official Pa
 
 along ``dim`` (the other spatial axis is untouched; ``c`` runs over the input channels of ``o``'s group).
 
-Four methods compute the same thing (all differentiable; all tested against a float64 formula and gradcheck):
+Five methods compute the same thing (all differentiable; all tested against a float64 formula and gradcheck):
 
 * ``"direct"``: circular padding by ``K - 1`` followed by ``F.conv2d`` with a ``K x 1`` / ``1 x K`` kernel.
 * ``"gemm"``: the ``(K, K)`` circulant matrices are gathered from the kernel by indexing and applied as matrix
@@ -18,6 +18,11 @@ Four methods compute the same thing (all differentiable; all tested against a fl
 * ``"fft"``: Fast-ParC, ``irfft(rfft(x) * conj(rfft(w)), n=K)`` along ``dim``; half / bfloat16 inputs are computed
   in float32 and cast back. Depthwise kernels use a fused autograd Function (bias and ParC's position embedding
   folded into the spectrum, 1/K folded into the kernel spectrum, rfft(x) recomputed in backward instead of stored).
+* ``"native"``: depthwise only, float32/64 on the CPU: a hand-vectorised C++ kernel of the direct sum
+  (``csrc/circular_cpu.cpp``, built on first use by :mod:`hybridvision.ops.native`); ``2 K`` FLOPs per output at up
+  to ~85 % of the machine's FMA peak, no padded copy, the position embedding and bias folded into one addend. Along
+  dim 3 it works on in-register transposed 16-row tiles. Backward: the same kernel with the flipped kernel for dx
+  and a second kernel for dw.
 * ``"auto"``: picks one of them by the measured cost model in :func:`choose_method`.
 
 Which method ``"auto"`` means can be overridden globally with :func:`set_default_method` (or the environment
@@ -32,9 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from hybridvision.ops import native
+
 __all__ = ["METHODS", "choose_method", "circular_conv", "get_default_method", "set_default_method"]
 
-METHODS = ("auto", "direct", "gemm", "fft")
+METHODS = ("auto", "direct", "gemm", "fft", "native")
 
 _ENV_VAR = "HYBRIDVISION_CIRCULAR_METHOD"
 _default_method = os.environ.get(_ENV_VAR, "auto")
@@ -72,6 +79,13 @@ there is strided: torch copies). The thresholds are the crossovers of per-elemen
 (``python benchmarks/bench_circular.py --threads 1 --clock cpu``, a loaded machine: identical calls there differ by
 up to 40 %), e.g. K=28: gemm, or a tie with fft along dim 3; K=56, dim 2: gemm (fwd 9.8 vs 10.9 ms, fwd+bwd 18.5
 vs 34.6 ms); K=56, dim 3: fft (fwd 4.6 vs 6.6 ms, fwd+bwd 13.9 vs 18.8 ms); K >= 112: fft."""
+NATIVE_K = {("fwd", 2): (1, 224), ("fwd", 3): (9, 64), ("train", 2): (1, 224), ("train", 3): (1, 64)}
+"""``"auto"`` on CPU, depthwise, float32/64, where the native kernel is built: the range of K (inclusive) that goes
+to ``"native"``, per pass and ``dim`` (as :data:`GEMM_MAX_K`); outside it the rules below. From
+``python benchmarks/bench_circular.py`` (2 threads, idle; benchmarks/results/circular.md): along dim 2 native is the
+fastest method at every measured K (7-224; its cost grows with K, so larger K go to the FFT); along dim 3 the
+transposes it needs make it lose to ``"direct"`` at K=7 (forward 0.33 vs 0.25 ms) and to ``"fft"`` from K=112 on
+(forward 4.99 vs 4.70 ms, forward+backward 15.8 vs 15.3 ms)."""
 DIRECT_MAX_K = 8
 """``"auto"`` on CPU, depthwise float32/64, no backward: up to this K ``"direct"`` (oneDNN's depthwise conv on the
 circularly padded input). At K=7 the whole tensor sits in cache and every method costs about the same;
@@ -91,7 +105,7 @@ def _exporting() -> bool:
 
 
 def choose_method(x: torch.Tensor, weight: torch.Tensor, dim: int, needs_grad: Optional[bool] = None) -> str:
-    """The cost model behind ``method="auto"``: returns ``"direct"``, ``"gemm"`` or ``"fft"``.
+    """The cost model behind ``method="auto"``: returns ``"direct"``, ``"gemm"``, ``"fft"`` or ``"native"``.
 
     Args:
         x: (B, C_in, H, W); weight: (C_out, C_in // groups, K) (depthwise when (C_in, 1, K));
@@ -108,10 +122,12 @@ def choose_method(x: torch.Tensor, weight: torch.Tensor, dim: int, needs_grad: O
         4. depthwise float16 on CPU: ``"fft"`` (CPU float16 matmul is slow: K=56, C=48, B=16 gemm 45 ms vs fft
            4.3-5.5 ms in exploratory 1-thread runs);
            bfloat16: ``"gemm"`` up to :data:`BF16_GEMM_MAX_K`, else ``"fft"``.
-        5. depthwise float32/64 on CPU without backward: ``"direct"`` up to :data:`DIRECT_MAX_K` (ahead of gemm at
+        5. depthwise float32/64 on CPU, K in :data:`NATIVE_K` [pass, dim], not inside ``torch.compile`` and the
+           native kernel built (:mod:`hybridvision.ops.native`; the first call builds it): ``"native"``.
+        6. depthwise float32/64 on CPU without backward: ``"direct"`` up to :data:`DIRECT_MAX_K` (ahead of gemm at
            K=7; at K=14 on par or behind, from K=28 on 1.2-5x slower than the better of gemm and fft in
            benchmarks/results/circular.md).
-        6. depthwise float32/64 on CPU: ``"gemm"`` up to :data:`GEMM_MAX_K` [pass, dim], else ``"fft"``.
+        7. depthwise float32/64 on CPU: ``"gemm"`` up to :data:`GEMM_MAX_K` [pass, dim], else ``"fft"``.
     Override: ``set_default_method(...)`` / ``HYBRIDVISION_CIRCULAR_METHOD`` globally, ``method=`` per call.
     """
     if _exporting():
@@ -127,9 +143,13 @@ def choose_method(x: torch.Tensor, weight: torch.Tensor, dim: int, needs_grad: O
         return "gemm" if k <= BF16_GEMM_MAX_K else "fft"
     if needs_grad is None:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    pass_ = "train" if needs_grad else "fwd"
+    lo, hi = NATIVE_K[pass_, dim % 4]
+    if lo <= k <= hi and not torch.compiler.is_compiling() and native.available():
+        return "native"
     if not needs_grad and k <= DIRECT_MAX_K:
         return "direct"
-    return "gemm" if k <= GEMM_MAX_K["train" if needs_grad else "fwd", dim % 4] else "fft"
+    return "gemm" if k <= GEMM_MAX_K[pass_, dim % 4] else "fft"
 
 
 def _check(
@@ -225,6 +245,8 @@ def _circular_conv(
     convolution: ``circular_conv(x + pe, ...)``. The depthwise FFT path fuses the addition into the spectrum.
     """
     method = _resolve(method, x, weight, dim)
+    if method == "native":
+        _check_native(x, weight, groups)
     if bias is not None:
         bias = bias.to(x.dtype)
     if weight.size(1) == 1 and weight.size(0) == x.size(1) and not _exporting():  # depthwise: fused Functions
@@ -232,6 +254,8 @@ def _circular_conv(
             return _DepthwiseFFT.apply(x, weight, bias, pe, dim)
         if method == "gemm":
             return _DepthwiseGemm.apply(x, weight, bias, pe, dim)
+        if method == "native":
+            return _DepthwiseNative.apply(x, weight, bias, pe, dim)
     if pe is not None:
         x = x + (pe.unsqueeze(-1) if dim == 2 else pe.unsqueeze(-2)).to(x.dtype)
     if method == "direct":
@@ -239,6 +263,22 @@ def _circular_conv(
     if method == "gemm":
         return _gemm(x, weight, dim, bias, groups)
     return _fft(x, weight, dim, bias, groups)
+
+
+def _check_native(x: torch.Tensor, weight: torch.Tensor, groups: int) -> None:
+    """``method="native"`` covers depthwise float32/64 CPU tensors (and not graph capture); say so otherwise."""
+    problems = []
+    if groups != x.size(1) or weight.size(0) != x.size(1):
+        problems.append(f"depthwise kernels only (got groups={groups}, C_out={weight.size(0)}, C_in={x.size(1)})")
+    if x.device.type != "cpu":
+        problems.append(f"CPU tensors only (got {x.device})")
+    if x.dtype not in (torch.float32, torch.float64):
+        problems.append(f"float32/float64 only (got {x.dtype})")
+    if _exporting():
+        problems.append("no tracing/export (the kernel is not an ONNX/aten op)")
+    if problems:
+        raise ValueError(f"circular_conv method='native': {'; '.join(problems)}. Use method='auto' (it picks "
+                         "'native' where it applies) or 'gemm' / 'fft'.")
 
 
 def _direct(x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[torch.Tensor], groups: int) -> torch.Tensor:
@@ -441,6 +481,62 @@ class _DepthwiseGemm(torch.autograd.Function):
         if need_b:
             gb = g_sum.sum(dim=1).to(gy.dtype)
         return gx, gw, gb, gpe, None
+
+
+class _DepthwiseNative(torch.autograd.Function):
+    """Depthwise circular conv through the hand-written CPU kernel (:mod:`hybridvision.ops.native`), position
+    embedding and bias fused into one (C, K) addend.
+
+    With x' = x + pe and S = sum over batch and the other axis:  forward y = conv(x, w) + (conv(pe, w) + bias);
+    backward dx = conv(dy, w') with the flipped kernel w'[k] = w[(K - k) mod K], dw[k] = S[dy x'(shifted by k)]
+    (the kernel's wgrad on x plus sum_i S[dy][i] pe[(i + k) mod K]), dpe = conv(S[dy], w'), dbias = S[dy] summed.
+    x: (B, C, H, W) float32/64 on the CPU; weight: (C, 1, K); bias: (C,) or None; pe: (C, K) or None.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pe, dim):  # type: ignore[override]
+        x = x.contiguous()
+        ctx.save_for_backward(x, weight, pe)
+        ctx.dim = dim
+        w = weight[:, 0].to(x.dtype).contiguous()
+        addend = None
+        if pe is not None:
+            addend = _conv_rows(pe.to(x.dtype), w)
+        if bias is not None:
+            b = bias.to(x.dtype).unsqueeze(-1).expand_as(w)
+            addend = b if addend is None else addend + b
+        return native.forward(x, w, None if addend is None else addend.contiguous(), dim)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):  # type: ignore[override]
+        x, weight, pe, dim, (need_x, need_w, need_b, need_pe) = _saved(ctx)
+        gy = gy.contiguous()
+        w = weight[:, 0].to(x.dtype)
+        w_flip = torch.roll(w.flip(-1), 1, dims=-1).contiguous()  # w'[k] = w[(K - k) mod K]
+        gx = native.forward(gy, w_flip, None, dim) if need_x else None
+        need_sum = need_b or need_pe or (need_w and pe is not None)
+        g_sum = gy.sum(dim=(0, 3 if dim == 2 else 2)) if need_sum else None  # (C, K)
+        gw = gpe = gb = None
+        if need_w:
+            gw = native.wgrad(gy, x, dim)
+            if pe is not None:
+                gw = gw + _conv_rows(pe.to(x.dtype), g_sum, correlate=True)
+            gw = gw.unsqueeze(1).to(weight.dtype)
+        if need_pe:
+            gpe = _conv_rows(g_sum, w_flip).to(pe.dtype)
+        if need_b:
+            gb = g_sum.sum(dim=1).to(gy.dtype)
+        return gx, gw, gb, gpe, None
+
+
+def _conv_rows(v: torch.Tensor, w: torch.Tensor, correlate: bool = False) -> torch.Tensor:
+    """Row-wise circular products of small (C, K) tables: ``out[c, i] = sum_k w[c, k] v[c, (i + k) mod K]``, or with
+    ``correlate`` ``out[c, k] = sum_i w[c, i] v[c, (i + k) mod K]`` (the kernel-gradient form)."""
+    k = v.size(-1)
+    ar = torch.arange(k, device=v.device)
+    shifted = v[:, (ar.view(k, 1) + ar.view(1, k)) % k]  # (C, K, K): [c, i, k] = v[c, (i + k) mod K]
+    return torch.einsum("cik,ci->ck" if correlate else "cik,ck->ci", shifted, w)
 
 
 CHUNK_BYTES = 32 << 20

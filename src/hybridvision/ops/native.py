@@ -1,0 +1,134 @@
+"""The hand-written CPU kernel behind ``circular_conv(..., method="native")`` (``csrc/circular_cpu.cpp``).
+
+It is compiled on first use with ``torch.utils.cpp_extension`` (a C++17 compiler and ninja are needed; about 20 s
+on 2 cores) into torch's extension cache, ``~/.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR`` moves it), and
+loaded from there afterwards. ``make setup`` builds it once (:func:`prebuild`). The build uses ``-march=native``, so the library's name
+carries a hash of this CPU's model and feature flags: a home directory shared by different machines gets one
+build per CPU type.
+
+``HYBRIDVISION_NATIVE=0`` switches it off (``"auto"`` then never picks it and ``method="native"`` raises).
+Where it cannot be built, ``"auto"`` falls back to the other methods after one warning.
+
+Ops (registered as ``torch.ops.hybridvision.*``, float32 / float64, CPU, contiguous inputs):
+    circular_dw_forward(x (B, C, H, W), weight (C, K), add (C, K) or None, dim) -> (B, C, H, W)
+        y[b, c, i] = add[c, i] + sum_k weight[c, k] * x[b, c, (i + k) mod K] along ``dim`` (2 or 3)
+    circular_dw_wgrad(gy (B, C, H, W), x (B, C, H, W), dim) -> (C, K)
+        dw[c, k] = sum over b, the other axis and i of gy[b, c, i] * x[b, c, (i + k) mod K]
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = ["available", "build", "disabled", "prebuild"]
+
+_ENV_VAR = "HYBRIDVISION_NATIVE"
+_SOURCE = Path(__file__).with_name("csrc") / "circular_cpu.cpp"
+_lock = threading.Lock()
+_state: dict[str, Optional[str]] = {}  # "error": None once loaded, else the build error
+
+
+def disabled() -> bool:
+    """True when ``HYBRIDVISION_NATIVE=0`` (read at every call, so tests and users can flip it)."""
+    return os.environ.get(_ENV_VAR, "1") == "0"
+
+
+def _cpu_tag() -> str:
+    """A short hash of this CPU's model name and feature flags (the build is ``-march=native``)."""
+    text = platform.machine()
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        text += "".join(line for line in info if line.startswith(("model name", "flags")))[:4096]
+    except OSError:
+        text += platform.processor()
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def _ninja_on_path() -> None:
+    """Put the ``ninja`` of the pip package (a dependency) on PATH when none is there: torch runs ``ninja`` by name,
+    and ``.venv/bin`` is not on PATH unless the environment is activated."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def build(verbose: bool = False) -> None:
+    """Compile (or load the cached build of) the kernel into this process; raises ``RuntimeError`` with the
+    compiler's message and the fix when that fails. Idempotent and thread-safe."""
+    if disabled():
+        raise RuntimeError(f"the native circular_conv kernel is switched off ({_ENV_VAR}=0); unset it, or use "
+                           "method='gemm' / 'fft'")
+    with _lock:
+        if "error" in _state:
+            if _state["error"] is not None:
+                raise RuntimeError(_state["error"])
+            return
+        try:
+            from torch.utils import cpp_extension
+
+            _ninja_on_path()
+            cpp_extension.load(
+                name=f"hybridvision_circular_{_cpu_tag()}",
+                sources=[str(_SOURCE)],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                verbose=verbose,
+            )
+        except Exception as exc:  # the compiler's or loader's own message is the useful part
+            _state["error"] = (
+                f"could not build hybridvision's native circular_conv kernel ({type(exc).__name__}: {exc}). "
+                "It needs a C++17 compiler (g++ or clang++) and ninja (pip install ninja); or use "
+                "method='gemm' / 'fft', or set HYBRIDVISION_NATIVE=0 to stop 'auto' from trying it."
+            )
+            raise RuntimeError(_state["error"]) from exc
+        _state["error"] = None
+
+
+def available() -> bool:
+    """True when the kernel is enabled and loaded (building it on the first call; a failed build warns once)."""
+    if disabled():
+        return False
+    if "error" not in _state:
+        try:
+            build()
+        except RuntimeError as exc:
+            warnings.warn(f"{exc} Falling back to the other methods.", RuntimeWarning, stacklevel=2)
+    return _state.get("error", "") is None
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, add: Optional[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.ops.hybridvision.circular_dw_forward`` on contiguous tensors (builds the kernel if needed)."""
+    build()
+    return torch.ops.hybridvision.circular_dw_forward(x.contiguous(), weight.contiguous(), add, dim)
+
+
+def wgrad(gy: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``torch.ops.hybridvision.circular_dw_wgrad`` on contiguous tensors (builds the kernel if needed)."""
+    build()
+    return torch.ops.hybridvision.circular_dw_wgrad(gy.contiguous(), x.contiguous(), dim)
+
+
+def prebuild() -> None:
+    """Build the kernel now and say so (``make setup`` calls this); a failed build only warns, as the other
+    methods work without it."""
+    if disabled():
+        print(f"[setup] {_ENV_VAR}=0: not building the native circular_conv kernel")
+        return
+    try:
+        build()
+    except RuntimeError as exc:
+        print(f"[setup] WARNING: {exc}")
+        return
+    print(f"[setup] native circular_conv kernel ready (torch.ops.hybridvision, CPU tag {_cpu_tag()})")

@@ -1,0 +1,102 @@
+"""The native CPU kernel (hybridvision.ops.native, csrc/circular_cpu.cpp): its two ops against the float64 formula
+on shapes that hit every code path (full and partial vector strips, 16-row tiles with and without a remainder, the
+addend), gradcheck through circular_conv, non-contiguous inputs, and the build / switch-off paths."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybridvision.ops import circular, native
+from hybridvision.ops.circular import circular_conv
+
+# (B, C, H, W): K along dim 2 is H, along dim 3 is W. Odd/even, square/non-square, K and the other axis below,
+# at and above the 16 float lanes (tails of 1..15, a half vector of 8, several tiles), tiny axes.
+SHAPES = [(2, 3, 7, 5), (3, 4, 17, 18), (2, 5, 33, 40), (1, 2, 56, 56), (2, 3, 9, 70), (2, 2, 1, 3), (1, 1, 4, 1),
+          (2, 2, 16, 16), (1, 3, 24, 8)]
+
+
+def formula(x: torch.Tensor, w: torch.Tensor, dim: int, add=None) -> torch.Tensor:
+    """float64: y[b, c, i] = add[c, i] + sum_k w[c, k] x[b, c, (i + k) mod K] along dim; x (B, C, H, W), w (C, K)."""
+    x, w = x.double(), w.double()
+    k = x.size(dim)
+    y = sum(w[:, j].view(1, -1, 1, 1) * torch.roll(x, -j, dims=dim) for j in range(k))
+    if add is not None:
+        y = y + (add.double().view(1, -1, k, 1) if dim == 2 else add.double().view(1, -1, 1, k))
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ops_match_float64_formula(shape, dim, dtype):
+    g = torch.Generator().manual_seed(sum(shape) * 7 + dim)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    k = shape[dim]
+    w = torch.randn(shape[1], k, generator=g, dtype=dtype)
+    add = torch.randn(shape[1], k, generator=g, dtype=dtype)
+    gy = torch.randn(shape, generator=g, dtype=dtype)
+    tol = dict(rtol=1e-5, atol=1e-5 * k) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+
+    torch.testing.assert_close(native.forward(x, w, None, dim).double(), formula(x, w, dim), **tol)
+    torch.testing.assert_close(native.forward(x, w, add, dim).double(), formula(x, w, dim, add), **tol)
+
+    x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    (formula(x64, w64, dim) * gy.double()).sum().backward()
+    torch.testing.assert_close(native.wgrad(gy, x, dim).double(), w64.grad, **tol)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 2, 18, 3), (2, 1, 3, 17)])
+def test_gradcheck_through_circular_conv(shape, dim):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(shape[1], 1, shape[dim], dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(shape[1], dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: circular_conv(x, w, dim, b, method="native"), (x, w, b))
+
+
+def test_channels_last_and_sliced_inputs():
+    """Non-contiguous inputs give the same result as their contiguous copies (the kernel reads contiguous data)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 20, 21, generator=g)
+    w = torch.randn(6, 1, 20, generator=g)
+    ref = circular_conv(x, w, 2, method="gemm")
+    torch.testing.assert_close(circular_conv(x.to(memory_format=torch.channels_last), w, 2, method="native"), ref)
+    xs = torch.randn(2, 6, 20, 42, generator=g)[..., ::2]
+    torch.testing.assert_close(circular_conv(xs, w, 2, method="native"), circular_conv(xs, w, 2, method="gemm"))
+
+
+def test_unsupported_inputs_are_named():
+    x, w = torch.randn(1, 4, 6, 6), torch.randn(4, 1, 6)
+    with pytest.raises(ValueError, match=r"float32/float64 only \(got torch.bfloat16\)"):
+        circular_conv(x.bfloat16(), w.bfloat16(), 3, method="native")
+    with pytest.raises(ValueError, match="depthwise kernels only"):
+        circular_conv(x, torch.randn(4, 4, 6), 3, groups=1, method="native")
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv("HYBRIDVISION_NATIVE", "0")
+    assert not native.available()
+    x, w = torch.randn(1, 2, 9, 9), torch.randn(2, 1, 9)
+    assert circular.choose_method(x, w, 2) != "native"
+    with pytest.raises(RuntimeError, match="HYBRIDVISION_NATIVE=0"):
+        circular_conv(x, w, 2, method="native")
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+    """A source that does not compile: available() warns and says False, auto picks another method, and an
+    explicit method='native' raises with the compiler's message and the fix. (Own cache folder and library name,
+    so the real build is untouched.)"""
+    bad = tmp_path / "broken.cpp"
+    bad.write_text("this is not C++;\n")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_SOURCE", bad)
+    monkeypatch.setattr(native, "_cpu_tag", lambda: "broken_test")
+    monkeypatch.setattr(native, "_state", {})
+    with pytest.warns(RuntimeWarning, match="could not build hybridvision's native circular_conv kernel"):
+        assert not native.available()
+    assert not native.available()  # no second build attempt, no second warning
+    x, w = torch.randn(1, 2, 9, 9), torch.randn(2, 1, 9)
+    assert circular.choose_method(x, w, 2) != "native"
+    with pytest.raises(RuntimeError, match="C\\+\\+17 compiler"):
+        circular_conv(x, w, 2, method="native")
