@@ -100,7 +100,7 @@ template <typename T> inline void transpose_block(typename Vec<T>::type* v) {
 }
 #if defined(__GNUC__) && !defined(__clang__)
 typedef int vi16 __attribute__((vector_size(64)));
-template <int S> inline void transpose_stage(vf16* v, const vi16 lo, const vi16 hi) {
+template <int S> __attribute__((always_inline)) inline void transpose_stage(vf16* v, const vi16 lo, const vi16 hi) {
 #pragma GCC unroll 16
   for (int i = 0; i < 16; ++i)
     if (!(i & S)) {
@@ -109,7 +109,7 @@ template <int S> inline void transpose_stage(vf16* v, const vi16 lo, const vi16 
       v[i + S] = __builtin_shuffle(a, b, hi);  // hi[c] = c & S ? 16 + c : c + S
     }
 }
-template <> inline void transpose_block<float>(vf16* v) {
+template <> __attribute__((always_inline)) inline void transpose_block<float>(vf16* v) {
   transpose_stage<8>(v, vi16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
                      vi16{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
   transpose_stage<4>(v, vi16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
@@ -135,26 +135,33 @@ template <typename T> void to_tile(const T* src, int64_t ld, int64_t n, int64_t 
     std::memcpy(v, a, sizeof(a));
   }
   transpose_block<T>(v);
-  std::memcpy(tile, v, sizeof(v));
+  for (int64_t i = 0; i < L; ++i) store(tile + i * L, v[i]);
 }
 template <typename T> void from_tile(const T* tile, T* dst, int64_t ld, int64_t n, int64_t m) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
   V v[L];
-  std::memcpy(v, tile, sizeof(v));
+  for (int64_t i = 0; i < L; ++i) v[i] = load<V>(tile + i * L);
   transpose_block<T>(v);
-  for (int64_t i = 0; i < n; ++i) store(dst + i * ld, v[i], m);
+  if (m == L) {
+    for (int64_t i = 0; i < n; ++i) store(dst + i * ld, v[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) store(dst + i * ld, v[i], m);
+  }
 }
 
-// The (K x L) lane tile of a (rows x K) matrix's rows h0 .. h0 + L - 1 (dim 3: lanes = rows), zero-padded.
+// The lane tile of rows h0 .. h0 + L - 1 of a (rows x K) matrix (dim 3: lanes = rows): tile[k * L + l] =
+// src[(h0 + l) * K + k] for k < K, zero in lanes past the last row. Tile rows K .. KP - 1 (KP = K rounded up to
+// L) are scratch: a last column chunk narrower than L is read as a full L x L block (the rest of each row is the
+// next row's head) whenever that stays inside the matrix, so the tile needs KP rows.
 template <typename T> void rows_to_tile(const T* src, int64_t rows, int64_t K, int64_t h0, T* tile) {
   constexpr int64_t L = Vec<T>::n;
   const int64_t n = std::min(L, rows - h0);
   for (int64_t k0 = 0; k0 < K; k0 += L) {
     const int64_t m = std::min(L, K - k0);
-    if (m == L) {
-      to_tile(src + h0 * K + k0, K, n, m, tile + k0 * L);
-    } else {  // the last rows of the tile: through a full-size temporary
+    if (m == L || (n == L && (h0 + L - 1) * K + k0 + L <= rows * K)) {
+      to_tile(src + h0 * K + k0, K, n, L, tile + k0 * L);
+    } else {  // the block would leave the matrix: through a zero-padded temporary
       T tmp[L * L];
       to_tile(src + h0 * K + k0, K, n, m, tmp);
       std::memcpy(tile + k0 * L, tmp, m * L * sizeof(T));
@@ -175,7 +182,13 @@ void fwd_cols(const T* x, T* y, const T* wb, const T* add, int64_t H, int64_t K,
     const int64_t n = std::min(L, H - h0);
     rows_to_tile(x, H, K, h0, xt);
     rows_block<V>(xt, L, yt, L, wb, add, K);
-    for (int64_t i0 = 0; i0 < K; i0 += L) from_tile(yt + i0 * L, y + h0 * K + i0, K, n, std::min(L, K - i0));
+    // Column chunks from the last to the first: a last chunk narrower than L is stored full width when that stays
+    // inside the plane; what it spills into the head of the next row is overwritten by that row's first chunk
+    // (stored after it, or, for the strip's last row, by the next strip).
+    for (int64_t i0 = (K - 1) / L * L; i0 >= 0; i0 -= L) {
+      const bool wide = n == L && (h0 + L - 1) * K + i0 + L <= H * K;
+      from_tile(yt + i0 * L, y + h0 * K + i0, K, n, wide ? L : std::min(L, K - i0));
+    }
   }
 }
 
@@ -198,14 +211,14 @@ void wgrad_tile(const T* G, const T* X2, int64_t K, typename Vec<T>::type* acc) 
 }
 
 // Weight gradient of one channel summed over the batch (planes at + b * bstride, H x W each) into acc (K vectors).
-// dim 2: tiles are L-column strips of the plane; dim 3: transposed L-row strips. scratch: (3K + R) * L.
+// dim 2: tiles are L-column strips of the plane; dim 3: transposed L-row strips. scratch: (KP + max(2K + R, KP)) * L.
 template <typename T>
 void wgrad_channel(const T* gy, const T* x, int64_t B, int64_t bstride, int64_t H, int64_t W, int64_t dim,
                    typename Vec<T>::type* acc, T* scratch) {
   constexpr int64_t L = Vec<T>::n;
-  const int64_t K = dim == 2 ? H : W, other = dim == 2 ? W : H;
-  T* G = scratch;
-  T* X2 = scratch + K * L;
+  const int64_t K = dim == 2 ? H : W, other = dim == 2 ? W : H, KP = (K + L - 1) / L * L;
+  T* G = scratch;  // KP rows (rows_to_tile)
+  T* X2 = scratch + KP * L;  // max(2K + R, KP) rows
   for (int64_t b = 0; b < B; ++b) {
     const T* g = gy + b * bstride;
     const T* xx = x + b * bstride;
@@ -291,7 +304,8 @@ at::Tensor circular_dw_wgrad(const at::Tensor& gy, const at::Tensor& x, int64_t 
     const int64_t plane = H * W, bstride = C * plane;
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
       std::vector<V> acc(K);
-      std::vector<scalar_t> scratch((3 * K + R) * L);
+      const int64_t KP = (K + L - 1) / L * L;
+      std::vector<scalar_t> scratch((KP + std::max(2 * K + R, KP)) * L);
       for (int64_t c = begin; c < end; ++c) {
         std::fill(acc.begin(), acc.end(), V{});
         wgrad_channel(gp + c * plane, xp + c * plane, B, bstride, H, W, dim, acc.data(), scratch.data());
