@@ -191,7 +191,7 @@ def test_choose_method_rule(monkeypatch):
         grad = pass_ == "train"
         assert pick(4, max(lo, 2), dim=dim, grad=grad) == "native" and pick(4, hi, dim=dim, grad=grad) == "native"
         assert pick(4, hi + 1, dim=dim, grad=grad) in ("gemm", "fft")
-    assert pick(4, 7, dim=3) == "direct" and pick(4, 7, dim=2) == "native"
+    assert pick(4, 7, dim=3) == "native" and pick(4, 7, dim=2) == "native"
     assert pick(4, 14, dense=True) == "fft" and pick(4, 14, dtype=torch.float16) == "fft"
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert pick(4, 14, dim=2) == "gemm"  # torch.compile traces the other methods

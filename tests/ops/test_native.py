@@ -12,7 +12,9 @@ from hybridvision.ops.circular import circular_conv
 # (B, C, H, W): K along dim 2 is H, along dim 3 is W. Odd/even, square/non-square, K and the other axis below,
 # at and above the 16 float lanes (tails of 1..15, a half vector of 8, several tiles), tiny axes.
 SHAPES = [(2, 3, 7, 5), (3, 4, 17, 18), (2, 5, 33, 40), (1, 2, 56, 56), (2, 3, 9, 70), (2, 2, 1, 3), (1, 1, 4, 1),
-          (2, 2, 16, 16), (1, 3, 24, 8)]
+          (2, 2, 16, 16), (1, 3, 24, 8),
+          # small planes with batches that fill the lanes (the batch-lane path): partial and several groups
+          (9, 2, 7, 7), (16, 3, 5, 6), (17, 2, 6, 3), (33, 1, 14, 9), (9, 2, 19, 30)]
 
 
 def formula(x: torch.Tensor, w: torch.Tensor, dim: int, add=None) -> torch.Tensor:
