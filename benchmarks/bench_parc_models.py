@@ -34,6 +34,7 @@ import hybridvision.models.parc_convnets  # noqa: F401  (registers the models)
 import hybridvision.models.parc_net  # noqa: F401
 from hybridvision.models.convert import parcify
 from hybridvision.engine.runtime import cpu_state, tune_cpu
+from hybridvision.ops import native
 from hybridvision.tools.profile import count_macs
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -115,7 +116,7 @@ def run(
         log(f"{label:42s} {base_name:>22s} {t_base * 1e3:9.1f} ms  {parc_name:>30s} {t_parc * 1e3:9.1f} ms  "
             f"ratio {row['ratio']:.3f}  {row['verdict']}")
         if sweep and parc_name in METHOD_SWEEP:
-            for method in ("direct", "gemm", "fft"):
+            for method in ("direct", "gemm", "fft", *(("native",) if native.available() else ())):
                 forced = build(parc_name, parc_method=method)
                 t_base_m, t_m, ratio_m = time_pair(base, forced, x, rounds, warmup)
                 r = dict(row, method=method, base_ms=t_base_m * 1e3, parc_ms=t_m * 1e3, ratio=ratio_m)
