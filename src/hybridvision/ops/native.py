@@ -2,9 +2,9 @@
 
 It is compiled on first use with ``torch.utils.cpp_extension`` (a C++17 compiler and ninja are needed; about 20 s
 on 2 cores) into torch's extension cache, ``~/.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR`` moves it), and
-loaded from there afterwards. ``make setup`` builds it once (:func:`prebuild`). The build uses ``-march=native``, so the library's name
-carries a hash of this CPU's model and feature flags: a home directory shared by different machines gets one
-build per CPU type.
+loaded from there afterwards; ``make setup`` builds it once (:func:`prebuild`). The build uses ``-march=native``, so
+the library's name carries a hash of this CPU's model and feature flags: a home directory shared by different
+machines gets one build per CPU type.
 
 ``HYBRIDVISION_NATIVE=0`` switches it off (``"auto"`` then never picks it and ``method="native"`` raises).
 Where it cannot be built, ``"auto"`` falls back to the other methods after one warning.
@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "build", "disabled", "prebuild"]
+__all__ = ["available", "build", "disabled", "forward", "prebuild", "wgrad"]
 
 _ENV_VAR = "HYBRIDVISION_NATIVE"
 _SOURCE = Path(__file__).with_name("csrc") / "circular_cpu.cpp"
