@@ -244,8 +244,9 @@ def _circular_conv(
     pe: (C_in, K) or None, added to x along ``dim`` (broadcast over batch and the other axis) before the
     convolution: ``circular_conv(x + pe, ...)``. The depthwise FFT path fuses the addition into the spectrum.
     """
+    requested = _default_method if method == "auto" else method
     method = _resolve(method, x, weight, dim)
-    if method == "native":
+    if requested == "native":  # choose_method only picks it where it applies
         _check_native(x, weight, groups)
     if bias is not None:
         bias = bias.to(x.dtype)
@@ -498,10 +499,10 @@ class _DepthwiseNative(torch.autograd.Function):
         x = x.contiguous()
         ctx.save_for_backward(x, weight, pe)
         ctx.dim = dim
-        w = weight[:, 0].to(x.dtype).contiguous()
+        w = weight[:, 0].to(x.dtype)
         addend = None
         if pe is not None:
-            addend = _conv_rows(pe.to(x.dtype), w)
+            addend = _circular_mv(w, pe.to(x.dtype))
         if bias is not None:
             b = bias.to(x.dtype).unsqueeze(-1).expand_as(w)
             addend = b if addend is None else addend + b
@@ -511,9 +512,9 @@ class _DepthwiseNative(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gy):  # type: ignore[override]
         x, weight, pe, dim, (need_x, need_w, need_b, need_pe) = _saved(ctx)
-        gy = gy.contiguous()
+        gy = gy.contiguous()  # once, for both kernels
         w = weight[:, 0].to(x.dtype)
-        w_flip = torch.roll(w.flip(-1), 1, dims=-1).contiguous()  # w'[k] = w[(K - k) mod K]
+        w_flip = torch.roll(w.flip(-1), 1, dims=-1)  # w'[k] = w[(K - k) mod K]
         gx = native.forward(gy, w_flip, None, dim) if need_x else None
         need_sum = need_b or need_pe or (need_w and pe is not None)
         g_sum = gy.sum(dim=(0, 3 if dim == 2 else 2)) if need_sum else None  # (C, K)
@@ -521,22 +522,20 @@ class _DepthwiseNative(torch.autograd.Function):
         if need_w:
             gw = native.wgrad(gy, x, dim)
             if pe is not None:
-                gw = gw + _conv_rows(pe.to(x.dtype), g_sum, correlate=True)
+                gw = gw + _circular_mv(g_sum, pe.to(x.dtype))
             gw = gw.unsqueeze(1).to(weight.dtype)
         if need_pe:
-            gpe = _conv_rows(g_sum, w_flip).to(pe.dtype)
+            gpe = _circular_mv(w_flip, g_sum).to(pe.dtype)
         if need_b:
             gb = g_sum.sum(dim=1).to(gy.dtype)
         return gx, gw, gb, gpe, None
 
 
-def _conv_rows(v: torch.Tensor, w: torch.Tensor, correlate: bool = False) -> torch.Tensor:
-    """Row-wise circular products of small (C, K) tables: ``out[c, i] = sum_k w[c, k] v[c, (i + k) mod K]``, or with
-    ``correlate`` ``out[c, k] = sum_i w[c, i] v[c, (i + k) mod K]`` (the kernel-gradient form)."""
-    k = v.size(-1)
-    ar = torch.arange(k, device=v.device)
-    shifted = v[:, (ar.view(k, 1) + ar.view(1, k)) % k]  # (C, K, K): [c, i, k] = v[c, (i + k) mod K]
-    return torch.einsum("cik,ci->ck" if correlate else "cik,ck->ci", shifted, w)
+def _circular_mv(kernel: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per-row circulant products of small (C, K) tables through :func:`_circulant`:
+    ``out[c, i] = sum_j kernel[c, (j - i) mod K] v[c, j]`` (= circular_conv of the row v with that kernel)."""
+    m = _circulant(kernel.unsqueeze(1), kernel.size(0), transpose=False)  # (C, K, K)
+    return torch.bmm(m, v.unsqueeze(-1)).squeeze(-1)
 
 
 CHUNK_BYTES = 32 << 20

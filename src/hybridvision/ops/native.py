@@ -69,6 +69,8 @@ def build(verbose: bool = False) -> None:
     if disabled():
         raise RuntimeError(f"the native circular_conv kernel is switched off ({_ENV_VAR}=0); unset it, or use "
                            "method='gemm' / 'fft'")
+    if _state.get("error", "") is None:  # loaded: no lock on the per-call path
+        return
     with _lock:
         if "error" in _state:
             if _state["error"] is not None:

@@ -20,7 +20,6 @@
 #include <cstring>
 #include <vector>
 
-
 namespace {
 
 typedef float vf16 __attribute__((vector_size(64)));
