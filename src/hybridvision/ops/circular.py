@@ -20,8 +20,8 @@ Five methods compute the same thing (all differentiable; all tested against a fl
   folded into the spectrum, 1/K folded into the kernel spectrum, rfft(x) recomputed in backward instead of stored).
 * ``"native"``: depthwise only, float32/64 on the CPU: a hand-vectorised C++ kernel of the direct sum
   (``csrc/circular_cpu.cpp``, built on first use by :mod:`hybridvision.ops.native`); ``2 K`` FLOPs per output
-  (about 330 GFLOP/s at K=224 along H on the 2-core development machine), no padded copy, the position embedding
-  and bias folded into one addend. SIMD lanes run over the batch for small planes and over the contiguous axis or
+  (about 300 GFLOP/s at K=224 along H on the 2-core development machine, benchmarks/results/circular.md), no
+  padded copy, the position embedding and bias folded into one addend. SIMD lanes run over the batch for small planes and over the contiguous axis or
   in-register transposed 16-row tiles otherwise. Backward: the same kernel with the flipped kernel for dx and a
   second kernel for dw.
 * ``"auto"``: picks one of them by the measured cost model in :func:`choose_method`.
@@ -85,7 +85,7 @@ NATIVE_K = {("fwd", 2): (1, 224), ("fwd", 3): (1, 112), ("train", 2): (1, 224), 
 to ``"native"``, per pass and ``dim`` (as :data:`GEMM_MAX_K`); outside it the rules below. From
 ``python benchmarks/bench_circular.py`` (2 threads; benchmarks/results/circular.md): along dim 2 native is the
 fastest method at every measured K (7-224; its cost grows with K, so larger K go to the FFT); along dim 3 up to
-K=112, where the whole plane fits its batch-lane tile, and not at K=224 (forward 15.0 vs fft 13.0 ms)."""
+K=112, where the whole plane fits its batch-lane tile, and not at K=224 (forward 16.03 vs fft 15.55 ms)."""
 DIRECT_MAX_K = 8
 """``"auto"`` on CPU, depthwise float32/64, no backward: up to this K ``"direct"`` (oneDNN's depthwise conv on the
 circularly padded input). At K=7 the whole tensor sits in cache and every method costs about the same;

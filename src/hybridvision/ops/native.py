@@ -1,10 +1,10 @@
 """The hand-written CPU kernel behind ``circular_conv(..., method="native")`` (``csrc/circular_cpu.cpp``).
 
-It is compiled on first use with ``torch.utils.cpp_extension`` (a C++17 compiler and ninja are needed; about 20 s
-on 2 cores) into torch's extension cache, ``~/.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR`` moves it), and
-loaded from there afterwards; ``make setup`` builds it once (:func:`prebuild`). The build uses ``-march=native``, so
-the library's name carries a hash of this CPU's model and feature flags: a home directory shared by different
-machines gets one build per CPU type.
+It is compiled on first use with ``torch.utils.cpp_extension`` (a C++17 compiler and ninja are needed; 17.4 s
+on the 2-core development machine, see the README) into torch's extension cache, ``~/.cache/torch_extensions``
+(``TORCH_EXTENSIONS_DIR`` moves it), and loaded from there afterwards; ``make setup`` builds it once
+(:func:`prebuild`). The build uses ``-march=native``, so the library's name carries a hash of this CPU's model and
+feature flags: a home directory shared by different machines gets one build per CPU type.
 
 ``HYBRIDVISION_NATIVE=0`` switches it off (``"auto"`` then never picks it and ``method="native"`` raises).
 Where it cannot be built, ``"auto"`` falls back to the other methods after one warning.

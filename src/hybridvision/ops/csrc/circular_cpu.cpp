@@ -46,9 +46,10 @@ template <typename T> inline T hsum(const typename Vec<T>::type& v) {
 }
 
 constexpr int R = 8;  // output rows (dim 2) / rows sharing a weight (dim 3) / kernel taps (wgrad) per register block
-// Largest plane (H * W) that goes through the batch lanes, along H / along W. Measured forward, B=16, fp32, 2 threads
-// (ms, batch lanes vs plane mode): along H K=7 0.11 vs 0.15, K=14 0.19 vs 0.22, K=28 0.61 vs 0.57, K=112 5.4 vs
-// 4.3; along W K=56 1.6 vs 2.1, K=112 4.9 vs 6.2, K=224 21 vs 15.
+// Largest plane (H * W) that goes through the batch lanes, along H / along W. Exploratory forward timings of builds
+// with either mode, B=16, fp32, 2 threads (ms, batch lanes vs plane mode; scratch scripts, not committed): along H
+// K=7 0.11 vs 0.15, K=14 0.19 vs 0.22, K=28 0.61 vs 0.57, K=112 5.4 vs 4.3; along W K=56 1.6 vs 2.1, K=112 4.9 vs
+// 6.2, K=224 21 vs 15.
 constexpr int64_t BATCH_LANES_MAX_P[2] = {256, 112 * 112};
 
 // dim 2: K rows of V's lanes (input row stride sx, output row stride sy). wb: the weights broadcast to full
