@@ -14,7 +14,10 @@ from hybridvision.ops.circular import circular_conv
 SHAPES = [(2, 3, 7, 5), (3, 4, 17, 18), (2, 5, 33, 40), (1, 2, 56, 56), (2, 3, 9, 70), (2, 2, 1, 3), (1, 1, 4, 1),
           (2, 2, 16, 16), (1, 3, 24, 8),
           # small planes with batches that fill the lanes (the batch-lane path): partial and several groups
-          (9, 2, 7, 7), (16, 3, 5, 6), (17, 2, 6, 3), (33, 1, 14, 9), (9, 2, 19, 30)]
+          (9, 2, 7, 7), (16, 3, 5, 6), (17, 2, 6, 3), (33, 1, 14, 9), (9, 2, 19, 30),
+          # the FFT path: chosen by algo=0 from K=64 on (the weight gradient along dim 2 from 32); radices 4, 2, 3,
+          # 5, 7; full and partial strips of 2 x 16 lanes
+          (2, 3, 112, 20), (1, 2, 30, 120), (2, 2, 45, 27), (1, 2, 96, 64)]
 
 
 def formula(x: torch.Tensor, w: torch.Tensor, dim: int, add=None) -> torch.Tensor:
@@ -27,10 +30,26 @@ def formula(x: torch.Tensor, w: torch.Tensor, dim: int, add=None) -> torch.Tenso
     return y
 
 
+def smooth(k: int) -> bool:
+    """True when the FFT path takes K: K >= 2 without prime factors above 7."""
+    for p in (2, 3, 5, 7):
+        while k > 1 and k % p == 0:
+            k //= p
+    return k == 1
+
+
+@pytest.mark.parametrize("algo", [0, 1, 2], ids=["choose", "direct", "fft"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_ops_match_float64_formula(shape, dim, dtype):
+def test_ops_match_float64_formula(shape, dim, dtype, algo):
+    if algo == 2 and not (shape[dim] >= 2 and smooth(shape[dim])):
+        x, w = torch.randn(shape), torch.randn(shape[1], shape[dim])
+        with pytest.raises(RuntimeError, match="prime factors above 7"):
+            native.forward(x, w, None, dim, algo)
+        with pytest.raises(RuntimeError, match="prime factors above 7"):
+            native.wgrad(x, x, dim, algo)
+        return
     g = torch.Generator().manual_seed(sum(shape) * 7 + dim)
     x = torch.randn(shape, generator=g, dtype=dtype)
     k = shape[dim]
@@ -39,12 +58,12 @@ def test_ops_match_float64_formula(shape, dim, dtype):
     gy = torch.randn(shape, generator=g, dtype=dtype)
     tol = dict(rtol=1e-5, atol=1e-5 * k) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
 
-    torch.testing.assert_close(native.forward(x, w, None, dim).double(), formula(x, w, dim), **tol)
-    torch.testing.assert_close(native.forward(x, w, add, dim).double(), formula(x, w, dim, add), **tol)
+    torch.testing.assert_close(native.forward(x, w, None, dim, algo).double(), formula(x, w, dim), **tol)
+    torch.testing.assert_close(native.forward(x, w, add, dim, algo).double(), formula(x, w, dim, add), **tol)
 
     x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
     (formula(x64, w64, dim) * gy.double()).sum().backward()
-    torch.testing.assert_close(native.wgrad(gy, x, dim).double(), w64.grad, **tol)
+    torch.testing.assert_close(native.wgrad(gy, x, dim, algo).double(), w64.grad, **tol)
 
 
 @pytest.mark.parametrize("dim", [2, 3])
@@ -74,6 +93,8 @@ def test_unsupported_inputs_are_named():
         circular_conv(x.bfloat16(), w.bfloat16(), 3, method="native")
     with pytest.raises(ValueError, match="depthwise kernels only"):
         circular_conv(x, torch.randn(4, 4, 6), 3, groups=1, method="native")
+    with pytest.raises(RuntimeError, match="algo must be 0 .choose., 1 .direct sum. or 2 .FFT., got 3"):
+        native.forward(x, w[:, 0], None, 3, 3)
 
 
 def test_switched_off_by_environment(monkeypatch):

@@ -18,12 +18,13 @@ Five methods compute the same thing (all differentiable; all tested against a fl
 * ``"fft"``: Fast-ParC, ``irfft(rfft(x) * conj(rfft(w)), n=K)`` along ``dim``; half / bfloat16 inputs are computed
   in float32 and cast back. Depthwise kernels use a fused autograd Function (bias and ParC's position embedding
   folded into the spectrum, 1/K folded into the kernel spectrum, rfft(x) recomputed in backward instead of stored).
-* ``"native"``: depthwise only, float32/64 on the CPU: a hand-vectorised C++ kernel of the direct sum
-  (``csrc/circular_cpu.cpp``, built on first use by :mod:`hybridvision.ops.native`); ``2 K`` FLOPs per output
-  (about 300 GFLOP/s at K=224 along H on the 2-core development machine, benchmarks/results/circular.md), no
-  padded copy, the position embedding and bias folded into one addend. SIMD lanes run over the batch for small planes and over the contiguous axis or
-  in-register transposed 16-row tiles otherwise. Backward: the same kernel with the flipped kernel for dx and a
-  second kernel for dw.
+* ``"native"``: depthwise only, float32/64 on the CPU: hand-vectorised C++ (``csrc/circular_cpu.cpp``, built on
+  first use by :mod:`hybridvision.ops.native`), no padded copy, the position embedding and bias folded into one
+  addend. Up to K=63 the direct sum (``2 K`` FLOPs per output; SIMD lanes over the batch for small planes, else
+  over the contiguous axis or in-register transposed 16-row tiles); from K=64 on (K without prime factors above 7)
+  its own FFT: two real lines per complex one, a Stockham FFT whose SIMD lanes are lines, the kernel spectrum,
+  the inverse and the addend fused into the passes, all in cache. Backward: the same forward with the flipped
+  kernel for dx, and a weight-gradient kernel (direct, or the FFT from K=32 / 64 along dim 2 / 3).
 * ``"auto"``: picks one of them by the measured cost model in :func:`choose_method`.
 
 Which method ``"auto"`` means can be overridden globally with :func:`set_default_method` (or the environment
@@ -80,12 +81,12 @@ there is strided: torch copies). The thresholds are the crossovers of per-elemen
 (``python benchmarks/bench_circular.py --threads 1 --clock cpu``, a loaded machine: identical calls there differ by
 up to 40 %), e.g. K=28: gemm, or a tie with fft along dim 3; K=56, dim 2: gemm (fwd 9.8 vs 10.9 ms, fwd+bwd 18.5
 vs 34.6 ms); K=56, dim 3: fft (fwd 4.6 vs 6.6 ms, fwd+bwd 13.9 vs 18.8 ms); K >= 112: fft."""
-NATIVE_K = {("fwd", 2): (1, 224), ("fwd", 3): (1, 112), ("train", 2): (1, 224), ("train", 3): (1, 112)}
+NATIVE_K = {("fwd", 2): (1, 224), ("fwd", 3): (1, 224), ("train", 2): (1, 224), ("train", 3): (1, 224)}
 """``"auto"`` on CPU, depthwise, float32/64, where the native kernel is built: the range of K (inclusive) that goes
 to ``"native"``, per pass and ``dim`` (as :data:`GEMM_MAX_K`); outside it the rules below. From
-``python benchmarks/bench_circular.py`` (2 threads; benchmarks/results/circular.md): along dim 2 native is the
-fastest method at every measured K (7-224; its cost grows with K, so larger K go to the FFT); along dim 3 up to
-K=112, where the whole plane fits its batch-lane tile, and not at K=224 (forward 16.03 vs fft 15.55 ms)."""
+``python benchmarks/bench_circular.py`` (2 threads; benchmarks/results/circular.md): native is the fastest method
+at every measured K (7-224) along both dims, forward and forward+backward. Larger K are not measured, and a K with a
+prime factor above 7 runs the O(K^2) direct sum, so beyond 224 ``"fft"`` takes over."""
 DIRECT_MAX_K = 8
 """``"auto"`` on CPU, depthwise float32/64, no backward: up to this K ``"direct"`` (oneDNN's depthwise conv on the
 circularly padded input). At K=7 the whole tensor sits in cache and every method costs about the same;

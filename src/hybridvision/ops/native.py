@@ -10,10 +10,12 @@ feature flags: a home directory shared by different machines gets one build per 
 Where it cannot be built, ``"auto"`` falls back to the other methods after one warning.
 
 Ops (registered as ``torch.ops.hybridvision.*``, float32 / float64, CPU, contiguous inputs):
-    circular_dw_forward(x (B, C, H, W), weight (C, K), add (C, K) or None, dim) -> (B, C, H, W)
+    circular_dw_forward(x (B, C, H, W), weight (C, K), add (C, K) or None, dim, algo=0) -> (B, C, H, W)
         y[b, c, i] = add[c, i] + sum_k weight[c, k] * x[b, c, (i + k) mod K] along ``dim`` (2 or 3)
-    circular_dw_wgrad(gy (B, C, H, W), x (B, C, H, W), dim) -> (C, K)
+    circular_dw_wgrad(gy (B, C, H, W), x (B, C, H, W), dim, algo=0) -> (C, K)
         dw[c, k] = sum over b, the other axis and i of gy[b, c, i] * x[b, c, (i + k) mod K]
+``algo``: 0 chooses (the FFT from a K measured by ``benchmarks/bench_native_crossover.py``, when K has no prime
+factor above 7), 1 forces the direct sum, 2 the FFT.
 """
 from __future__ import annotations
 
@@ -110,16 +112,16 @@ def available() -> bool:
     return _state.get("error", "") is None
 
 
-def forward(x: torch.Tensor, weight: torch.Tensor, add: Optional[torch.Tensor], dim: int) -> torch.Tensor:
+def forward(x: torch.Tensor, weight: torch.Tensor, add: Optional[torch.Tensor], dim: int, algo: int = 0) -> torch.Tensor:
     """``torch.ops.hybridvision.circular_dw_forward`` on contiguous tensors (builds the kernel if needed)."""
     build()
-    return torch.ops.hybridvision.circular_dw_forward(x.contiguous(), weight.contiguous(), add, dim)
+    return torch.ops.hybridvision.circular_dw_forward(x.contiguous(), weight.contiguous(), add, dim, algo)
 
 
-def wgrad(gy: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
+def wgrad(gy: torch.Tensor, x: torch.Tensor, dim: int, algo: int = 0) -> torch.Tensor:
     """``torch.ops.hybridvision.circular_dw_wgrad`` on contiguous tensors (builds the kernel if needed)."""
     build()
-    return torch.ops.hybridvision.circular_dw_wgrad(gy.contiguous(), x.contiguous(), dim)
+    return torch.ops.hybridvision.circular_dw_wgrad(gy.contiguous(), x.contiguous(), dim, algo)
 
 
 def prebuild() -> None:

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -176,6 +177,19 @@ template <typename T> void rows_to_tile(const T* src, int64_t rows, int64_t K, i
   }
 }
 
+// The inverse of rows_to_tile: rows h0 .. min(h0 + L, rows) - 1 of the (rows x K) matrix dst from the (K x L) tile.
+// Column chunks from the last to the first: a last chunk narrower than L is stored full width when that stays
+// inside the matrix; what it spills into the head of the next row is overwritten by that row's first chunk (stored
+// after it, or, for the tile's last row, by the next tile, which callers store later).
+template <typename T> void tile_to_rows(const T* tile, T* dst, int64_t rows, int64_t K, int64_t h0) {
+  constexpr int64_t L = Vec<T>::n;
+  const int64_t n = std::min(L, rows - h0);
+  for (int64_t i0 = (K - 1) / L * L; i0 >= 0; i0 -= L) {
+    const bool wide = n == L && (h0 + L - 1) * K + i0 + L <= rows * K;
+    from_tile(tile + i0 * L, dst + h0 * K + i0, K, n, wide ? L : std::min(L, K - i0));
+  }
+}
+
 // dim 3, one (H x K) plane: L rows at a time are transposed into a (K x L) tile, run through rows_block (the dim 2
 // kernel, lanes = rows) and transposed back. add: K addends, one per output position (= per tile row), or null.
 template <typename T>
@@ -189,13 +203,7 @@ void fwd_cols(const T* x, T* y, const T* wb, const T* add, int64_t H, int64_t K,
     const int64_t n = std::min(L, H - h0);
     rows_to_tile(x, H, K, h0, xt);
     rows_block<V>(xt, L, yt, L, wb, add, K);
-    // Column chunks from the last to the first: a last chunk narrower than L is stored full width when that stays
-    // inside the plane; what it spills into the head of the next row is overwritten by that row's first chunk
-    // (stored after it, or, for the strip's last row, by the next strip).
-    for (int64_t i0 = (K - 1) / L * L; i0 >= 0; i0 -= L) {
-      const bool wide = n == L && (h0 + L - 1) * K + i0 + L <= H * K;
-      from_tile(yt + i0 * L, y + h0 * K + i0, K, n, wide ? L : std::min(L, K - i0));
-    }
+    tile_to_rows(yt, y, H, K, h0);
   }
 }
 
@@ -218,6 +226,359 @@ void fwd_batch(const T* x, T* y, int64_t ps, int64_t nb, const T* wb, const T* a
     for (int64_t w = 0; w < W; ++w) rows_block<V>(xt + w * L, W * L, yt + w * L, W * L, wb, add, H);
   }
   for (int64_t p0 = 0; p0 < P; p0 += L) from_tile(yt + p0 * L, y + p0, ps, nb, std::min(L, P - p0));
+}
+
+// ---- The FFT path (large K) --------------------------------------------------------------------------------------
+// The same forward through the DFT, O(K log K) per line instead of O(K^2). Two sets of L real lines ride as the real
+// and imaginary parts of one complex signal z = x1 + i x2 (the kernel is real, so the correlation acts on each part
+// alone); with F the DFT and S = F(w) / K,
+//   y1 + i y2 = conj(F(conj(F z) * S))
+// (the correlation's spectrum is F(x) conj(F(w)), and the inverse DFT is conj(F(conj(.))) / K). F is a Stockham
+// (self-sorting) mixed-radix FFT with radices 4, 2, 3, 5, 7 over K complex vectors whose lanes are independent
+// lines. The first stage reads the input where it lies (rows of x along H), the last stage of the first FFT applies
+// conj(.) * S, and the last stage of the second writes y (+ the addend), so a strip makes one pass per stage over
+// scratch that stays in cache. (A radix-8 variant, 8 x 7 for K=56, measured slower than 4 x 2 x 7 in an exploratory
+// A/B run, and was dropped.) K with a prime factor above 7 keeps the direct sum.
+
+// Smallest K for which algo=0 takes the FFT path (when K has no prime factor above 7): [forward, wgrad][dim 2, dim 3].
+// From `python benchmarks/bench_native_crossover.py` (benchmarks/results/native_crossover.md, and three earlier runs
+// of it): the FFT is faster at every K of the sweep from 64 on (forward, both dims; weight gradient along dim 3) and
+// for the weight gradient along dim 2 at 32 and from 48 on (K=40, with a radix-5 stage, 0.94-1.28x over the runs).
+// Odd radices (3, 5, 7) cost more per point than 4 and 2, so lengths between the sweep's may cross a little later.
+constexpr int64_t FFT_MIN_K[2][2] = {{64, 64}, {32, 64}};
+
+// The radices of an FFT of length n (4s, 2, then odd, the largest last: the last stage has no twiddles), or
+// none when n has a prime factor above 7 or n < 2.
+inline std::vector<int> fft_radices(int64_t n) {
+  std::vector<int> r;
+  if (n < 2) return r;
+  for (int p : {4, 2, 3, 5, 7})
+    while (n % p == 0) {
+      r.push_back(p);
+      n /= p;
+    }
+  if (n != 1) r.clear();
+  return r;
+}
+
+// algo: 0 = choose (the FFT from FFT_MIN_K on), 1 = direct sum, 2 = FFT. op: 0 forward, 1 wgrad.
+inline bool use_fft(int64_t algo, int64_t K, int64_t dim, int op) {
+  TORCH_CHECK(algo >= 0 && algo <= 2, "algo must be 0 (choose), 1 (direct sum) or 2 (FFT), got ", algo);
+  const bool ok = !fft_radices(K).empty();
+  TORCH_CHECK(algo != 2 || ok, "algo=2 (FFT) needs K >= 2 without prime factors above 7, got K=", K);
+  return algo == 2 || (algo == 0 && ok && K >= FFT_MIN_K[op][dim - 2]);
+}
+
+template <typename T> struct FftPlan {
+  int64_t n;
+  std::vector<int> radix;
+  std::vector<int64_t> offset;  // stage k's twiddles start at tw[offset[k]]
+  std::vector<T> tw;  // per stage, pp < m, t = 1 .. p - 1: cos(phi), -sin(phi), phi = 2 pi pp t / (p m)
+  explicit FftPlan(int64_t n_) : n(n_), radix(fft_radices(n_)) {
+    int64_t len = n;
+    for (int p : radix) {
+      const int64_t m = len / p;
+      offset.push_back(static_cast<int64_t>(tw.size()));
+      for (int64_t pp = 0; pp < m; ++pp)
+        for (int t = 1; t < p; ++t) {
+          const double phi = 2.0 * M_PI * static_cast<double>(pp * t) / static_cast<double>(len);
+          tw.push_back(static_cast<T>(std::cos(phi)));
+          tw.push_back(static_cast<T>(-std::sin(phi)));
+        }
+      len = m;
+    }
+  }
+};
+
+// cos and sin of 2 pi r t / P for r, t = 0 .. P / 2 (odd P).
+template <int P, typename T> struct OddRoots {
+  T c[P / 2 + 1][P / 2 + 1], s[P / 2 + 1][P / 2 + 1];
+  OddRoots() {
+    for (int r = 0; r <= P / 2; ++r)
+      for (int t = 0; t <= P / 2; ++t) {
+        c[r][t] = static_cast<T>(std::cos(2.0 * M_PI * r * t / P));
+        s[r][t] = static_cast<T>(std::sin(2.0 * M_PI * r * t / P));
+      }
+  }
+};
+
+// In-place DFT of P complex vectors, b_t = sum_r a_r exp(-2 pi i r t / P). cr, sr: OddRoots broadcast (odd P).
+template <int P, typename V>
+__attribute__((always_inline)) inline void dft(V* xr, V* xi, const V (*cr)[P / 2 + 1], const V (*sr)[P / 2 + 1]) {
+  if constexpr (P == 2) {
+    const V tr = xr[0] - xr[1], ti = xi[0] - xi[1];
+    xr[0] += xr[1];
+    xi[0] += xi[1];
+    xr[1] = tr;
+    xi[1] = ti;
+  } else if constexpr (P == 4) {
+    const V t0r = xr[0] + xr[2], t0i = xi[0] + xi[2], t1r = xr[0] - xr[2], t1i = xi[0] - xi[2];
+    const V t2r = xr[1] + xr[3], t2i = xi[1] + xi[3], t3r = xr[1] - xr[3], t3i = xi[1] - xi[3];
+    xr[0] = t0r + t2r;
+    xi[0] = t0i + t2i;
+    xr[2] = t0r - t2r;
+    xi[2] = t0i - t2i;
+    xr[1] = t1r + t3i;  // t1 - i t3
+    xi[1] = t1i - t3r;
+    xr[3] = t1r - t3i;  // t1 + i t3
+    xi[3] = t1i + t3r;
+  } else {  // odd P: pairs r, P - r share cos (sums) and sin (differences)
+    constexpr int H = P / 2;
+    V sr_[H + 1], si_[H + 1], dr[H + 1], di[H + 1];
+    V b0r = xr[0], b0i = xi[0];
+    for (int r = 1; r <= H; ++r) {
+      sr_[r] = xr[r] + xr[P - r];
+      si_[r] = xi[r] + xi[P - r];
+      dr[r] = xr[r] - xr[P - r];
+      di[r] = xi[r] - xi[P - r];
+      b0r += sr_[r];
+      b0i += si_[r];
+    }
+    for (int t = 1; t <= H; ++t) {
+      V ar = xr[0], ai = xi[0], br = V{}, bi = V{};
+      for (int r = 1; r <= H; ++r) {
+        ar += sr_[r] * cr[r][t];
+        ai += si_[r] * cr[r][t];
+        br += dr[r] * sr[r][t];
+        bi += di[r] * sr[r][t];
+      }
+      xr[t] = ar + bi;  // A - i B
+      xi[t] = ai - br;
+      xr[P - t] = ar - bi;  // A + i B
+      xi[P - t] = ai + br;
+    }
+    xr[0] = b0r;
+    xi[0] = b0i;
+  }
+}
+
+// Where a stage reads or writes: element e (a vector of L lanes) has its real part at re + e * stride and its
+// imaginary part at im + e * stride.
+template <typename T> struct Lines {
+  T* re;
+  T* im;
+  int64_t stride;
+};
+
+// What the last stage does with its outputs: store them (PLAIN), store conj(b_e) * S[e] (SPECTRUM: the end of the
+// first FFT), or store re(b_e) + add[e] and add[e] - im(b_e) (OUTPUT: the end of the second FFT; add may be null).
+enum Epilogue { PLAIN, SPECTRUM, OUTPUT };
+
+// One Stockham stage of radix P: for pp < m, q < s the P elements q + s (pp + r m) (r < P) go through the DFT, are
+// multiplied by the twiddles exp(-2 pi i pp t / (P m)) and land at q + s (P pp + t). E applies to the last stage
+// (m = 1) only.
+template <int P, Epilogue E, typename T>
+void fft_stage(Lines<const T> in, Lines<T> out, int64_t m, int64_t s, const T* tw, const T* S, const T* add) {
+  using V = typename Vec<T>::type;
+  constexpr int H = P / 2 + 1;
+  V cr[H][H] = {}, sr[H][H] = {};
+  if constexpr (P % 2 == 1) {
+    static const OddRoots<P, T> roots;
+    for (int r = 0; r < H; ++r)
+      for (int t = 0; t < H; ++t) {
+        cr[r][t] = V{} + roots.c[r][t];
+        sr[r][t] = V{} + roots.s[r][t];
+      }
+  }
+  for (int64_t pp = 0; pp < m; ++pp) {
+    V wr[P], wi[P];
+    for (int t = 1; t < P; ++t) {
+      wr[t] = V{} + tw[(pp * (P - 1) + t - 1) * 2];
+      wi[t] = V{} + tw[(pp * (P - 1) + t - 1) * 2 + 1];
+    }
+    for (int64_t q = 0; q < s; ++q) {
+      V xr[P], xi[P];
+      for (int r = 0; r < P; ++r) {
+        const int64_t e = (q + s * (pp + r * m)) * in.stride;
+        xr[r] = load<V>(in.re + e);
+        xi[r] = load<V>(in.im + e);
+      }
+      dft<P>(xr, xi, cr, sr);
+      if (pp > 0)
+        for (int t = 1; t < P; ++t) {
+          const V r = xr[t] * wr[t] - xi[t] * wi[t];
+          xi[t] = xr[t] * wi[t] + xi[t] * wr[t];
+          xr[t] = r;
+        }
+      for (int t = 0; t < P; ++t) {
+        const int64_t e = q + s * (P * pp + t), o = e * out.stride;
+        if constexpr (E == SPECTRUM) {
+          const V a = V{} + S[2 * e], b = V{} + S[2 * e + 1];
+          store(out.re + o, xr[t] * a + xi[t] * b);
+          store(out.im + o, xr[t] * b - xi[t] * a);
+        } else if constexpr (E == OUTPUT) {
+          const V ad = V{} + (add ? add[e] : T(0));
+          store(out.re + o, xr[t] + ad);
+          store(out.im + o, ad - xi[t]);
+        } else {
+          store(out.re + o, xr[t]);
+          store(out.im + o, xi[t]);
+        }
+      }
+    }
+  }
+}
+
+template <int P, typename T>
+void fft_stage_e(Epilogue e, Lines<const T> in, Lines<T> out, int64_t m, int64_t s, const T* tw, const T* S,
+                 const T* add) {
+  if (e == SPECTRUM)
+    fft_stage<P, SPECTRUM>(in, out, m, s, tw, S, add);
+  else if (e == OUTPUT)
+    fft_stage<P, OUTPUT>(in, out, m, s, tw, S, add);
+  else
+    fft_stage<P, PLAIN>(in, out, m, s, tw, S, add);
+}
+
+// F of the pl.n elements at in, stage k writing buf[(first + k) % 2] (vectors of L lanes, imaginary parts at + io),
+// the last stage writing out with epilogue e instead. Returns nothing: the result is at out.
+template <typename T>
+void fft_run(const FftPlan<T>& pl, Lines<const T> in, T* const buf[2], int first, int64_t io, Lines<T> out, Epilogue e,
+             const T* S, const T* add) {
+  constexpr int64_t L = Vec<T>::n;
+  int64_t len = pl.n, s = 1;
+  const int nst = static_cast<int>(pl.radix.size());
+  for (int k = 0; k < nst; ++k) {
+    const int p = pl.radix[k];
+    const int64_t m = len / p;
+    const T* tw = pl.tw.data() + pl.offset[k];
+    T* b = buf[(first + k) % 2];
+    const bool last = k == nst - 1;
+    const Lines<T> o = last ? out : Lines<T>{b, b + io, L};
+    const Epilogue ek = last ? e : PLAIN;
+    switch (p) {
+      case 2: fft_stage_e<2>(ek, in, o, m, s, tw, S, add); break;
+      case 3: fft_stage_e<3>(ek, in, o, m, s, tw, S, add); break;
+      case 4: fft_stage_e<4>(ek, in, o, m, s, tw, S, add); break;
+      case 5: fft_stage_e<5>(ek, in, o, m, s, tw, S, add); break;
+      default: fft_stage_e<7>(ek, in, o, m, s, tw, S, add); break;
+    }
+    in = Lines<const T>{b, b + io, L};
+    len = m;
+    s *= p;
+  }
+}
+
+// The correlation of the complex lines at in with the kernel whose spectrum is S (K complex numbers, real and
+// imaginary interleaved, F(w) / K), plus add: y1 lands at out.re, y2 at out.im. buf: two buffers of 2 io scalars.
+template <typename T>
+void fft_correlate(const FftPlan<T>& pl, const T* S, const T* add, Lines<const T> in, Lines<T> out, T* const buf[2],
+                   int64_t io) {
+  constexpr int64_t L = Vec<T>::n;
+  const int nst = static_cast<int>(pl.radix.size());
+  T* mid = buf[(nst - 1) % 2];  // where the first FFT's last stage leaves conj(F z) * S
+  fft_run(pl, in, buf, 0, io, Lines<T>{mid, mid + io, L}, SPECTRUM, S, add);
+  fft_run(pl, Lines<const T>{mid, mid + io, L}, buf, nst, io, out, OUTPUT, S, add);
+}
+
+// F(w[c]) / K for every channel of the (C, K) weights, L channels per FFT: (C, K, 2) scalars.
+template <typename T> std::vector<T> weight_spectra(const FftPlan<T>& pl, const T* w, int64_t C) {
+  constexpr int64_t L = Vec<T>::n;
+  const int64_t K = pl.n, KP = (K + L - 1) / L * L, io = KP * L;
+  std::vector<T> S(C * K * 2), a(2 * io), b(2 * io), z(2 * io);
+  T* const buf[2] = {b.data(), z.data()};
+  for (int64_t c0 = 0; c0 < C; c0 += L) {
+    rows_to_tile(w, C, K, c0, a.data());
+    std::fill(a.begin() + io, a.begin() + io + K * L, T(0));
+    fft_run(pl, Lines<const T>{a.data(), a.data() + io, L}, buf, 0, io, Lines<T>{a.data(), a.data() + io, L}, PLAIN,
+            static_cast<const T*>(nullptr), static_cast<const T*>(nullptr));
+    for (int64_t l = 0; l < std::min(L, C - c0); ++l)
+      for (int64_t f = 0; f < K; ++f) {
+        S[((c0 + l) * K + f) * 2] = a[f * L + l] / static_cast<T>(K);
+        S[((c0 + l) * K + f) * 2 + 1] = a[io + f * L + l] / static_cast<T>(K);
+      }
+  }
+  return S;
+}
+
+// The complex input lines of the pair strip at o0 of one plane: dim 2, columns o0 .. o0 + L - 1 (real parts) and
+// the next L (imaginary parts) of a (K x W) plane, read in place when both are full, else copied zero-padded into
+// t; dim 3, rows o0 .. o0 + 2 L - 1 of an (H x K) plane transposed into t (lanes past H zero). t: 2 io scalars.
+template <typename T>
+Lines<const T> strip_lines(const T* x, int64_t dim, int64_t K, int64_t other, int64_t o0, T* t, int64_t io) {
+  constexpr int64_t L = Vec<T>::n;
+  const int64_t n0 = std::min(L, other - o0), n1 = std::max<int64_t>(0, std::min(L, other - o0 - L));
+  if (dim == 2) {
+    if (n1 == L) return Lines<const T>{x + o0, x + o0 + L, other};
+    for (int64_t j = 0; j < K; ++j)
+      for (int64_t h = 0; h < 2; ++h) {
+        T* d = t + h * io + j * L;
+        const int64_t n = h ? n1 : n0;
+        if (n > 0) std::memcpy(d, x + j * other + o0 + h * L, n * sizeof(T));
+        std::fill(d + n, d + L, T(0));
+      }
+  } else {
+    rows_to_tile(x, other, K, o0, t);
+    if (n1 > 0)
+      rows_to_tile(x, other, K, o0 + L, t + io);
+    else
+      std::fill(t + io, t + io + K * L, T(0));
+  }
+  return Lines<const T>{t, t + io, L};
+}
+
+// Forward by the FFT, one plane ((K x W) along dim 2, (H x K) along dim 3), a pair strip of 2 L lines at a time;
+// the result goes straight to y for full strips along dim 2, else through t. scratch: 6 KP L.
+template <typename T>
+void fft_plane(const FftPlan<T>& pl, const T* S, const T* x, T* y, const T* add, int64_t dim, int64_t other,
+               T* scratch) {
+  constexpr int64_t L = Vec<T>::n;
+  const int64_t K = pl.n, io = (K + L - 1) / L * L * L;
+  T* t = scratch;
+  T* const buf[2] = {scratch + 2 * io, scratch + 4 * io};
+  for (int64_t o0 = 0; o0 < other; o0 += 2 * L) {
+    const int64_t n0 = std::min(L, other - o0), n1 = std::max<int64_t>(0, std::min(L, other - o0 - L));
+    const Lines<const T> in = strip_lines(x, dim, K, other, o0, t, io);
+    if (dim == 2 && n1 == L) {
+      fft_correlate(pl, S, add, in, Lines<T>{y + o0, y + o0 + L, other}, buf, io);
+      continue;
+    }
+    fft_correlate(pl, S, add, in, Lines<T>{t, t + io, L}, buf, io);
+    if (dim == 2) {
+      for (int64_t j = 0; j < K; ++j) {
+        std::memcpy(y + j * other + o0, t + j * L, n0 * sizeof(T));
+        if (n1 > 0) std::memcpy(y + j * other + o0 + L, t + io + j * L, n1 * sizeof(T));
+      }
+    } else {
+      tile_to_rows(t, y, other, K, o0);
+      if (n1 > 0) tile_to_rows(t + io, y, other, K, o0 + L);
+    }
+  }
+}
+
+// Weight gradient of one channel by the FFT: dw = Re(F^-1(sum over lines of conj(F g) * F x)) (two real lines per
+// complex one: the cross terms of the packing are imaginary in the result), the sum kept per lane and the inverse
+// transform done once, before the lanes are summed. Planes at gy / x + b * bstride. scratch: 12 KP L.
+template <typename T>
+void fft_wgrad_channel(const FftPlan<T>& pl, const T* gy, const T* x, int64_t B, int64_t bstride, int64_t dim,
+                       int64_t other, T* dw, T* scratch) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::n;
+  const int64_t K = pl.n, io = (K + L - 1) / L * L * L;
+  T* t = scratch;
+  T* const buf[2] = {scratch + 2 * io, scratch + 4 * io};
+  T* zx = scratch + 6 * io;
+  T* zg = scratch + 8 * io;
+  T* acc = scratch + 10 * io;
+  std::fill(acc, acc + 2 * io, T(0));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t o0 = 0; o0 < other; o0 += 2 * L) {
+      fft_run(pl, strip_lines(x + b * bstride, dim, K, other, o0, t, io), buf, 0, io, Lines<T>{zx, zx + io, L},
+              PLAIN, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr));
+      fft_run(pl, strip_lines(gy + b * bstride, dim, K, other, o0, t, io), buf, 0, io, Lines<T>{zg, zg + io, L},
+              PLAIN, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr));
+      for (int64_t f = 0; f < K; ++f) {  // acc += conj(G) X
+        const V gr = load<V>(zg + f * L), gi = load<V>(zg + io + f * L);
+        const V xr = load<V>(zx + f * L), xi = load<V>(zx + io + f * L);
+        store(acc + f * L, load<V>(acc + f * L) + gr * xr + gi * xi);
+        store(acc + io + f * L, load<V>(acc + io + f * L) + gr * xi - gi * xr);
+      }
+    }
+  // Re(F^-1(A)) = Re(conj(F(conj(A)))) / K = Re(F(conj(A))) / K
+  for (int64_t f = 0; f < K; ++f) store(acc + io + f * L, -load<V>(acc + io + f * L));
+  fft_run(pl, Lines<const T>{acc, acc + io, L}, buf, 0, io, Lines<T>{zx, zx + io, L}, PLAIN,
+          static_cast<const T*>(nullptr), static_cast<const T*>(nullptr));
+  for (int64_t k = 0; k < K; ++k) dw[k] = hsum<T>(load<V>(zx + k * L)) / static_cast<T>(K);
 }
 
 // Weight gradient of one (K x L) tile pair: acc[k] += sum_i G[i] * X2[i + k] (lanes summed later by the caller),
@@ -281,11 +642,12 @@ void check(const at::Tensor& x, const at::Tensor& w, int64_t dim) {
 }
 
 at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& add,
-                               int64_t dim) {
+                               int64_t dim, int64_t algo) {
   check(x, w, dim);
   if (add) TORCH_CHECK(add->sizes() == w.sizes() && add->is_contiguous() && add->scalar_type() == x.scalar_type(),
                        "add must be a contiguous (C, K) tensor like weight");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = x.size(dim);
+  const bool fft = use_fft(algo, K, dim, 0);
   auto y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "circular_dw_forward", [&] {
     constexpr int64_t L = Vec<scalar_t>::n;
@@ -295,6 +657,20 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
     const scalar_t* ap = add ? add->data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t plane = H * W;
+    if (fft) {  // one plane per work item
+      const FftPlan<scalar_t> pl(K);
+      const std::vector<scalar_t> S = weight_spectra(pl, wp, C);
+      at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> scratch(6 * KP * L);
+        for (int64_t p = begin; p < end; ++p) {
+          const int64_t c = p % C;
+          const scalar_t* a = ap ? ap + c * K : nullptr;
+          fft_plane(pl, S.data() + c * K * 2, xp + p * plane, yp + p * plane, a, dim, dim == 2 ? W : H,
+                    scratch.data());
+        }
+      });
+      return;
+    }
     // Lanes over the batch for small planes (at most BATCH_LANES_MAX_P elements) when there are enough samples to
     // fill half the lanes; otherwise over the contiguous axis (dim 2) or over 16-row transposed tiles (dim 3).
     const bool by_batch = plane <= BATCH_LANES_MAX_P[dim - 2] && 2 * B >= L;
@@ -329,11 +705,12 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
   return y;
 }
 
-at::Tensor circular_dw_wgrad(const at::Tensor& gy, const at::Tensor& x, int64_t dim) {
+at::Tensor circular_dw_wgrad(const at::Tensor& gy, const at::Tensor& x, int64_t dim, int64_t algo) {
   TORCH_CHECK(gy.sizes() == x.sizes() && gy.is_contiguous() && gy.scalar_type() == x.scalar_type(),
               "gy must be contiguous and shaped like x");
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && (dim == 2 || dim == 3), "x: contiguous (B, C, H, W); dim 2 or 3");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = x.size(dim);
+  const bool fft = use_fft(algo, K, dim, 1);
   auto dw = at::empty({C, K}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "circular_dw_wgrad", [&] {
     using V = typename Vec<scalar_t>::type;
@@ -342,6 +719,16 @@ at::Tensor circular_dw_wgrad(const at::Tensor& gy, const at::Tensor& x, int64_t 
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* dp = dw.data_ptr<scalar_t>();
     const int64_t plane = H * W, bstride = C * plane;
+    if (fft) {
+      const FftPlan<scalar_t> pl(K);
+      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> scratch(12 * ((K + L - 1) / L * L) * L);
+        for (int64_t c = begin; c < end; ++c)
+          fft_wgrad_channel(pl, gp + c * plane, xp + c * plane, B, bstride, dim, dim == 2 ? W : H, dp + c * K,
+                            scratch.data());
+      });
+      return;
+    }
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
       std::vector<V> acc(K);
       const int64_t KP = (K + L - 1) / L * L;
@@ -359,8 +746,8 @@ at::Tensor circular_dw_wgrad(const at::Tensor& gy, const at::Tensor& x, int64_t 
 }  // namespace
 
 TORCH_LIBRARY(hybridvision, m) {
-  m.def("circular_dw_forward(Tensor x, Tensor weight, Tensor? add, int dim) -> Tensor");
-  m.def("circular_dw_wgrad(Tensor gy, Tensor x, int dim) -> Tensor");
+  m.def("circular_dw_forward(Tensor x, Tensor weight, Tensor? add, int dim, int algo=0) -> Tensor");
+  m.def("circular_dw_wgrad(Tensor gy, Tensor x, int dim, int algo=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hybridvision, CPU, m) {
