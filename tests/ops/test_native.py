@@ -66,6 +66,20 @@ def test_ops_match_float64_formula(shape, dim, dtype, algo):
     torch.testing.assert_close(native.wgrad(gy, x, dim, algo).double(), w64.grad, **tol)
 
 
+@pytest.mark.parametrize("dtype,dim,shape", [(torch.float32, 2, (2, 64, 64, 528)), (torch.float32, 3, (2, 64, 515, 64)),
+                                             (torch.float64, 2, (1, 64, 64, 528))])
+def test_fft_path_large_outputs_streamed_equal_direct(dtype, dim, shape):
+    """Outputs of at least 16 MiB are written with non-temporal stores (aligned rows) by the FFT path; here with a
+    partial last strip / tile, against the direct sum (itself checked against the formula above)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    assert x.numel() * x.element_size() >= 16 << 20
+    k = shape[dim]
+    w, add = torch.randn(shape[1], k, generator=g, dtype=dtype), torch.randn(shape[1], k, generator=g, dtype=dtype)
+    tol = dict(rtol=1e-5, atol=1e-5 * k) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(native.forward(x, w, add, dim, 2), native.forward(x, w, add, dim, 1), **tol)
+
+
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 2, 18, 3), (2, 1, 3, 17)])
 def test_gradcheck_through_circular_conv(shape, dim):

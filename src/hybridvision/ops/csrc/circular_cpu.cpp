@@ -16,8 +16,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
 #include <cstring>
 #include <vector>
 
@@ -40,6 +46,30 @@ template <typename V, typename T> inline V load(const T* p) {
 template <typename V, typename T> inline void store(T* p, const V& v, int64_t n = lanes<V, T>()) {
   std::memcpy(p, &v, n * sizeof(T));
 }
+// A full vector to 64-byte aligned memory, bypassing the caches where the ISA has it (AVX-512): saves the
+// read-for-ownership of every line of a large output that is written once and not read back soon (see
+// STREAM_MIN_BYTES). Callers run stream_fence() before the data is used by other threads.
+template <typename V, typename T> inline void store_stream(T* p, const V& v) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64 && std::is_same<T, float>::value) {
+    _mm512_stream_ps(p, (__m512)v);
+    return;
+  } else if constexpr (sizeof(V) == 64 && std::is_same<T, double>::value) {
+    _mm512_stream_pd(p, (__m512d)v);
+    return;
+  }
+#endif
+  store(p, v);
+}
+inline void stream_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
+// Outputs at least this large are written with non-temporal stores where rows are 64-byte aligned: half the 32 MiB
+// L3 of the development machine; a smaller output is likely still in cache when the next layer reads it.
+constexpr int64_t STREAM_MIN_BYTES = 16 << 20;
+
 template <typename T> inline T hsum(const typename Vec<T>::type& v) {
   T s = 0;
   for (int64_t l = 0; l < Vec<T>::n; ++l) s += v[l];
@@ -130,7 +160,8 @@ template <> __attribute__((always_inline)) inline void transpose_block<float>(vf
 #endif
 
 // Tiles: an (n x m) block of a row-major matrix (row stride ld), n, m <= L, moved to / from lanes.
-// to_tile: tile[j * L + i] = src[i * ld + j] (zero where i >= n or j >= m); from_tile: the inverse, n x m written.
+// to_tile: tile[j * L + i] = src[i * ld + j] (zero where i >= n or j >= m); from_tile: the inverse, n x m written
+// (stream: with non-temporal stores where full rows are 64-byte aligned).
 template <typename T> void to_tile(const T* src, int64_t ld, int64_t n, int64_t m, T* tile) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
@@ -145,13 +176,15 @@ template <typename T> void to_tile(const T* src, int64_t ld, int64_t n, int64_t 
   transpose_block<T>(v);
   for (int64_t i = 0; i < L; ++i) store(tile + i * L, v[i]);
 }
-template <typename T> void from_tile(const T* tile, T* dst, int64_t ld, int64_t n, int64_t m) {
+template <typename T> void from_tile(const T* tile, T* dst, int64_t ld, int64_t n, int64_t m, bool stream = false) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
   V v[L];
   for (int64_t i = 0; i < L; ++i) v[i] = load<V>(tile + i * L);
   transpose_block<T>(v);
-  if (m == L) {
+  if (m == L && stream && ld % L == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+    for (int64_t i = 0; i < n; ++i) store_stream(dst + i * ld, v[i]);
+  } else if (m == L) {
     for (int64_t i = 0; i < n; ++i) store(dst + i * ld, v[i]);
   } else {
     for (int64_t i = 0; i < n; ++i) store(dst + i * ld, v[i], m);
@@ -181,12 +214,12 @@ template <typename T> void rows_to_tile(const T* src, int64_t rows, int64_t K, i
 // Column chunks from the last to the first: a last chunk narrower than L is stored full width when that stays
 // inside the matrix; what it spills into the head of the next row is overwritten by that row's first chunk (stored
 // after it, or, for the tile's last row, by the next tile, which callers store later).
-template <typename T> void tile_to_rows(const T* tile, T* dst, int64_t rows, int64_t K, int64_t h0) {
+template <typename T> void tile_to_rows(const T* tile, T* dst, int64_t rows, int64_t K, int64_t h0, bool stream) {
   constexpr int64_t L = Vec<T>::n;
   const int64_t n = std::min(L, rows - h0);
   for (int64_t i0 = (K - 1) / L * L; i0 >= 0; i0 -= L) {
     const bool wide = n == L && (h0 + L - 1) * K + i0 + L <= rows * K;
-    from_tile(tile + i0 * L, dst + h0 * K + i0, K, n, wide ? L : std::min(L, K - i0));
+    from_tile(tile + i0 * L, dst + h0 * K + i0, K, n, wide ? L : std::min(L, K - i0), stream);
   }
 }
 
@@ -203,7 +236,7 @@ void fwd_cols(const T* x, T* y, const T* wb, const T* add, int64_t H, int64_t K,
     const int64_t n = std::min(L, H - h0);
     rows_to_tile(x, H, K, h0, xt);
     rows_block<V>(xt, L, yt, L, wb, add, K);
-    tile_to_rows(yt, y, H, K, h0);
+    tile_to_rows(yt, y, H, K, h0, false);
   }
 }
 
@@ -361,8 +394,10 @@ template <typename T> struct Lines {
 };
 
 // What the last stage does with its outputs: store them (PLAIN), store conj(b_e) * S[e] (SPECTRUM: the end of the
-// first FFT), or store re(b_e) + add[e] and add[e] - im(b_e) (OUTPUT: the end of the second FFT; add may be null).
-enum Epilogue { PLAIN, SPECTRUM, OUTPUT };
+// first FFT), or store re(b_e) + add[e] and add[e] - im(b_e) (OUTPUT: the end of the second FFT; add may be null;
+// OUTPUT_STREAM: the same with non-temporal stores, for 64-byte aligned rows of y).
+enum Epilogue { PLAIN, SPECTRUM, OUTPUT, OUTPUT_STREAM };
+
 
 // One Stockham stage of radix P: for pp < m, q < s the P elements q + s (pp + r m) (r < P) go through the DFT, are
 // multiplied by the twiddles exp(-2 pi i pp t / (P m)) and land at q + s (P pp + t). E applies to the last stage
@@ -410,6 +445,10 @@ void fft_stage(Lines<const T> in, Lines<T> out, int64_t m, int64_t s, const T* t
           const V ad = V{} + (add ? add[e] : T(0));
           store(out.re + o, xr[t] + ad);
           store(out.im + o, ad - xi[t]);
+        } else if constexpr (E == OUTPUT_STREAM) {
+          const V ad = V{} + (add ? add[e] : T(0));
+          store_stream(out.re + o, xr[t] + ad);
+          store_stream(out.im + o, ad - xi[t]);
         } else {
           store(out.re + o, xr[t]);
           store(out.im + o, xi[t]);
@@ -426,6 +465,8 @@ void fft_stage_e(Epilogue e, Lines<const T> in, Lines<T> out, int64_t m, int64_t
     fft_stage<P, SPECTRUM>(in, out, m, s, tw, S, add);
   else if (e == OUTPUT)
     fft_stage<P, OUTPUT>(in, out, m, s, tw, S, add);
+  else if (e == OUTPUT_STREAM)
+    fft_stage<P, OUTPUT_STREAM>(in, out, m, s, tw, S, add);
   else
     fft_stage<P, PLAIN>(in, out, m, s, tw, S, add);
 }
@@ -460,15 +501,18 @@ void fft_run(const FftPlan<T>& pl, Lines<const T> in, T* const buf[2], int first
 }
 
 // The correlation of the complex lines at in with the kernel whose spectrum is S (K complex numbers, real and
-// imaginary interleaved, F(w) / K), plus add: y1 lands at out.re, y2 at out.im. buf: two buffers of 2 io scalars.
+// imaginary interleaved, F(w) / K), plus add: y1 lands at out.re, y2 at out.im (stream: non-temporal stores where
+// out is 64-byte aligned). buf: two buffers of 2 io scalars.
 template <typename T>
 void fft_correlate(const FftPlan<T>& pl, const T* S, const T* add, Lines<const T> in, Lines<T> out, T* const buf[2],
-                   int64_t io) {
+                   int64_t io, bool stream) {
   constexpr int64_t L = Vec<T>::n;
   const int nst = static_cast<int>(pl.radix.size());
   T* mid = buf[(nst - 1) % 2];  // where the first FFT's last stage leaves conj(F z) * S
   fft_run(pl, in, buf, 0, io, Lines<T>{mid, mid + io, L}, SPECTRUM, S, add);
-  fft_run(pl, Lines<const T>{mid, mid + io, L}, buf, nst, io, out, OUTPUT, S, add);
+  const bool nt = stream && out.stride % L == 0 && reinterpret_cast<uintptr_t>(out.re) % 64 == 0 &&
+                  reinterpret_cast<uintptr_t>(out.im) % 64 == 0;
+  fft_run(pl, Lines<const T>{mid, mid + io, L}, buf, nst, io, out, nt ? OUTPUT_STREAM : OUTPUT, S, add);
 }
 
 // F(w[c]) / K for every channel of the (C, K) weights, L channels per FFT: (C, K, 2) scalars.
@@ -518,10 +562,11 @@ Lines<const T> strip_lines(const T* x, int64_t dim, int64_t K, int64_t other, in
 }
 
 // Forward by the FFT, one plane ((K x W) along dim 2, (H x K) along dim 3), a pair strip of 2 L lines at a time;
-// the result goes straight to y for full strips along dim 2, else through t. scratch: 6 KP L.
+// the result goes straight to y for full strips along dim 2, else through t (stream: non-temporal stores where
+// rows are 64-byte aligned). scratch: 6 KP L.
 template <typename T>
 void fft_plane(const FftPlan<T>& pl, const T* S, const T* x, T* y, const T* add, int64_t dim, int64_t other,
-               T* scratch) {
+               bool stream, T* scratch) {
   constexpr int64_t L = Vec<T>::n;
   const int64_t K = pl.n, io = (K + L - 1) / L * L * L;
   T* t = scratch;
@@ -530,18 +575,18 @@ void fft_plane(const FftPlan<T>& pl, const T* S, const T* x, T* y, const T* add,
     const int64_t n0 = std::min(L, other - o0), n1 = std::max<int64_t>(0, std::min(L, other - o0 - L));
     const Lines<const T> in = strip_lines(x, dim, K, other, o0, t, io);
     if (dim == 2 && n1 == L) {
-      fft_correlate(pl, S, add, in, Lines<T>{y + o0, y + o0 + L, other}, buf, io);
+      fft_correlate(pl, S, add, in, Lines<T>{y + o0, y + o0 + L, other}, buf, io, stream);
       continue;
     }
-    fft_correlate(pl, S, add, in, Lines<T>{t, t + io, L}, buf, io);
+    fft_correlate(pl, S, add, in, Lines<T>{t, t + io, L}, buf, io, false);
     if (dim == 2) {
       for (int64_t j = 0; j < K; ++j) {
         std::memcpy(y + j * other + o0, t + j * L, n0 * sizeof(T));
         if (n1 > 0) std::memcpy(y + j * other + o0 + L, t + io + j * L, n1 * sizeof(T));
       }
     } else {
-      tile_to_rows(t, y, other, K, o0);
-      if (n1 > 0) tile_to_rows(t + io, y, other, K, o0 + L);
+      tile_to_rows(t, y, other, K, o0, stream);
+      if (n1 > 0) tile_to_rows(t + io, y, other, K, o0 + L, stream);
     }
   }
 }
@@ -660,14 +705,16 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
     if (fft) {  // one plane per work item
       const FftPlan<scalar_t> pl(K);
       const std::vector<scalar_t> S = weight_spectra(pl, wp, C);
+      const bool stream = static_cast<int64_t>(y.nbytes()) >= STREAM_MIN_BYTES;
       at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> scratch(6 * KP * L);
         for (int64_t p = begin; p < end; ++p) {
           const int64_t c = p % C;
           const scalar_t* a = ap ? ap + c * K : nullptr;
-          fft_plane(pl, S.data() + c * K * 2, xp + p * plane, yp + p * plane, a, dim, dim == 2 ? W : H,
+          fft_plane(pl, S.data() + c * K * 2, xp + p * plane, yp + p * plane, a, dim, dim == 2 ? W : H, stream,
                     scratch.data());
         }
+        stream_fence();
       });
       return;
     }
