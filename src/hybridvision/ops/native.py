@@ -1,6 +1,6 @@
 """The hand-written CPU kernel behind ``circular_conv(..., method="native")`` (``csrc/circular_cpu.cpp``).
 
-It is compiled on first use with ``torch.utils.cpp_extension`` (a C++17 compiler and ninja are needed; 17.4 s
+It is compiled on first use with ``torch.utils.cpp_extension`` (a C++17 compiler and ninja are needed; 16.8 s
 on the 2-core development machine, see the README) into torch's extension cache, ``~/.cache/torch_extensions``
 (``TORCH_EXTENSIONS_DIR`` moves it), and loaded from there afterwards; ``make setup`` builds it once
 (:func:`prebuild`). The build uses ``-march=native``, so the library's name carries a hash of this CPU's model and
