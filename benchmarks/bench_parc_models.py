@@ -96,12 +96,17 @@ def verdict(overhead: float, target: Optional[float]) -> str:
 
 
 def run(
-    batch: int, rounds: int, warmup: int, sweep: bool, log: Callable[[str], None], only: Optional[list[str]] = None
+    batch: int, rounds: int, warmup: int, sweep: bool, log: Callable[[str], None], only: Optional[list[str]] = None,
+    img_size: Optional[int] = None,
 ) -> list[dict]:
+    """Time every pair (``only``: these ParC models); ``img_size`` replaces each pair's input size, and then the
+    targets (set for the models' own sizes) become reports."""
     rows = []
     for label, base_name, parc_name, size, target in PAIRS:
         if only and parc_name not in only:
             continue
+        if img_size is not None and img_size != size:
+            size, target = img_size, None
         base, parc = build(base_name), build(parc_name)
         x = torch.randn(batch, 3, size, size)
         t_base, t_parc, ratio = time_pair(base, parc, x, rounds, warmup)
@@ -140,13 +145,13 @@ def to_markdown(rows: list[dict], args: argparse.Namespace, command: str) -> str
         "ms = median per model. Params in M; MACs in G per image "
         "(tools.profile.count_macs, FFT ops counted).",
         "",
-        "| pair | method | base | params | MACs | ms | ParC model | params | MACs | ms | ratio | target | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pair | px | method | base | params | MACs | ms | ParC model | params | MACs | ms | ratio | target | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         target = f"<= {1 + r['target']:.2f}" if r["target"] is not None else "-"
         lines.append(
-            f"| {r['label']} | {r['method']} | {r['base']} | {r['base_params']:.2f} | {r['base_macs']:.2f} | "
+            f"| {r['label']} | {r['size']} | {r['method']} | {r['base']} | {r['base_params']:.2f} | {r['base_macs']:.2f} | "
             f"{r['base_ms']:.1f} | {r['parc']} | {r['parc_params']:.2f} | {r['parc_macs']:.2f} | {r['parc_ms']:.1f} | "
             f"{r['ratio']:.3f} | {target} | {r['verdict']} |"
         )
@@ -186,6 +191,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this run")
     p.add_argument("--no-sweep", action="store_true", help="time each ParC model with method='auto' only")
     p.add_argument("--only", nargs="+", metavar="PARC_NAME", help="only these ParC models (third column of PAIRS)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input size for every pair instead of its own (224 / 256); targets then become reports")
     p.add_argument("--out", type=Path, default=RESULTS / "parc_models.md")
     args = p.parse_args(argv)
     tune_cpu()  # both models alike; HYBRIDVISION_MALLOC_TUNING=0 keeps glibc's defaults
@@ -195,7 +202,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     command = "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:]))
     print(f"# {command}  (batch {args.batch}, {torch.get_num_threads()} threads)")
-    rows = run(args.batch, args.rounds, args.warmup, sweep=not (args.quick or args.no_sweep), log=print, only=args.only)
+    rows = run(args.batch, args.rounds, args.warmup, sweep=not (args.quick or args.no_sweep), log=print, only=args.only,
+               img_size=args.img_size)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(to_markdown(rows, args, command))
     plot(rows, args.out.with_suffix(".png"))
