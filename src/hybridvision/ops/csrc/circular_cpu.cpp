@@ -194,12 +194,16 @@ template <typename T> void from_tile(const T* tile, T* dst, int64_t ld, int64_t 
 // The lane tile of rows h0 .. h0 + L - 1 of a (rows x K) matrix (dim 3: lanes = rows): tile[k * L + l] =
 // src[(h0 + l) * K + k] for k < K, zero in lanes past the last row. Tile rows K .. KP - 1 (KP = K rounded up to
 // L) are scratch: a last column chunk narrower than L is read as a full L x L block (the rest of each row is the
-// next row's head) whenever that stays inside the matrix, so the tile needs KP rows.
-template <typename T> void rows_to_tile(const T* src, int64_t rows, int64_t K, int64_t h0, T* tile) {
+// next row's head) whenever that stays inside the matrix, so the tile needs KP rows. prefetch_rows: also prefetch
+// the rows that far below (the caller's next strip).
+template <typename T>
+void rows_to_tile(const T* src, int64_t rows, int64_t K, int64_t h0, T* tile, int64_t prefetch_rows = 0) {
   constexpr int64_t L = Vec<T>::n;
   const int64_t n = std::min(L, rows - h0);
   for (int64_t k0 = 0; k0 < K; k0 += L) {
     const int64_t m = std::min(L, K - k0);
+    if (prefetch_rows)  // the same block prefetch_rows further down (prefetches never fault, even past the end)
+      for (int64_t i = 0; i < L; ++i) __builtin_prefetch(src + (h0 + prefetch_rows + i) * K + k0);
     if (m == L || (n == L && (h0 + L - 1) * K + k0 + L <= rows * K)) {
       to_tile(src + h0 * K + k0, K, n, L, tile + k0 * L);
     } else {  // the block would leave the matrix: through a zero-padded temporary
@@ -391,6 +395,7 @@ template <typename T> struct Lines {
   T* re;
   T* im;
   int64_t stride;
+  int64_t prefetch = 0;  // reading: when non-zero, also prefetch each element at this offset (the next strip)
 };
 
 // What the last stage does with its outputs: store them (PLAIN), store conj(b_e) * S[e] (SPECTRUM: the end of the
@@ -425,6 +430,10 @@ void fft_stage(Lines<const T> in, Lines<T> out, int64_t m, int64_t s, const T* t
       V xr[P], xi[P];
       for (int r = 0; r < P; ++r) {
         const int64_t e = (q + s * (pp + r * m)) * in.stride;
+        if (in.prefetch) {
+          __builtin_prefetch(in.re + e + in.prefetch);
+          __builtin_prefetch(in.im + e + in.prefetch);
+        }
         xr[r] = load<V>(in.re + e);
         xi[r] = load<V>(in.im + e);
       }
@@ -552,9 +561,9 @@ Lines<const T> strip_lines(const T* x, int64_t dim, int64_t K, int64_t other, in
         std::fill(d + n, d + L, T(0));
       }
   } else {
-    rows_to_tile(x, other, K, o0, t);
+    rows_to_tile(x, other, K, o0, t, 2 * L);
     if (n1 > 0)
-      rows_to_tile(x, other, K, o0 + L, t + io);
+      rows_to_tile(x, other, K, o0 + L, t + io, 2 * L);
     else
       std::fill(t + io, t + io + K * L, T(0));
   }
@@ -563,18 +572,24 @@ Lines<const T> strip_lines(const T* x, int64_t dim, int64_t K, int64_t other, in
 
 // Forward by the FFT, one plane ((K x W) along dim 2, (H x K) along dim 3), a pair strip of 2 L lines at a time;
 // the result goes straight to y for full strips along dim 2, else through t (stream: non-temporal stores where
-// rows are 64-byte aligned). scratch: 6 KP L.
+// rows are 64-byte aligned). Along dim 2 the first pass over a strip prefetches the next one (prefetch_next: also
+// past the last strip, into the next plane at x + K W). scratch: 6 KP L.
 template <typename T>
 void fft_plane(const FftPlan<T>& pl, const T* S, const T* x, T* y, const T* add, int64_t dim, int64_t other,
-               bool stream, T* scratch) {
+               bool stream, bool prefetch_next, T* scratch) {
   constexpr int64_t L = Vec<T>::n;
   const int64_t K = pl.n, io = (K + L - 1) / L * L * L;
   T* t = scratch;
   T* const buf[2] = {scratch + 2 * io, scratch + 4 * io};
   for (int64_t o0 = 0; o0 < other; o0 += 2 * L) {
     const int64_t n0 = std::min(L, other - o0), n1 = std::max<int64_t>(0, std::min(L, other - o0 - L));
-    const Lines<const T> in = strip_lines(x, dim, K, other, o0, t, io);
+    Lines<const T> in = strip_lines(x, dim, K, other, o0, t, io);
     if (dim == 2 && n1 == L) {
+      // the next strip of the plane, or the first of the next plane: its rows are 2 L apart from this strip's
+      if (o0 + 2 * L < other)
+        in.prefetch = 2 * L;
+      else if (prefetch_next && other >= 2 * L)
+        in.prefetch = K * other - o0;
       fft_correlate(pl, S, add, in, Lines<T>{y + o0, y + o0 + L, other}, buf, io, stream);
       continue;
     }
@@ -712,7 +727,7 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
           const int64_t c = p % C;
           const scalar_t* a = ap ? ap + c * K : nullptr;
           fft_plane(pl, S.data() + c * K * 2, xp + p * plane, yp + p * plane, a, dim, dim == 2 ? W : H, stream,
-                    scratch.data());
+                    p + 1 < end, scratch.data());
         }
         stream_fence();
       });
