@@ -278,10 +278,11 @@ void fwd_batch(const T* x, T* y, int64_t ps, int64_t nb, const T* wb, const T* a
 // A/B run, and was dropped.) K with a prime factor above 7 keeps the direct sum.
 
 // Smallest K for which algo=0 takes the FFT path (when K has no prime factor above 7): [forward, wgrad][dim 2, dim 3].
-// From `python benchmarks/bench_native_crossover.py` (benchmarks/results/native_crossover.md, and three earlier runs
-// of it): the FFT is faster at every K of the sweep from 64 on (forward, both dims; weight gradient along dim 3) and
-// for the weight gradient along dim 2 at 32 and from 48 on (K=40, with a radix-5 stage, 0.94-1.28x over the runs).
-// Odd radices (3, 5, 7) cost more per point than 4 and 2, so lengths between the sweep's may cross a little later.
+// From `python benchmarks/bench_native_crossover.py`: the first K of its sweep from which the FFT is faster at every
+// larger K was 64 for the forward along both dims in five of six runs (96 along dim 2 in the first, with a shorter
+// time budget); for the weight gradient it ranged over 28-48 along dim 2 (K=40, with a radix-5 stage, is the one
+// that loses in some runs) and 28-56 along dim 3, so 32 and 64 are taken. benchmarks/results/native_crossover.md holds the last run. Odd radices (3, 5, 7) cost more per point
+// than 4 and 2, so lengths between the sweep's may cross a little later.
 constexpr int64_t FFT_MIN_K[2][2] = {{64, 64}, {32, 64}};
 
 // The radices of an FFT of length n (4s, 2, then odd, the largest last: the last stage has no twiddles), or
