@@ -94,6 +94,24 @@ def test_transformer_downsample_formula(pool, hw):
     torch.testing.assert_close(y, t.permute(0, 3, 1, 2))
 
 
+def test_transformer_training_path_matches_formula():
+    """Training mode (oneDNN linears in an autograd Function on the CPU): outputs and every gradient equal the
+    plain-module formula."""
+    torch.manual_seed(0)
+    blk = TransformerBlock(16, 32, size=(4, 4), stride=2, head_dim=8).train()
+    x = torch.randn(2, 16, 8, 6, requires_grad=True)
+    g = torch.randn(2, 32, 4, 3)
+    params = [x, *blk.parameters()]
+    got = torch.autograd.grad(blk(x), params, g)
+    t = x.permute(0, 2, 3, 1)
+    normed = F.max_pool2d(blk.norm1(t).permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+    t = blk.proj(F.max_pool2d(x, 2).permute(0, 2, 3, 1)) + blk.attn(normed)
+    t = t + blk.mlp(blk.norm2(t))
+    want = torch.autograd.grad(t.permute(0, 3, 1, 2), params, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_transformer_identity_block_any_grid():
     torch.manual_seed(0)
     blk = TransformerBlock(32, 32, size=(4, 4), head_dim=8)

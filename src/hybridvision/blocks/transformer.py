@@ -76,7 +76,7 @@ class TransformerBlock(nn.Module):
             shortcut = linear_act(shortcut, self.proj)
         if self.training:  # stochastic depth / dropout active: the plain expression
             t = shortcut + self.drop_path1(self.attn(self._pool(self.norm1(t))))
-            t = t + self.drop_path2(self.mlp.fc2(linear_act(self.norm2(t), self.mlp.fc1, gelu=True)))
+            t = t + self.drop_path2(linear_act(linear_act(self.norm2(t), self.mlp.fc1, gelu=True), self.mlp.fc2))
         else:  # same function; on the CPU inference fast path the adds and the GELU ride on the GEMMs
             t = self.attn(self._pool(self.norm1(t)), shortcut=shortcut)
             t = linear_add(linear_act(self.norm2(t), self.mlp.fc1, gelu=True), self.mlp.fc2, t)
