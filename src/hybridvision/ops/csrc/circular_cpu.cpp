@@ -1,4 +1,4 @@
-// Depthwise circular cross-correlation on the CPU by direct summation, hand-vectorised (hybridvision's
+// Depthwise circular cross-correlation on the CPU by direct summation or FFT, hand-vectorised (hybridvision's
 // method="native"; built on first use by hybridvision/ops/native.py).
 //
 //   forward  y[b, c, i] = add[c, i] + sum_k w[c, k] * x[b, c, (i + k) mod K]     along dim 2 (H) or 3 (W)
@@ -11,6 +11,8 @@
 //     (in registers, 16 x 16 blocks) into one tile whose rows are the positions;
 //   * else along dim 2 over W (the contiguous axis; no copies), and along dim 3 over 16 rows transposed into a tile.
 // Nothing but x, y and a few KB to a few hundred KB of per-thread scratch is touched. Types: float and double.
+// From K=64 on (the weight gradient along dim 2 from K=32; K without prime factors above 7) both ops run an FFT
+// instead (the FFT path below; the ops' algo argument overrides the choice).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -274,15 +276,17 @@ void fwd_batch(const T* x, T* y, int64_t ps, int64_t nb, const T* wb, const T* a
 // (self-sorting) mixed-radix FFT with radices 4, 2, 3, 5, 7 over K complex vectors whose lanes are independent
 // lines. The first stage reads the input where it lies (rows of x along H), the last stage of the first FFT applies
 // conj(.) * S, and the last stage of the second writes y (+ the addend), so a strip makes one pass per stage over
-// scratch that stays in cache. (A radix-8 variant, 8 x 7 for K=56, measured slower than 4 x 2 x 7 in an exploratory
+// scratch that stays in cache; the next strip is prefetched while one is transformed, and large outputs are written
+// with non-temporal stores (STREAM_MIN_BYTES). (A radix-8 variant, 8 x 7 for K=56, measured slower than 4 x 2 x 7 in an exploratory
 // A/B run, and was dropped.) K with a prime factor above 7 keeps the direct sum.
 
 // Smallest K for which algo=0 takes the FFT path (when K has no prime factor above 7): [forward, wgrad][dim 2, dim 3].
 // From `python benchmarks/bench_native_crossover.py`: the first K of its sweep from which the FFT is faster at every
 // larger K was 64 for the forward along both dims in five of six runs (96 along dim 2 in the first, with a shorter
 // time budget); for the weight gradient it ranged over 28-48 along dim 2 (K=40, with a radix-5 stage, is the one
-// that loses in some runs) and 28-56 along dim 3, so 32 and 64 are taken. benchmarks/results/native_crossover.md holds the last run. Odd radices (3, 5, 7) cost more per point
-// than 4 and 2, so lengths between the sweep's may cross a little later.
+// that loses in some runs) and 28-56 along dim 3, so 32 and 64 are taken. benchmarks/results/native_crossover.md
+// holds the last run. Odd radices (3, 5, 7) cost more per point than 4 and 2, so lengths between the sweep's may
+// cross a little later.
 constexpr int64_t FFT_MIN_K[2][2] = {{64, 64}, {32, 64}};
 
 // The radices of an FFT of length n (4s, 2, then odd, the largest last: the last stage has no twiddles), or
