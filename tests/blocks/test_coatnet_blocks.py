@@ -32,7 +32,7 @@ def test_mbconv_downsample_shapes_and_formula(stride_mode, pool, hw):
     # x <- Proj(Pool(x)) + Conv(DConv(Conv(BN(x)))): subtract the branch to recover the shortcut
     pooled = (F.max_pool2d if pool == "max" else F.avg_pool2d)(x, 2)
     shortcut = blk.shortcut.proj(pooled)
-    branch = blk.conv3(blk.se(blk.act(blk.bn2(blk.conv2(blk.act(blk.bn1(blk.conv1(blk.norm(x)))))))))
+    branch = blk.conv3(blk.se(F.gelu(blk.bn2(blk.conv2(F.gelu(blk.bn1(blk.conv1(blk.norm(x)))))))))
     torch.testing.assert_close(y, shortcut + branch)
     # where the stride sits
     assert blk.conv1.stride == ((2, 2) if stride_mode == "1x1" else (1, 1))

@@ -1,4 +1,4 @@
-"""The native CPU kernel (hybridvision.ops.native, csrc/circular_cpu.cpp): its two ops against the float64 formula
+"""The native circular_conv kernel (hybridvision.ops.native, csrc/circular_cpu.cpp): its two ops against the float64 formula
 on shapes that hit every code path (full and partial vector strips, 16-row tiles with and without a remainder, the
 addend), gradcheck through circular_conv, non-contiguous inputs, and the build / switch-off paths."""
 from __future__ import annotations
@@ -127,10 +127,10 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
     bad = tmp_path / "broken.cpp"
     bad.write_text("this is not C++;\n")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(native, "_SOURCE", bad)
+    monkeypatch.setattr(native, "_SOURCES", [bad])
     monkeypatch.setattr(native, "_cpu_tag", lambda: "broken_test")
     monkeypatch.setattr(native, "_state", {})
-    with pytest.warns(RuntimeWarning, match="could not build hybridvision's native circular_conv kernel"):
+    with pytest.warns(RuntimeWarning, match="could not build hybridvision's native kernels"):
         assert not native.available()
     assert not native.available()  # no second build attempt, no second warning
     x, w = torch.randn(1, 2, 9, 9), torch.randn(2, 1, 9)

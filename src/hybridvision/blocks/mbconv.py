@@ -3,7 +3,7 @@
     x <- Proj(Pool(x)) + Conv1x1(SE(DConv3x3(Conv1x1(BN(x)))))      (first block of a stage)
     x <- x + Conv1x1(SE(DConv3x3(Conv1x1(BN(x)))))                  (the others)
 
-The inner convolutions are followed by BatchNorm + GELU. The stride of a downsampling block sits on the
+The inner convolutions are followed by BatchNorm + GELU (``hybridvision.ops.norm_act.batch_norm_act``). The stride of a downsampling block sits on the
 first 1x1 (``stride_mode="1x1"``, the paper's Eq. 5; the expansion then runs at the low resolution) or on the
 depthwise conv (``stride_mode="dw"``, Table 9 and timm's paper-like models).
 
@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from hybridvision.ops.fused import conv_act, conv_add
+from hybridvision.ops.norm_act import batch_norm_act
 
 __all__ = ["MBConv", "Downsample2d", "SqueezeExcite", "fold_prenorm_bn_into_conv1x1"]
 
@@ -136,7 +137,6 @@ class MBConv(nn.Module):
             mid, mid, 3, stride=stride if stride_mode == "dw" else 1, padding=1, groups=mid, bias=False
         )
         self.bn2 = nn.BatchNorm2d(mid)
-        self.act = nn.GELU()
         self.se = SqueezeExcite(mid, max(1, int(out_chs * se_ratio)))
         self.conv3 = nn.Conv2d(mid, out_chs, 1, bias=True)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -146,8 +146,9 @@ class MBConv(nn.Module):
         if self.fused and not self.training:  # BNs folded: conv+GELU and conv+add are single oneDNN calls on CPU
             y = conv_act(conv_act(x, self.conv1), self.conv2)
             return conv_add(self.se(y), self.conv3, self.shortcut(x))
-        y = self.act(self.bn1(self.conv1(self.norm(x))))
-        y = self.act(self.bn2(self.conv2(y)))
+        # BN (+ GELU): one native kernel pair per norm when training on CPU (hybridvision.ops.norm_act)
+        y = batch_norm_act(self.conv1(batch_norm_act(x, self.norm, gelu=False)), self.bn1)
+        y = batch_norm_act(self.conv2(y), self.bn2)
         y = self.conv3(self.se(y))
         return self.shortcut(x) + self.drop_path(y)
 

@@ -38,6 +38,7 @@ from hybridvision.blocks.mbconv import MBConv
 from hybridvision.blocks.transformer import TransformerBlock
 from hybridvision.models.registry import SMALL_IMAGE_MAX, build, pretrained_cfg, register
 from hybridvision.ops.fused import conv_act
+from hybridvision.ops.norm_act import batch_norm_act
 from hybridvision.ops.sizes import pair as _pair
 
 __all__ = ["CoAtNetConfig", "CoAtNet", "PRESETS", "LAYOUTS"]
@@ -161,7 +162,6 @@ class Stem(nn.Module):
                 + [nn.Conv2d(dim, dim, 3, padding=1, bias=i == cfg.depths[0] - 2) for i in range(cfg.depths[0] - 1)]
             )
         self.norms = nn.ModuleList([nn.BatchNorm2d(c.out_channels) for c in self.convs[:-1]])
-        self.act = nn.GELU()
         self.fused = False
 
     def check_input(self, x: torch.Tensor) -> None:
@@ -189,7 +189,7 @@ class Stem(nn.Module):
             elif self.fused:
                 x = conv_act(x, conv)  # BN folded: conv + GELU in one oneDNN call on CPU
             else:
-                x = self.act(self.norms[i](conv(x)))
+                x = batch_norm_act(conv(x), self.norms[i])  # one native kernel pair when training on CPU
         return x
 
     @torch.no_grad()

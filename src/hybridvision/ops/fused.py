@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["use_onednn", "fast_path_enabled", "conv_act", "conv_add", "linear_act", "linear_add"]
+__all__ = ["use_onednn", "fast_path_enabled", "plain_eager", "conv_act", "conv_add", "linear_act", "linear_add"]
 
 _ENABLED = True
 
@@ -39,17 +39,21 @@ def _plain_cpu_f32(t: torch.Tensor) -> bool:
     return type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == torch.float32
 
 
-def _onednn_ok(x: torch.Tensor) -> bool:
+def plain_eager() -> bool:
+    """Plain eager execution: not scripting, compiling (``torch.compile`` does its own fusion), exporting or in ONNX
+    export, and no Python dispatch mode (``FlopCounterMode``, ``FakeTensorMode``, ... must see the plain ops).
+    Hand-written kernels without a meta or export formula run only then."""
     return (
-        _ENABLED
-        and _plain_cpu_f32(x)
-        and torch.backends.mkldnn.is_available()
-        and not torch.jit.is_scripting()
+        not torch.jit.is_scripting()
         and not torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()
         and not torch.onnx.is_in_onnx_export()
-        and _get_current_dispatch_mode() is None  # FlopCounterMode, FakeTensorMode, ...: they must see plain ops
+        and _get_current_dispatch_mode() is None
     )
+
+
+def _onednn_ok(x: torch.Tensor) -> bool:
+    return _ENABLED and _plain_cpu_f32(x) and torch.backends.mkldnn.is_available() and plain_eager()
 
 
 def use_onednn(x: torch.Tensor) -> bool:

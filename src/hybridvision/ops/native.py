@@ -1,13 +1,15 @@
-"""The hand-written CPU kernel behind ``circular_conv(..., method="native")`` (``csrc/circular_cpu.cpp``).
+"""hybridvision's hand-written CPU kernels: ``circular_conv(..., method="native")`` (``csrc/circular_cpu.cpp``) and
+training-mode BatchNorm + GELU (``csrc/batchnorm_act_cpu.cpp``, used by :mod:`hybridvision.ops.norm_act`).
 
-It is compiled on first use with ``torch.utils.cpp_extension`` (a C++17 compiler and ninja are needed; 16.8 s
+They are compiled, as one extension, on first use with ``torch.utils.cpp_extension`` (a C++17 compiler and ninja are needed; 16.8 s
 on the 2-core development machine, see the README) into torch's extension cache, ``~/.cache/torch_extensions``
 (``TORCH_EXTENSIONS_DIR`` moves it), and loaded from there afterwards; ``make setup`` builds it once
 (:func:`prebuild`). The build uses ``-march=native``, so the library's name carries a hash of this CPU's model and
 feature flags: a home directory shared by different machines gets one build per CPU type.
 
-``HYBRIDVISION_NATIVE=0`` switches it off (``"auto"`` then never picks it and ``method="native"`` raises).
-Where it cannot be built, ``"auto"`` falls back to the other methods after one warning.
+``HYBRIDVISION_NATIVE=0`` switches it off (``"auto"`` then never picks it, ``method="native"`` raises and BatchNorm
+runs as torch's). Where it cannot be built, ``"auto"`` falls back to the other methods and BatchNorm to torch's, after
+one warning.
 
 Ops (registered as ``torch.ops.hybridvision.*``, float32 / float64, CPU, contiguous inputs):
     circular_dw_forward(x (B, C, H, W), weight (C, K), add (C, K) or None, dim, algo=0) -> (B, C, H, W)
@@ -16,6 +18,9 @@ Ops (registered as ``torch.ops.hybridvision.*``, float32 / float64, CPU, contigu
         dw[c, k] = sum over b, the other axis and i of gy[b, c, i] * x[b, c, (i + k) mod K]
 ``algo``: 0 chooses (the FFT from a K measured by ``benchmarks/bench_native_crossover.py``, when K has no prime
 factor above 7), 1 forces the direct sum, 2 the FFT.
+    batch_norm_act_forward(x (B, C, H, W) channels-last, weight (C), bias (C), eps, gelu) -> (y, mean (C), var (C))
+        y = gelu(BN(x)) (or BN(x)) with the batch statistics; var is biased
+    batch_norm_act_backward(gy, x, weight, bias, mean, invstd, gelu) -> (gx, gweight (C), gbias (C))
 """
 from __future__ import annotations
 
@@ -30,10 +35,11 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "build", "disabled", "forward", "prebuild", "wgrad"]
+__all__ = ["available", "batch_norm_act_backward", "batch_norm_act_forward", "build", "disabled", "forward",
+           "prebuild", "wgrad"]
 
 _ENV_VAR = "HYBRIDVISION_NATIVE"
-_SOURCE = Path(__file__).with_name("csrc") / "circular_cpu.cpp"
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("circular_cpu.cpp", "batchnorm_act_cpu.cpp")]
 _lock = threading.Lock()
 _state: dict[str, Optional[str]] = {}  # "error": None once loaded, else the build error
 
@@ -66,10 +72,10 @@ def _ninja_on_path() -> None:
 
 
 def build(verbose: bool = False) -> None:
-    """Compile (or load the cached build of) the kernel into this process; raises ``RuntimeError`` with the
+    """Compile (or load the cached build of) the kernels into this process; raises ``RuntimeError`` with the
     compiler's message and the fix when that fails. Idempotent and thread-safe."""
     if disabled():
-        raise RuntimeError(f"the native circular_conv kernel is switched off ({_ENV_VAR}=0); unset it, or use "
+        raise RuntimeError(f"hybridvision's native kernels are switched off ({_ENV_VAR}=0); unset it, or use "
                            "method='gemm' / 'fft'")
     if _state.get("error", "") is None:  # loaded: no lock on the per-call path
         return
@@ -83,8 +89,8 @@ def build(verbose: bool = False) -> None:
 
             _ninja_on_path()
             cpp_extension.load(
-                name=f"hybridvision_circular_{_cpu_tag()}",
-                sources=[str(_SOURCE)],
+                name=f"hybridvision_native_{_cpu_tag()}",
+                sources=[str(path) for path in _SOURCES],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],
                 is_python_module=False,
@@ -92,7 +98,7 @@ def build(verbose: bool = False) -> None:
             )
         except Exception as exc:  # the compiler's or loader's own message is the useful part
             _state["error"] = (
-                f"could not build hybridvision's native circular_conv kernel ({type(exc).__name__}: {exc}). "
+                f"could not build hybridvision's native kernels ({type(exc).__name__}: {exc}). "
                 "It needs a C++17 compiler (g++ or clang++) and ninja (pip install ninja); or use "
                 "method='gemm' / 'fft', or set HYBRIDVISION_NATIVE=0 to stop 'auto' from trying it."
             )
@@ -101,7 +107,7 @@ def build(verbose: bool = False) -> None:
 
 
 def available() -> bool:
-    """True when the kernel is enabled and loaded (building it on the first call; a failed build warns once)."""
+    """True when the kernels are enabled and loaded (building it on the first call; a failed build warns once)."""
     if disabled():
         return False
     if "error" not in _state:
@@ -124,15 +130,30 @@ def wgrad(gy: torch.Tensor, x: torch.Tensor, dim: int, algo: int = 0) -> torch.T
     return torch.ops.hybridvision.circular_dw_wgrad(gy.contiguous(), x.contiguous(), dim, algo)
 
 
+def batch_norm_act_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                           gelu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.hybridvision.batch_norm_act_forward`` (builds the kernels if needed); x channels-last."""
+    build()
+    return torch.ops.hybridvision.batch_norm_act_forward(x, weight, bias, eps, gelu)
+
+
+def batch_norm_act_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                            mean: torch.Tensor, invstd: torch.Tensor,
+                            gelu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.hybridvision.batch_norm_act_backward`` (builds the kernels if needed); gy, x channels-last."""
+    build()
+    return torch.ops.hybridvision.batch_norm_act_backward(gy, x, weight, bias, mean, invstd, gelu)
+
+
 def prebuild() -> None:
-    """Build the kernel now and say so (``make setup`` calls this); a failed build only warns, as the other
-    methods work without it."""
+    """Build the kernels now and say so (``make setup`` calls this); a failed build only warns, as everything
+    works without them."""
     if disabled():
-        print(f"[setup] {_ENV_VAR}=0: not building the native circular_conv kernel")
+        print(f"[setup] {_ENV_VAR}=0: not building hybridvision's native kernels")
         return
     try:
         build()
     except RuntimeError as exc:
         print(f"[setup] WARNING: {exc}")
         return
-    print(f"[setup] native circular_conv kernel ready (torch.ops.hybridvision, CPU tag {_cpu_tag()})")
+    print(f"[setup] native kernels ready (circular_conv, BatchNorm+GELU; torch.ops.hybridvision, CPU tag {_cpu_tag()})")
