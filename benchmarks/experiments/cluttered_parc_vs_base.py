@@ -21,6 +21,11 @@ x 6 epochs, 2,000 test images) took 13 min; both models were still learning (39.
         --test-subset 2000 --epochs 6 --threads 2 --runs runs/cluttered_c   # the committed run
     python benchmarks/experiments/cluttered_parc_vs_base.py --seeds 1 2 3 --epochs 30          # full (GPU-sized)
     python benchmarks/experiments/cluttered_parc_vs_base.py --smoke
+    # another seed for a committed result: its seeds and this run's in one table (same budget required)
+    python benchmarks/experiments/cluttered_parc_vs_base.py --pairs convnext --seeds 2 --train-subset 10000 \
+        --test-subset 2000 --epochs 6 --threads 2 --runs runs/cluttered_c \
+        --merge benchmarks/results/experiments/cluttered_parc_vs_base_convnext.json \
+        --output benchmarks/results/experiments/cluttered_parc_vs_base_convnext
 
 Run folders go to ``--runs`` (default ``runs/cluttered``): ``RUNS/<model>/seed<k>/`` holds the engine's
 ``metrics.json``, ``curves.png``, checkpoints and ``model.safetensors`` + ``config.json``, which
@@ -112,6 +117,32 @@ def plot(summary: dict, path: Path, title: str) -> Path:
     return _common.save_figure(fig, path, dpi=110)
 
 
+PER_SEED = [f"{role}_{key}" for role in ("base", "parc") for key in ("top1", "train_loss", "seconds", "img_per_s")]
+
+
+def merge_previous(summary: dict, previous: dict, budget: str) -> None:
+    """Add to ``summary`` (in place) the seeds of a previous result of this script that this run did not train.
+
+    ``previous`` is that run's .json; its budget (everything but the seeds) must equal ``budget``, else ValueError.
+    Seeds trained now replace the same seeds there; pairs absent from ``summary`` are ignored."""
+    prev_budget = previous["budget"].rsplit(", seeds ", 1)[0]
+    if prev_budget != budget:
+        raise ValueError(f"--merge: the previous result's budget ({prev_budget}) differs from this run's ({budget}); "
+                         "merge only runs of the same recipe")
+    for label, s in summary.items():
+        old = previous["pairs"].get(label)
+        if old is None:
+            continue
+        rows = {seed: {k: s[k][i] for k in PER_SEED} for i, seed in enumerate(s["seeds"])}
+        for i, seed in enumerate(old["seeds"]):
+            rows.setdefault(seed, {k: old[k][i] for k in PER_SEED})
+        s["seeds"] = sorted(rows)
+        for k in PER_SEED:
+            s[k] = [rows[seed][k] for seed in s["seeds"]]
+        s["delta"] = [p_ - b_ for p_, b_ in zip(s["parc_top1"], s["base_top1"])]
+        s["verdict"] = verdict(s)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = _common.parser(__doc__)
     p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
@@ -119,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--img-size", type=int, default=112)
     p.add_argument("--runs", type=Path, default=None, help="where the run folders go (runs/cluttered[_smoke])")
     p.add_argument("--retrain", action="store_true", help="train even when a finished identical run exists")
+    p.add_argument("--merge", type=Path, default=None,
+                   help="a previous result .json of this script with the same budget: its other seeds join the table")
     _common.add_run_args(p, output="...", smoke="ConvNeXt pair, 128/64 images, 1 epoch (< 60 s)")
     a = p.parse_args(argv)
     if a.smoke:
@@ -144,7 +177,11 @@ def main(argv: list[str] | None = None) -> dict:
         summary[label] = s
 
     budget = (f"{a.train_subset or 60000} training / {a.test_subset or 10000} test images, {a.epochs} epoch(s), "
-              f"batch {a.batch_size}, lr {a.lr}, {a.img_size} px, seeds {' '.join(map(str, a.seeds))}")
+              f"batch {a.batch_size}, lr {a.lr}, {a.img_size} px")
+    if a.merge:
+        merge_previous(summary, json.loads(a.merge.read_text()), budget)
+    seeds = sorted({seed for s in summary.values() for seed in s["seeds"]})
+    budget += f", seeds {' '.join(map(str, seeds))}"
     lines = [
         "# Cluttered Fashion-MNIST (112 px): ParC models vs their bases at equal budget",
         "",

@@ -1,0 +1,46 @@
+"""Fast checks of helpers inside benchmarks/experiments/ scripts (their end-to-end runs are the slow smoke tests)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+EXP = Path(__file__).resolve().parents[1] / "benchmarks" / "experiments"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXP / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def result(seeds: list[int], base: list[float], parc: list[float]) -> dict:
+    """A pair's summary as cluttered_parc_vs_base writes it (per-seed lists, in seed order)."""
+    s = {"base": "convnext_xt", "parc": "parc_convnext_xt", "seeds": seeds, "base_params": 7.0e6, "parc_params": 7.0e6}
+    for role, top1 in (("base", base), ("parc", parc)):
+        s[f"{role}_top1"] = top1
+        s[f"{role}_train_loss"] = [2.0 - t / 100 for t in top1]
+        s[f"{role}_seconds"] = [100.0 + t for t in top1]
+        s[f"{role}_img_per_s"] = [50.0] * len(top1)
+    s["delta"] = [p - b for p, b in zip(parc, base)]
+    return s
+
+
+def test_cluttered_merge_previous_seeds():
+    mod = load("cluttered_parc_vs_base")
+    budget = "10000 training / 2000 test images, 6 epoch(s), batch 64, lr 0.002, 112 px"
+    previous = {"budget": budget + ", seeds 1 3", "pairs": {"ConvNeXt-XT": result([1, 3], [30.0, 34.0], [38.0, 33.0]),
+                                                            "ResNet50": result([1], [50.0], [51.0])}}
+    summary = {"ConvNeXt-XT": result([2, 3], [31.0, 35.0], [36.0, 40.0])}  # seed 3 trained again: this run wins
+    mod.merge_previous(summary, previous, budget)
+    s = summary["ConvNeXt-XT"]
+    assert s["seeds"] == [1, 2, 3]
+    assert s["base_top1"] == [30.0, 31.0, 35.0] and s["parc_top1"] == [38.0, 36.0, 40.0]
+    assert s["delta"] == [8.0, 5.0, 5.0]
+    assert s["base_seconds"] == [130.0, 131.0, 135.0] and s["parc_train_loss"] == pytest.approx([1.62, 1.64, 1.6])
+    assert s["verdict"] == "PASS"
+    assert set(summary) == {"ConvNeXt-XT"}  # pairs not run now are not added
+    with pytest.raises(ValueError, match="budget .* differs"):
+        mod.merge_previous(summary, {"budget": budget.replace("6 epoch", "3 epoch") + ", seeds 1", "pairs": {}}, budget)
