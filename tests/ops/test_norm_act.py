@@ -180,3 +180,26 @@ def test_mbconv_training_path_matches_formula(stride_mode, count_kernel_calls):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     for name, buf in blk.named_buffers():
         torch.testing.assert_close(buf, dict(ref.named_buffers())[name])
+
+
+def test_coatnet_training_step_matches_torch_ops(count_kernel_calls, monkeypatch):
+    """A whole CoAtNet (stem norms + every MBConv norm through the kernel) in training mode: loss, every gradient and
+    the running statistics equal the same model with the kernel switched off."""
+    import hybridvision
+
+    torch.manual_seed(6)
+    model = hybridvision.create_model("coatnet_nano", in_chans=1, num_classes=10).train()
+    ref = copy.deepcopy(model)
+    x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 3, 5, 9])
+    torch.manual_seed(7)  # stochastic depth draws
+    got = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    n_bn = sum(type(m) is torch.nn.BatchNorm2d for m in model.modules())
+    assert len(count_kernel_calls) == n_bn > 0
+    monkeypatch.setenv("HYBRIDVISION_NATIVE", "0")
+    torch.manual_seed(7)
+    want = torch.autograd.grad(F.cross_entropy(ref(x), y), list(ref.parameters()))
+    assert len(count_kernel_calls) == n_bn
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(model.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, msg=name)

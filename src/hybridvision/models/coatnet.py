@@ -184,12 +184,14 @@ class Stem(nn.Module):
         self.check_input(x)
         x = x.contiguous(memory_format=torch.channels_last)
         for i, conv in enumerate(self.convs):
-            if i == len(self.norms):
-                x = conv(x)
-            elif self.fused:
-                x = conv_act(x, conv)  # BN folded: conv + GELU in one oneDNN call on CPU
-            else:
-                x = batch_norm_act(conv(x), self.norms[i])  # one native kernel pair when training on CPU
+            act = i < len(self.norms)
+            # BN folded: conv + GELU in one oneDNN call on CPU
+            x = conv_act(x, conv) if act and self.fused else conv(x)
+            # a 1-channel image is NCHW and channels-last at once, and the conv then returns NCHW: fix the layout
+            # here (a no-op otherwise) so that the whole network runs channels-last
+            x = x.contiguous(memory_format=torch.channels_last)
+            if act and not self.fused:
+                x = batch_norm_act(x, self.norms[i])  # one native kernel pair when training on CPU
         return x
 
     @torch.no_grad()
