@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -31,7 +29,7 @@ from hybridvision.ops import native
 from hybridvision.ops.norm_act import batch_norm_act
 
 from bench_circular import best_of
-from bench_models import WARMUP, _coatnet0_paper_like, _train_fn
+from bench_models import _coatnet0_paper_like, _train_fn, paired
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (B, C, H, W) of CoAtNet-0's BatchNorm + GELU inputs at batch 8, 224 px (dw stride mode): S1's first expansion at
@@ -58,26 +56,21 @@ def op_rows(budget_s: float) -> list[dict]:
 
 
 def step_ab(rounds: int) -> tuple[float, float, float]:
-    """(best s with the kernel, best s without, median paired ratio without / with)."""
+    """(best s with the kernel, best s without, median paired ratio without / with), by ``bench_models.paired``."""
     torch.manual_seed(0)
     step = _train_fn(_coatnet0_paper_like(), torch.randn(8, 3, 224, 224))
 
-    def timed(flag: str) -> float:
-        os.environ["HYBRIDVISION_NATIVE"] = flag
-        t0 = time.perf_counter()
-        step()
-        return time.perf_counter() - t0
+    def with_flag(flag: str):
+        def run() -> None:
+            os.environ["HYBRIDVISION_NATIVE"] = flag
+            step()
+        return run
 
     try:
-        for _ in range(WARMUP):
-            timed("1"), timed("0")
-        on, off = [], []
-        for r in range(rounds):
-            for flag in ("1", "0") if r % 2 == 0 else ("0", "1"):
-                (on if flag == "1" else off).append(timed(flag))
+        off, on, ratio = paired(with_flag("0"), with_flag("1"), rounds)
     finally:
         os.environ.pop("HYBRIDVISION_NATIVE", None)
-    return min(on), min(off), statistics.median(b / a for a, b in zip(on, off))
+    return on, off, ratio
 
 
 def saved_mb(flag: str) -> float:

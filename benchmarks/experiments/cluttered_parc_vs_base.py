@@ -120,6 +120,13 @@ def plot(summary: dict, path: Path, title: str) -> Path:
 PER_SEED = [f"{role}_{key}" for role in ("base", "parc") for key in ("top1", "train_loss", "seconds", "img_per_s")]
 
 
+def with_delta(s: dict) -> dict:
+    """Set a pair's per-seed ``delta`` (ParC - base) and its ``verdict`` from its top-1 lists; returns ``s``."""
+    s["delta"] = [p_ - b_ for p_, b_ in zip(s["parc_top1"], s["base_top1"])]
+    s["verdict"] = verdict(s)
+    return s
+
+
 def merge_previous(summary: dict, previous: dict, budget: str) -> None:
     """Add to ``summary`` (in place) the seeds of a previous result of this script that this run did not train.
 
@@ -139,8 +146,7 @@ def merge_previous(summary: dict, previous: dict, budget: str) -> None:
         s["seeds"] = sorted(rows)
         for k in PER_SEED:
             s[k] = [rows[seed][k] for seed in s["seeds"]]
-        s["delta"] = [p_ - b_ for p_, b_ in zip(s["parc_top1"], s["base_top1"])]
-        s["verdict"] = verdict(s)
+        with_delta(s)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -172,9 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
             s[f"{role}_params"] = runs[0]["params"]
             s[f"{role}_seconds"] = [r["train_seconds"] for r in runs]
             s[f"{role}_img_per_s"] = [r["train_img_per_s"] for r in runs]
-        s["delta"] = [p_ - b_ for p_, b_ in zip(s["parc_top1"], s["base_top1"])]
-        s["verdict"] = verdict(s)
-        summary[label] = s
+        summary[label] = with_delta(s)
 
     budget = (f"{a.train_subset or 60000} training / {a.test_subset or 10000} test images, {a.epochs} epoch(s), "
               f"batch {a.batch_size}, lr {a.lr}, {a.img_size} px")

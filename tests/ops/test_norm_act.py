@@ -111,7 +111,7 @@ def test_statistics_accurate_with_a_large_mean():
 
 def test_momentum_none_is_the_cumulative_average(count_kernel_calls):
     torch.manual_seed(3)
-    bn, ref = random_bn(6, torch.float32, momentum=None), None
+    bn = random_bn(6, torch.float32, momentum=None)
     ref = copy.deepcopy(bn)
     for _ in range(3):
         x = channels_last((2, 6, 5, 4), torch.float32)

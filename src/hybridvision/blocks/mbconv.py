@@ -3,9 +3,9 @@
     x <- Proj(Pool(x)) + Conv1x1(SE(DConv3x3(Conv1x1(BN(x)))))      (first block of a stage)
     x <- x + Conv1x1(SE(DConv3x3(Conv1x1(BN(x)))))                  (the others)
 
-The inner convolutions are followed by BatchNorm + GELU (``hybridvision.ops.norm_act.batch_norm_act``). The stride of a downsampling block sits on the
-first 1x1 (``stride_mode="1x1"``, the paper's Eq. 5; the expansion then runs at the low resolution) or on the
-depthwise conv (``stride_mode="dw"``, Table 9 and timm's paper-like models).
+The inner convolutions are followed by BatchNorm + GELU (``hybridvision.ops.norm_act.batch_norm_act``). The
+stride of a downsampling block sits on the first 1x1 (``stride_mode="1x1"``, the paper's Eq. 5; the expansion then
+runs at the low resolution) or on the depthwise conv (``stride_mode="dw"``, Table 9 and timm's paper-like models).
 
 All tensors are NCHW; the CoAtNet model keeps them in ``torch.channels_last`` memory format, which the CPU
 (oneDNN) and GPU convolution kernels prefer.

@@ -1,9 +1,10 @@
 """hybridvision's hand-written CPU kernels: ``circular_conv(..., method="native")`` (``csrc/circular_cpu.cpp``) and
 training-mode BatchNorm + GELU (``csrc/batchnorm_act_cpu.cpp``, used by :mod:`hybridvision.ops.norm_act`).
 
-They are compiled, as one extension, on first use with ``torch.utils.cpp_extension`` (a C++17 compiler and ninja are needed; 16.8 s
-on the 2-core development machine, see the README) into torch's extension cache, ``~/.cache/torch_extensions``
-(``TORCH_EXTENSIONS_DIR`` moves it), and loaded from there afterwards; ``make setup`` builds it once
+They are compiled, as one extension, on first use with ``torch.utils.cpp_extension`` (a C++17 compiler and ninja
+are needed; 20.2 s on the 2-core development machine, see the README) into torch's extension cache,
+``~/.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR`` moves it), and loaded from there afterwards; ``make setup``
+builds it once
 (:func:`prebuild`). The build uses ``-march=native``, so the library's name carries a hash of this CPU's model and
 feature flags: a home directory shared by different machines gets one build per CPU type.
 
@@ -107,7 +108,7 @@ def build(verbose: bool = False) -> None:
 
 
 def available() -> bool:
-    """True when the kernels are enabled and loaded (building it on the first call; a failed build warns once)."""
+    """True when the kernels are enabled and loaded (building them on the first call; a failed build warns once)."""
     if disabled():
         return False
     if "error" not in _state:

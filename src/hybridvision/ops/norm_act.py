@@ -3,8 +3,9 @@
 ``batch_norm_act(x, bn, gelu=True)`` equals ``F.gelu(bn(x))`` (``bn(x)`` with ``gelu=False``), running statistics
 and ``num_batches_tracked`` included. Eager PyTorch runs it as three ops forward (statistics, normalise, GELU) and
 three passes backward, each reading or writing a full activation; the kernel (``csrc/batchnorm_act_cpu.cpp``) reads
-x twice and writes y once forward, reads the gradient and x twice and writes the input gradient once backward, and
-autograd keeps only x (the normalised tensor is recomputed). CoAtNet's MBConv runs three of these per block, on its
+x twice and writes y once forward, and backward makes two passes over the gradient and x (the first writes GELU's
+gradient into the output buffer, the second turns it into the input gradient there); autograd keeps only x (the
+normalised tensor is recomputed). CoAtNet's MBConv runs three of these per block, on its
 widest activations.
 
 The kernel runs when all of these hold, else the function computes the plain expression with torch's ops:

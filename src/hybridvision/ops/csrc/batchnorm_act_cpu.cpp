@@ -232,18 +232,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward(const at:
     const scalar_t* gzp = gelu_on ? gxp : gp;
     const std::vector<double> sums = (gelu_on ? backward_sums<scalar_t, true> : backward_sums<scalar_t, false>)(
         xp, gp, gxp, centre.data(), inv.data(), scale.data(), shift.data(), M, C);
-    // k = weight * invstd, p = -k * invstd * gweight / M, q = -k * gbias / M
-    std::vector<scalar_t> k(Cp, 0), p(Cp, 0), q(Cp, 0);
+    // k = weight * invstd (= scale), p = -k * invstd * gweight / M, q = -k * gbias / M
+    std::vector<scalar_t> p(Cp, 0), q(Cp, 0);
     scalar_t *gwp = gweight.mutable_data_ptr<scalar_t>(), *gbp = gbias.mutable_data_ptr<scalar_t>();
     for (int64_t c = 0; c < C; ++c) {
       const double gb = sums[c], gw = sums[Cp + c], kc = static_cast<double>(wp[c]) * ip[c];
       gbp[c] = static_cast<scalar_t>(gb);
       gwp[c] = static_cast<scalar_t>(gw);
-      k[c] = static_cast<scalar_t>(kc);
       p[c] = static_cast<scalar_t>(-kc * ip[c] * gw / M);
       q[c] = static_cast<scalar_t>(-kc * gb / M);
     }
-    const scalar_t *cen = centre.data(), *kp = k.data(), *pp = p.data(), *qp = q.data();
+    const scalar_t *cen = centre.data(), *kp = scale.data(), *pp = p.data(), *qp = q.data();
     for_row_chunks(M, C, [=](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         for (int64_t c = 0; c < C; c += n) {
