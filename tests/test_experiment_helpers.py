@@ -44,3 +44,37 @@ def test_cluttered_merge_previous_seeds():
     assert set(summary) == {"ConvNeXt-XT"}  # pairs not run now are not added
     with pytest.raises(ValueError, match="budget .* differs"):
         mod.merge_previous(summary, {"budget": budget.replace("6 epoch", "3 epoch") + ", seeds 1", "pairs": {}}, budget)
+
+
+def test_run_one_reuses_continues_or_trains(tmp_path, monkeypatch):
+    """run_one: a finished run with the same recipe is reused, an unfinished one continues from its last checkpoint
+    (also after it was itself resumed: ``resume`` is not part of the recipe), anything else trains from scratch."""
+    import dataclasses
+    import json
+
+    mod = load("cluttered_parc_vs_base")
+    calls = []
+    monkeypatch.setattr(mod, "train", lambda cfg: calls.append(cfg) or {"trained": cfg.resume})
+    cfg = mod.TrainConfig(model="convnext_xt", dataset="fashion-mnist-cluttered", epochs=3, seed=1,
+                          output=str(tmp_path / "run"))
+    out = Path(cfg.output)
+
+    def record(epochs: int, **changes) -> None:
+        out.mkdir(exist_ok=True)
+        args = json.loads(json.dumps(dataclasses.asdict(dataclasses.replace(cfg, **changes))))
+        (out / "metrics.json").write_text(json.dumps({"args": args, "epochs": [{"epoch": e + 1} for e in range(epochs)]}))
+
+    assert mod.run_one(cfg, retrain=False) == {"trained": None}  # nothing there
+    record(2)
+    assert mod.run_one(cfg, retrain=False) == {"trained": None}  # unfinished but no checkpoint to continue from
+    (out / mod.LAST).write_bytes(b"")
+    assert mod.run_one(cfg, retrain=False) == {"trained": "auto"}
+    assert calls[-1] == dataclasses.replace(cfg, resume="auto")
+    assert mod.run_one(cfg, retrain=True) == {"trained": None}
+    record(2, lr=0.1)  # another recipe: never continued
+    assert mod.run_one(cfg, retrain=False) == {"trained": None}
+    record(3, resume="auto")  # finished after a resume
+    assert mod.run_one(cfg, retrain=False) == {"trained": None}  # no model.safetensors: not finished cleanly
+    (out / "model.safetensors").write_bytes(b"")
+    n = len(calls)
+    assert mod.run_one(cfg, retrain=False)["epochs"][-1] == {"epoch": 3} and len(calls) == n

@@ -30,7 +30,8 @@ x 6 epochs, 2,000 test images) took 13 min; both models were still learning (39.
 Run folders go to ``--runs`` (default ``runs/cluttered``): ``RUNS/<model>/seed<k>/`` holds the engine's
 ``metrics.json``, ``curves.png``, checkpoints and ``model.safetensors`` + ``config.json``, which
 ``erf_parc_vs_base.py --trained RUNS`` and ``cam_grid.py --runs RUNS`` load. A run whose ``metrics.json`` was
-written with the same recipe is reused, not retrained (``--retrain`` forces it).
+written with the same recipe is reused, not retrained (``--retrain`` forces it); an unfinished one (stopped, killed,
+the session ended) continues from its ``checkpoint-last.pt`` when the same command runs again.
 Writes ``benchmarks/results/experiments/cluttered_parc_vs_base.md``, ``.png`` and ``.json``.
 """
 from __future__ import annotations
@@ -46,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 from _common import PAIRS, RESULTS, Timer  # noqa: E402
 
-from hybridvision.engine.trainer import TrainConfig, train  # noqa: E402
+from hybridvision.engine.trainer import LAST, TrainConfig, train  # noqa: E402
 
 GOAL = 2.0  # points of test top-1
 CHANCE = 10.0  # 10 classes
@@ -73,14 +74,28 @@ def recipe(a: argparse.Namespace, model: str, seed: int) -> TrainConfig:
     )
 
 
+def _same_recipe(args: dict | None, cfg: TrainConfig) -> bool:
+    """Whether a run's recorded ``args`` are ``cfg`` (``resume`` aside: a resumed run records how it restarted)."""
+    if args is None:
+        return False
+    want = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return {k: v for k, v in args.items() if k != "resume"} == {k: v for k, v in want.items() if k != "resume"}
+
+
 def run_one(cfg: TrainConfig, retrain: bool) -> dict:
-    """Train ``cfg`` (or reuse the finished run in ``cfg.output`` trained with exactly the same arguments)."""
+    """Train ``cfg``; reuse the finished run in ``cfg.output`` trained with exactly the same arguments, or continue an
+    unfinished one from its last checkpoint (the engine's resume is bit-exact: the result equals an
+    uninterrupted run). ``retrain`` starts from scratch whatever is there."""
     out = Path(cfg.output)
-    if not retrain and (out / "metrics.json").is_file() and (out / "model.safetensors").is_file():
-        old = json.loads((out / "metrics.json").read_text())
-        if old.get("args") == json.loads(json.dumps(dataclasses.asdict(cfg))) and len(old["epochs"]) == cfg.epochs:
+    old = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else None
+    if not retrain and old is not None and _same_recipe(old.get("args"), cfg):
+        done = len(old["epochs"])
+        if done == cfg.epochs and (out / "model.safetensors").is_file():
             print(f"reusing {out} (finished, same recipe)", flush=True)
             return old
+        if done < cfg.epochs and (out / LAST).is_file():
+            print(f"continuing {out} after epoch {done} of {cfg.epochs} (unfinished, same recipe)", flush=True)
+            return train(dataclasses.replace(cfg, resume="auto"))
     return train(cfg)
 
 
