@@ -59,11 +59,14 @@ def test_fast_path_off_under_autograd_and_switch():
             fast_path_enabled(True)
 
 
-def test_onednn_linear_autograd_matches_eager():
+@pytest.mark.parametrize("lead, cin, cout", [((3, 5, 7), 24, 40), ((2, 196), 96, 384)])
+def test_onednn_linear_autograd_matches_eager(lead, cin, cout):
+    """Forward and all three gradients (the backward hands oneDNN transposed views) equal eager ``F.linear``;
+    odd sizes and CoAtNet-like ones (oneDNN picks blocked kernels for those)."""
     torch.manual_seed(0)
-    lin = torch.nn.Linear(24, 40)
-    x = torch.randn(3, 5, 7, 24, requires_grad=True)
-    g = torch.randn(3, 5, 7, 40)
+    lin = torch.nn.Linear(cin, cout)
+    x = torch.randn(*lead, cin, requires_grad=True)
+    g = torch.randn(*lead, cout)
     for gelu in (False, True):
         ref = F.gelu(lin(x)) if gelu else lin(x)
         ref_grads = torch.autograd.grad(ref, (x, lin.weight, lin.bias), g)
@@ -74,7 +77,7 @@ def test_onednn_linear_autograd_matches_eager():
         for a, b in zip(torch.autograd.grad(out, (x, lin.weight, lin.bias), g), ref_grads):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     # frozen weight, no bias: only the input gradient
-    lin2 = torch.nn.Linear(24, 8, bias=False).requires_grad_(False)
+    lin2 = torch.nn.Linear(cin, 8, bias=False).requires_grad_(False)
     out = linear_act(x, lin2)
     (gx,) = torch.autograd.grad(out.sum(), (x,))
     torch.testing.assert_close(gx, lin2.weight.sum(0).expand_as(x), rtol=1e-5, atol=1e-5)

@@ -62,7 +62,7 @@ def use_onednn(x: torch.Tensor) -> bool:
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b.T with oneDNN. a: (M, K), b: (N, K) -> (M, N)."""
+    """a @ b.T with oneDNN. a: (M, K), b: (N, K), either may be a strided view (e.g. a transpose) -> (M, N)."""
     return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
 
@@ -70,7 +70,7 @@ class _OneDNNLinear(torch.autograd.Function):
     """``F.linear`` with every GEMM (forward, grad input, grad weight) run by oneDNN (fp32 CPU).
 
     On the CPUs we measured, oneDNN's GEMM ran ~2.5x the FLOP/s of ``torch.mm`` (benchmarks/bench_models.py
-    prints both peaks), so training steps gain too; the backward costs two transposed copies.
+    prints both peaks), so training steps gain too.
     """
 
     @staticmethod
@@ -85,10 +85,11 @@ class _OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).contiguous()
         gx = gw = gb = None
+        # the transposed operands go in as views: oneDNN reads them strided, no transposed copies
         if ctx.needs_input_grad[0]:
-            gx = _gemm(g, weight.t().contiguous()).reshape(x.shape)
+            gx = _gemm(g, weight.t()).reshape(x.shape)
         if ctx.needs_input_grad[1]:
-            gw = _gemm(g.t().contiguous(), x.reshape(-1, x.shape[-1]).t().contiguous())
+            gw = _gemm(g.t(), x.reshape(-1, x.shape[-1]).t())
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g.sum(0)
         return gx, gw, gb
