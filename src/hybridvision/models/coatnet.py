@@ -182,16 +182,17 @@ class Stem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_chans, H, W) -> (B, D0, H / s0, W / s0), channels-last in memory."""
         self.check_input(x)
-        x = x.contiguous(memory_format=torch.channels_last)
+        # a 1-channel image is NCHW and channels-last at once, and the first conv would then return NCHW (and the
+        # whole network run NCHW): the clone gives it unambiguous channels-last strides; else no copy if already so
+        cl = torch.channels_last
+        x = x.clone(memory_format=cl) if x.shape[1] == 1 else x.contiguous(memory_format=cl)
         for i, conv in enumerate(self.convs):
-            act = i < len(self.norms)
-            # BN folded: conv + GELU in one oneDNN call on CPU
-            x = conv_act(x, conv) if act and self.fused else conv(x)
-            # a 1-channel image is NCHW and channels-last at once, and the conv then returns NCHW: fix the layout
-            # here (a no-op otherwise) so that the whole network runs channels-last
-            x = x.contiguous(memory_format=torch.channels_last)
-            if act and not self.fused:
-                x = batch_norm_act(x, self.norms[i])  # one native kernel pair when training on CPU
+            if i == len(self.norms):
+                x = conv(x)
+            elif self.fused:
+                x = conv_act(x, conv)  # BN folded: conv + GELU in one oneDNN call on CPU
+            else:
+                x = batch_norm_act(conv(x), self.norms[i])  # one native kernel pair when training on CPU
         return x
 
     @torch.no_grad()
