@@ -79,7 +79,7 @@ def _same_recipe(args: dict | None, cfg: TrainConfig) -> bool:
     if args is None:
         return False
     want = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    return {k: v for k, v in args.items() if k != "resume"} == {k: v for k, v in want.items() if k != "resume"}
+    return dict(args, resume=None) == dict(want, resume=None)
 
 
 def run_one(cfg: TrainConfig, retrain: bool) -> dict:
