@@ -33,6 +33,7 @@ Writes ``benchmarks/results/experiments/erf_parc_vs_base[_trained].md``, ``.png`
 from __future__ import annotations
 
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +146,8 @@ def plot_grid(rows: list[list[tuple[str, np.ndarray, dict]]], path: Path, title:
             ax.set_xticks([])
             ax.set_yticks([])
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.suptitle(title, fontsize=10)
+    # ~11 characters per inch at fontsize 10: a one-pair figure wraps the title instead of cutting it
+    fig.suptitle(textwrap.fill(title, width=int(11 * 3.8 * ncols)), fontsize=10)
     return _common.save_figure(fig, path, dpi=100)
 
 
