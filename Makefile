@@ -22,12 +22,26 @@ bench: setup
 	$(PY) benchmarks/bench_parc_models.py --no-sweep
 	$(PY) benchmarks/bench_export.py
 
-# The science experiments of README "Science" at their committed (small, CPU) budgets.
+# The science experiments of README "Science", exactly the commands behind the committed results in
+# benchmarks/results/experiments/ (about 9 hours on 2 CPU cores, most of it the three ResNet50 seeds). Finished runs
+# in runs/cluttered_c and runs/coatnet_layouts are reused and unfinished ones continue, so an interrupted
+# `make science` picks up where it stopped.
+E := benchmarks/experiments
+R := benchmarks/results/experiments
+CLUTTERED := --seeds 1 2 3 --train-subset 10000 --test-subset 2000 --epochs 6 --threads 2 --runs runs/cluttered_c
 science: setup
-	$(PY) benchmarks/experiments/erf_parc_vs_base.py
-	$(PY) benchmarks/experiments/cluttered_parc_vs_base.py --pairs mobilenetv2 --train-subset 2000 --test-subset 1000 --epochs 4 --batch-size 32 --runs runs/cluttered_b
-	$(PY) benchmarks/experiments/coatnet_layouts.py --train-subset 5000 --test-subset 2000 --epochs 2
-	$(PY) benchmarks/experiments/cam_grid.py --pairs mobilenetv2 --runs runs/cluttered_b
+	$(PY) $(E)/erf_parc_vs_base.py
+	$(PY) $(E)/erf_parc_vs_base.py --num-images 50 --img-size 1024 --output $(R)/erf_parc_vs_base_1024
+	$(PY) $(E)/cluttered_parc_vs_base.py --pairs mobilenetv2 $(CLUTTERED)
+	$(PY) $(E)/cluttered_parc_vs_base.py --pairs convnext $(CLUTTERED) --output $(R)/cluttered_parc_vs_base_convnext
+	$(PY) $(E)/cluttered_parc_vs_base.py --pairs resnet50 $(CLUTTERED) --output $(R)/cluttered_parc_vs_base_resnet50
+	$(PY) $(E)/erf_parc_vs_base.py --trained runs/cluttered_c --pairs convnext mobilenetv2 --img-size 448 --num-images 16 --threads 2 --output $(R)/erf_parc_vs_base_trained_448
+	$(PY) $(E)/erf_parc_vs_base.py --trained runs/cluttered_c --pairs resnet50 --img-size 448 --num-images 16 --threads 2 --output $(R)/erf_parc_vs_base_trained_448_resnet50
+	for s in 2 3; do $(PY) $(E)/erf_parc_vs_base.py --trained runs/cluttered_c --trained-seed $$s --pairs convnext --img-size 448 --num-images 16 --threads 2 --output $(R)/erf_parc_vs_base_trained_448_convnext_seed$$s || exit 1; done
+	$(PY) $(E)/cam_grid.py --pairs convnext mobilenetv2 --runs runs/cluttered_c --num-images 16
+	$(PY) $(E)/cam_grid.py --pairs resnet50 --runs runs/cluttered_c --num-images 16 --output $(R)/cam_grid_resnet50
+	for s in 2 3; do $(PY) $(E)/cam_grid.py --pairs convnext --seed $$s --runs runs/cluttered_c --num-images 16 --output $(R)/cam_grid_convnext_seed$$s || exit 1; done
+	$(PY) $(E)/coatnet_layouts.py --seeds 1 2 3 --train-subset 10000 --test-subset 5000 --epochs 6 --threads 1
 
 clean:
 	rm -rf .venv build dist src/*.egg-info .pytest_cache
