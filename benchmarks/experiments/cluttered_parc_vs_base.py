@@ -11,14 +11,14 @@ Recipe (all models): AdamW, lr 2e-3, weight decay 0.05, cosine schedule stepped 
 when ``--epochs >= 3``, label smoothing 0.1, random translation 12.5% + horizontal flip, batch 64, fp32,
 1 input channel, from scratch (no pretrained weights exist offline).
 
-CPU budget, measured by this script's runs: MobileNetV2 / ParC-MobileNetV2 at 112 px train at 187 / 154 img/s
-with 2 threads on the otherwise idle 2-core machine, so the committed run (MobileNetV2 pair, 10,000 training images
-x 6 epochs, 2,000 test images) took 13 min; both models were still learning (39.8% / 32.4% top-1). ConvNeXt-XT is
-~2x and ResNet50 ~5x slower per image; the full run (all 60k images, 30+ epochs, 3 seeds) is a GPU job.
+CPU budget at the committed setting (10,000 training images x 6 epochs, 2,000 test images, 2 threads, the 2-core
+machine otherwise idle; per-epoch seconds in each run's ``metrics.json``): a MobileNetV2 pair takes ~14 min per seed,
+a ConvNeXt-XT pair ~40 min (180-230 s per epoch and model) and a ResNet50 pair ~90 min (~435 s per epoch and
+model); the full run (all 60k images, 30+ epochs, 3 seeds) is a GPU job.
 ``--smoke`` (ConvNeXt pair, 128 training / 64 test images, 1 epoch): ~30 s on a quiet machine.
 
-    python benchmarks/experiments/cluttered_parc_vs_base.py --pairs mobilenetv2 --train-subset 10000 \
-        --test-subset 2000 --epochs 6 --threads 2 --runs runs/cluttered_c   # the committed run
+    python benchmarks/experiments/cluttered_parc_vs_base.py --pairs mobilenetv2 --seeds 1 2 3 \
+        --train-subset 10000 --test-subset 2000 --epochs 6 --threads 2 --runs runs/cluttered_c   # committed
     python benchmarks/experiments/cluttered_parc_vs_base.py --seeds 1 2 3 --epochs 30          # full (GPU-sized)
     python benchmarks/experiments/cluttered_parc_vs_base.py --smoke
     # another seed for a committed result: its seeds and this run's in one table (same budget required)
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         "Delta = ParC - base per seed (mean +- sample std over seeds).",
         "",
         "| pair | base | params (M) | base top-1 | ParC model | params (M) | ParC top-1 | Delta (points) | goal >= +2 "
-        "| final train loss base / ParC | train s (img/s) base / ParC |",
+        "| final train loss base / ParC | train s summed over seeds (mean img/s) base / ParC |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, s in summary.items():
