@@ -33,7 +33,6 @@ Writes ``benchmarks/results/experiments/erf_parc_vs_base[_trained].md``, ``.png`
 from __future__ import annotations
 
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -146,9 +145,8 @@ def plot_grid(rows: list[list[tuple[str, np.ndarray, dict]]], path: Path, title:
             ax.set_xticks([])
             ax.set_yticks([])
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    # ~11 characters per inch at fontsize 10: a one-pair figure wraps the title instead of cutting it, and the
-    # panels move down by ~0.1 inch per title line
-    title = textwrap.fill(title, width=int(11 * 3.8 * ncols))
+    # a one-pair figure wraps the title; the panels move down by ~0.1 inch per title line
+    title = _common.wrap_title(title, 3.8 * ncols, fontsize=10)
     fig.suptitle(title, fontsize=10)
     top = 1 - 0.1 * (title.count("\n") + 1) / (3.8 * len(rows))
     return _common.save_figure(fig, path, dpi=100, rect=(0, 0, 1, top))
