@@ -78,3 +78,22 @@ def test_run_one_reuses_continues_or_trains(tmp_path, monkeypatch):
     (out / "model.safetensors").write_bytes(b"")
     n = len(calls)
     assert mod.run_one(cfg, retrain=False)["epochs"][-1] == {"epoch": 3} and len(calls) == n
+
+
+@pytest.mark.parametrize("width_in, fontsize", [(4.8, 8), (7.6, 10), (10.0, 8)])
+def test_wrap_title_fits_the_figure(width_in, fontsize):
+    """A long title wrapped by ``_common.wrap_title`` renders narrower than its figure and keeps every word."""
+    common = load("_common")
+    plt = common.pyplot()
+    text = ("16 cluttered Fashion-MNIST test canvases at 448 px (trained at 112 px; items at training scale), "
+            "weights runs/cluttered_c/<model>/seed1, 10000 training / 2000 test images, 6 epoch(s), batch 64")
+    wrapped = common.wrap_title(text, width_in, fontsize)
+    assert wrapped.split() == text.split() and "\n" in wrapped
+    fig = plt.figure(figsize=(width_in, 3))
+    try:
+        title = fig.suptitle(wrapped, fontsize=fontsize)
+        fig.canvas.draw()
+        extent = title.get_window_extent()
+        assert extent.width / fig.dpi <= width_in, (extent.width / fig.dpi, width_in)
+    finally:
+        plt.close(fig)
