@@ -15,12 +15,14 @@ Recipe: AdamW, lr 2e-3, weight decay 0.05, cosine per iteration, 1 warm-up epoch
 label smoothing 0.1, random translation 12.5% + horizontal flip, batch 128, fp32, 28 px, 1 channel, no
 stochastic depth (``drop_path`` 0, so the training loss measures fit).
 
-CPU budget, measured: with 1 thread, beside a 2-thread training job on the 2 cores, the five layouts trained at
-148-200 img/s at 28 px, so ``--train-subset 10000 --test-subset 5000 --epochs 6 --threads 1`` (the committed run)
-took ~6 min per layout, 31 min in all; the full data (``--train-subset 0 --epochs 30``) is a GPU job.
+CPU budget, measured: with 1 thread per process and the three seeds as three processes side by side on the
+2 cores, the five layouts trained at 91-138 img/s at 28 px (ViT_rel slowest), ~8-11 min per layout, 50 min for
+``--seeds 1 2 3 --train-subset 10000 --test-subset 5000 --epochs 6 --threads 1`` (the committed run; one seed alone,
+beside a 2-thread job, took 31 min); the full data (``--train-subset 0 --epochs 30``) is a GPU job.
 ``--smoke`` (C-C-C-C and ViT_rel, 256 / 128 images, 1 epoch): ~30 s on a quiet machine.
 
-    python benchmarks/experiments/coatnet_layouts.py --train-subset 10000 --test-subset 5000 --epochs 6 --threads 1
+    python benchmarks/experiments/coatnet_layouts.py --seeds 1 2 3 --train-subset 10000 --test-subset 5000 --epochs 6 \
+        --threads 1   # committed; seeds may run as separate processes first (finished runs are reused)
     python benchmarks/experiments/coatnet_layouts.py --train-subset 0 --test-subset 0 --epochs 30 --seeds 1 2 3
     python benchmarks/experiments/coatnet_layouts.py --smoke
 
