@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXP = Path(__file__).resolve().parents[1] / "benchmarks" / "experiments"
@@ -80,20 +81,35 @@ def test_run_one_reuses_continues_or_trains(tmp_path, monkeypatch):
     assert mod.run_one(cfg, retrain=False)["epochs"][-1] == {"epoch": 3} and len(calls) == n
 
 
-@pytest.mark.parametrize("width_in, fontsize", [(4.8, 8), (7.6, 10), (10.0, 8)])
-def test_wrap_title_fits_the_figure(width_in, fontsize):
-    """A long title wrapped by ``_common.wrap_title`` renders narrower than its figure and keeps every word."""
-    common = load("_common")
-    plt = common.pyplot()
-    text = ("16 cluttered Fashion-MNIST test canvases at 448 px (trained at 112 px; items at training scale), "
-            "weights runs/cluttered_c/<model>/seed1, 10000 training / 2000 test images, 6 epoch(s), batch 64")
-    wrapped = common.wrap_title(text, width_in, fontsize)
-    assert wrapped.split() == text.split() and "\n" in wrapped
-    fig = plt.figure(figsize=(width_in, 3))
-    try:
-        title = fig.suptitle(wrapped, fontsize=fontsize)
+@pytest.mark.parametrize("script", ["cluttered_parc_vs_base", "erf_parc_vs_base", "coatnet_layouts"])
+def test_plot_titles_fit_the_figure(script, tmp_path, monkeypatch):
+    """Each experiment's figure title, however long, renders narrower than its figure and keeps every word."""
+    mod = load(script)
+    title = ("16 cluttered Fashion-MNIST test canvases at 448 px (trained at 112 px; items at training scale), "
+             "weights runs/cluttered_c/<model>/seed1, 10000 training / 2000 test images, 6 epoch(s), batch 64")
+    drawn = []
+
+    def keep(fig, path, dpi, rect=None):  # _common.save_figure without saving or closing the figure
+        fig.tight_layout(rect=rect)
         fig.canvas.draw()
-        extent = title.get_window_extent()
-        assert extent.width / fig.dpi <= width_in, (extent.width / fig.dpi, width_in)
-    finally:
-        plt.close(fig)
+        drawn.append(fig)
+        return path
+
+    monkeypatch.setattr(mod._common, "save_figure", keep)
+    png = tmp_path / "fig.png"
+    if script == "cluttered_parc_vs_base":
+        mod.plot({"ConvNeXt-XT": result([1, 2], [30.0, 32.0], [35.0, 36.0])}, png, title)
+    elif script == "erf_parc_vs_base":
+        erf = np.random.default_rng(0).random((16, 16)) + 0.1
+        mod.plot_grid([[("base", erf, {"0.2": 0.1, "0.99": 0.9}), ("parc", erf, {"0.2": 0.2, "0.99": 0.9})]], png,
+                      title)
+    else:
+        mod.plot({"C-C-T-T": {"train_loss": [0.9, 0.92], "top1": [79.0, 80.0]},
+                  "ViT_rel": {"train_loss": [1.2, 1.25], "top1": [65.0, 64.0]}}, png, title)
+    (fig,) = drawn
+    text = fig._suptitle if fig._suptitle is not None else fig.axes[0].title
+    extent = text.get_window_extent()
+    width_in = fig.get_figwidth()
+    assert text.get_text().split() == title.split()
+    assert extent.x0 >= 0 and extent.x1 / fig.dpi <= width_in, (extent.x0, extent.x1 / fig.dpi, width_in)
+    mod._common.pyplot().close(fig)

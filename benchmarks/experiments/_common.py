@@ -8,7 +8,6 @@ import os
 import platform
 import shlex
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -109,12 +108,6 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def wrap_title(text: str, width_in: float, fontsize: float) -> str:
-    """``text`` wrapped to lines that fit ``width_in`` inches at ``fontsize`` points (~110 / fontsize characters per
-    inch, a little under matplotlib's average glyph width), so a long title wraps instead of being cut off."""
-    return textwrap.fill(text, width=max(20, int(width_in * 110 / fontsize)))
 
 
 def save_figure(fig, path: Path, dpi: int, rect: tuple[float, float, float, float] | None = None) -> Path:

@@ -112,8 +112,7 @@ def fmt(xs: list[float]) -> str:
 def plot(summary: dict, path: Path, title: str) -> Path:
     """Bars of test top-1 (mean, std error bars, seeds as dots) for each base / ParC pair."""
     plt = _common.pyplot()
-    width = 2.6 + 2.2 * len(summary)
-    fig, ax = plt.subplots(figsize=(width, 3.8))
+    fig, ax = plt.subplots(figsize=(2.6 + 2.2 * len(summary), 3.8))
     for i, (label, s) in enumerate(summary.items()):
         for j, (key, colour) in enumerate((("base", "tab:gray"), ("parc", "tab:green"))):
             accs = s[f"{key}_top1"]
@@ -127,7 +126,7 @@ def plot(summary: dict, path: Path, title: str) -> Path:
     ax.set_ylabel("test top-1 (%)")
     lo = min(min(s["base_top1"] + s["parc_top1"]) for s in summary.values())
     ax.set_ylim(max(0.0, lo - 10), None)
-    ax.set_title(_common.wrap_title(title, width, fontsize=8), fontsize=8)
+    ax.set_title(title, fontsize=8, wrap=True)
     ax.legend(loc="lower right")
     ax.grid(axis="y", alpha=0.3)
     return _common.save_figure(fig, path, dpi=110)

@@ -105,7 +105,7 @@ def plot(rows: dict, path: Path, title: str) -> Path:
         ax.set_ylim(max(0.0, lo - 1.5 * pad), hi + 0.6 * pad)
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(_common.wrap_title(title, 10, fontsize=8), fontsize=8)
+    fig.suptitle(title, fontsize=8, wrap=True)
     return _common.save_figure(fig, path, dpi=110)
 
 

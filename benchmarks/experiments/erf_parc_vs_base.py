@@ -145,11 +145,8 @@ def plot_grid(rows: list[list[tuple[str, np.ndarray, dict]]], path: Path, title:
             ax.set_xticks([])
             ax.set_yticks([])
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    # a one-pair figure wraps the title; the panels move down by ~0.1 inch per title line
-    title = _common.wrap_title(title, 3.8 * ncols, fontsize=10)
-    fig.suptitle(title, fontsize=10)
-    top = 1 - 0.1 * (title.count("\n") + 1) / (3.8 * len(rows))
-    return _common.save_figure(fig, path, dpi=100, rect=(0, 0, 1, top))
+    fig.suptitle(title, fontsize=10, wrap=True)  # a one-pair figure is too narrow for the title on one line
+    return _common.save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> dict:
