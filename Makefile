@@ -23,9 +23,9 @@ bench: setup
 	$(PY) benchmarks/bench_export.py
 
 # The science experiments of README "Science", exactly the commands behind the committed results in
-# benchmarks/results/experiments/ (about 9 hours on 2 CPU cores, most of it the three ResNet50 seeds). Finished runs
-# in runs/cluttered_c and runs/coatnet_layouts are reused and unfinished ones continue, so an interrupted
-# `make science` picks up where it stopped.
+# benchmarks/results/experiments/: about 9 hours on 2 CPU cores (estimated from the committed runs' per-epoch
+# seconds; half of it the three ResNet50 seeds). Finished runs in runs/cluttered_c and runs/coatnet_layouts are
+# reused and unfinished ones continue, so an interrupted `make science` picks up where it stopped.
 E := benchmarks/experiments
 R := benchmarks/results/experiments
 CLUTTERED := --seeds 1 2 3 --train-subset 10000 --test-subset 2000 --epochs 6 --threads 2 --runs runs/cluttered_c

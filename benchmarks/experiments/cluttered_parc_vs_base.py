@@ -13,7 +13,7 @@ when ``--epochs >= 3``, label smoothing 0.1, random translation 12.5% + horizont
 
 CPU budget at the committed setting (10,000 training images x 6 epochs, 2,000 test images, 2 threads, the 2-core
 machine otherwise idle; per-epoch seconds in each run's ``metrics.json``): a MobileNetV2 pair takes ~14 min per seed,
-a ConvNeXt-XT pair ~40 min (180-230 s per epoch and model) and a ResNet50 pair ~90 min (~435 s per epoch and
+a ConvNeXt-XT pair ~40 min (177-232 s per epoch and model) and a ResNet50 pair ~90 min (416-480 s per epoch and
 model); the full run (all 60k images, 30+ epochs, 3 seeds) is a GPU job.
 ``--smoke`` (ConvNeXt pair, 128 training / 64 test images, 1 epoch): ~30 s on a quiet machine.
 
