@@ -81,7 +81,7 @@ def test_run_one_reuses_continues_or_trains(tmp_path, monkeypatch):
     assert mod.run_one(cfg, retrain=False)["epochs"][-1] == {"epoch": 3} and len(calls) == n
 
 
-@pytest.mark.parametrize("script", ["cluttered_parc_vs_base", "erf_parc_vs_base", "coatnet_layouts"])
+@pytest.mark.parametrize("script", ["cluttered_parc_vs_base", "erf_parc_vs_base", "coatnet_layouts", "cam_grid"])
 def test_plot_titles_fit_the_figure(script, tmp_path, monkeypatch):
     """Each experiment's figure title, however long, renders narrower than its figure and keeps every word."""
     mod = load(script)
@@ -89,8 +89,8 @@ def test_plot_titles_fit_the_figure(script, tmp_path, monkeypatch):
              "weights runs/cluttered_c/<model>/seed1, 10000 training / 2000 test images, 6 epoch(s), batch 64")
     drawn = []
 
-    def keep(fig, path, dpi, rect=None):  # _common.save_figure without saving or closing the figure
-        fig.tight_layout(rect=rect)
+    def keep(fig, path, dpi):  # _common.save_figure without saving or closing the figure
+        fig.tight_layout()
         fig.canvas.draw()
         drawn.append(fig)
         return path
@@ -103,6 +103,13 @@ def test_plot_titles_fit_the_figure(script, tmp_path, monkeypatch):
         erf = np.random.default_rng(0).random((16, 16)) + 0.1
         mod.plot_grid([[("base", erf, {"0.2": 0.1, "0.99": 0.9}), ("parc", erf, {"0.2": 0.2, "0.99": 0.9})]], png,
                       title)
+    elif script == "cam_grid":
+        rng = np.random.default_rng(0)
+        canvases = rng.integers(0, 256, (2, 112, 112), dtype=np.uint8)
+        cams = rng.random((2, 112, 112)).astype(np.float32)
+        columns = [("convnext_xt", cams, np.array([0, 3])), ("parc_convnext_xt", cams, np.array([0, 0]))]
+        mod.plot_grid(canvases, [(5, 7), (40, 60)], np.array([0, 0]), [0, 1], columns,
+                      {"convnext_xt": [0.1, 0.2], "parc_convnext_xt": [0.3, 0.4]}, png, title)
     else:
         mod.plot({"C-C-T-T": {"train_loss": [0.9, 0.92], "top1": [79.0, 80.0]},
                   "ViT_rel": {"train_loss": [1.2, 1.25], "top1": [65.0, 64.0]}}, png, title)

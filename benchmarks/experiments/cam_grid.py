@@ -12,7 +12,8 @@ CPU budget: a few seconds per model (one batched Grad-CAM of ``--num-images`` ca
 (ConvNeXt pair, 8 images) runs in < 1 min plus model loading. ``--smoke``: 2 images.
 
     python benchmarks/experiments/cam_grid.py                    # after cluttered_parc_vs_base.py (default runs)
-    python benchmarks/experiments/cam_grid.py --pairs mobilenetv2 --runs runs/cluttered_c   # the committed grid
+    python benchmarks/experiments/cam_grid.py --pairs convnext mobilenetv2 --runs runs/cluttered_c \
+        --num-images 16                                          # the committed grid (README, make science)
     python benchmarks/experiments/cam_grid.py --smoke --runs runs/cluttered_smoke
 
 Writes ``benchmarks/results/experiments/cam_grid.png``, ``.md`` and ``.json``.
@@ -49,6 +50,36 @@ def item_box(canvas: np.ndarray, item: np.ndarray) -> tuple[int, int]:
     score = under * 1_000_000 + excess
     y, x = np.unravel_index(np.argmin(score), score.shape)
     return int(y), int(x)
+
+
+def plot_grid(canvases: np.ndarray, boxes: list[tuple[int, int]], labels, idx: list[int],
+              columns: list[tuple[str, np.ndarray, np.ndarray]], on_item: dict[str, list[float]], path: Path,
+              title: str) -> Path:
+    """One row per canvas: the input ``canvases: (N, S, S)`` uint8 with the item's box (``boxes``: top-left
+    ``(y, x)``), then each model's CAM overlay; ``columns``: (model, cams (N, S, S) in [0, 1], classes (N,)),
+    ``labels``: (N,) true classes, ``idx``: the test canvas numbers, ``on_item``: per model the N "CAM on item"
+    fractions. Saved to ``path``; returns it."""
+    plt = _common.pyplot()
+    import matplotlib.patches as patches
+
+    n, ncol = len(idx), 1 + len(columns)
+    fig, axes = plt.subplots(n, ncol, figsize=(2.3 * ncol, 2.4 * n), squeeze=False)
+    for r in range(n):
+        rgb = np.repeat(canvases[r][..., None], 3, -1).astype(np.float32) / 255.0
+        y, x0 = boxes[r]
+        axes[r, 0].imshow(rgb)
+        axes[r, 0].add_patch(patches.Rectangle((x0 - 0.5, y - 0.5), 28, 28, fill=False, ec="cyan", lw=1))
+        axes[r, 0].set_title(f"#{idx[r]}: {CLASS_NAMES[int(labels[r])]}", fontsize=8)
+        for c, (name, cams, classes) in enumerate(columns, start=1):
+            ok = int(classes[r]) == int(labels[r])
+            axes[r, c].imshow(overlay(rgb, cams[r]))
+            axes[r, c].set_title(f"{name}\n{'' if ok else 'x '}{CLASS_NAMES[int(classes[r])]}  "
+                                 f"on item {on_item[name][r]:.2f}", fontsize=7)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title, fontsize=8, wrap=True)
+    return _common.save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -91,27 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}: Grad-CAM at {layer}, {sum(int(k) == int(t) for k, t in zip(classes, labels))}/"
                   f"{len(idx)} correct, CAM on item {statistics.fmean(fr):.3f}", flush=True)
 
-    plt = _common.pyplot()
-    import matplotlib.patches as patches
-
-    n, ncol = len(idx), 1 + len(columns)
-    fig, axes = plt.subplots(n, ncol, figsize=(2.3 * ncol, 2.4 * n), squeeze=False)
-    for r in range(n):
-        rgb = np.repeat(canvases[r][..., None], 3, -1).astype(np.float32) / 255.0
-        y, x0 = boxes[r]
-        axes[r, 0].imshow(rgb)
-        axes[r, 0].add_patch(patches.Rectangle((x0 - 0.5, y - 0.5), 28, 28, fill=False, ec="cyan", lw=1))
-        axes[r, 0].set_title(f"#{idx[r]}: {CLASS_NAMES[int(labels[r])]}", fontsize=8)
-        for c, (name, cams, classes) in enumerate(columns, start=1):
-            ok = int(classes[r]) == int(labels[r])
-            axes[r, c].imshow(overlay(rgb, cams[r]))
-            axes[r, c].set_title(f"{name}\n{'' if ok else 'x '}{CLASS_NAMES[int(classes[r])]}  "
-                                 f"on item {on_item[name][r]:.2f}", fontsize=7)
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle(f"Grad-CAM, cluttered Fashion-MNIST test canvases, weights {a.runs}/<model>/seed{a.seed}", fontsize=8)
-    png = _common.save_figure(fig, stem.with_suffix(".png"), dpi=100, rect=(0, 0, 1, 1 - 0.45 / (2.4 * n)))
+    title = f"Grad-CAM, cluttered Fashion-MNIST test canvases, weights {a.runs}/<model>/seed{a.seed}"
+    png = plot_grid(canvases, boxes, labels, idx, columns, on_item, stem.with_suffix(".png"), title)
+    n = len(idx)
 
     lines = [
         "# Grad-CAM: base vs ParC on cluttered Fashion-MNIST",
