@@ -38,9 +38,11 @@ science: setup
 	$(PY) $(E)/erf_parc_vs_base.py --trained runs/cluttered_c --pairs convnext mobilenetv2 --img-size 448 --num-images 16 --threads 2 --output $(R)/erf_parc_vs_base_trained_448
 	$(PY) $(E)/erf_parc_vs_base.py --trained runs/cluttered_c --pairs resnet50 --img-size 448 --num-images 16 --threads 2 --output $(R)/erf_parc_vs_base_trained_448_resnet50
 	for s in 2 3; do $(PY) $(E)/erf_parc_vs_base.py --trained runs/cluttered_c --trained-seed $$s --pairs convnext --img-size 448 --num-images 16 --threads 2 --output $(R)/erf_parc_vs_base_trained_448_convnext_seed$$s || exit 1; done
+	$(PY) $(E)/erf_parc_vs_base.py --trained runs/cluttered_c --pairs mobilenetv2 --img-size 448 --num-images 16 --threads 2 --output $(R)/erf_parc_vs_base_trained_448_mobilenetv2
 	$(PY) $(E)/cam_grid.py --pairs convnext mobilenetv2 --runs runs/cluttered_c --num-images 16
 	$(PY) $(E)/cam_grid.py --pairs resnet50 --runs runs/cluttered_c --num-images 16 --output $(R)/cam_grid_resnet50
 	for s in 2 3; do $(PY) $(E)/cam_grid.py --pairs convnext --seed $$s --runs runs/cluttered_c --num-images 16 --output $(R)/cam_grid_convnext_seed$$s || exit 1; done
+	$(PY) $(E)/cam_grid.py --pairs mobilenetv2 --runs runs/cluttered_c --num-images 16 --output $(R)/cam_grid_mobilenetv2
 	$(PY) $(E)/coatnet_layouts.py --seeds 1 2 3 --train-subset 10000 --test-subset 5000 --epochs 6 --threads 1
 
 clean:

@@ -89,8 +89,8 @@ def test_plot_titles_fit_the_figure(script, tmp_path, monkeypatch):
              "weights runs/cluttered_c/<model>/seed1, 10000 training / 2000 test images, 6 epoch(s), batch 64")
     drawn = []
 
-    def keep(fig, path, dpi):  # _common.save_figure without saving or closing the figure
-        fig.tight_layout()
+    def keep(fig, path, dpi, rect=None):  # _common.save_figure without saving or closing the figure
+        fig.tight_layout(rect=rect)
         fig.canvas.draw()
         drawn.append(fig)
         return path
@@ -104,12 +104,12 @@ def test_plot_titles_fit_the_figure(script, tmp_path, monkeypatch):
         mod.plot_grid([[("base", erf, {"0.2": 0.1, "0.99": 0.9}), ("parc", erf, {"0.2": 0.2, "0.99": 0.9})]], png,
                       title)
     elif script == "cam_grid":
-        rng = np.random.default_rng(0)
-        canvases = rng.integers(0, 256, (2, 112, 112), dtype=np.uint8)
-        cams = rng.random((2, 112, 112)).astype(np.float32)
-        columns = [("convnext_xt", cams, np.array([0, 3])), ("parc_convnext_xt", cams, np.array([0, 0]))]
-        mod.plot_grid(canvases, [(5, 7), (40, 60)], np.array([0, 0]), [0, 1], columns,
-                      {"convnext_xt": [0.1, 0.2], "parc_convnext_xt": [0.3, 0.4]}, png, title)
+        rng, n = np.random.default_rng(0), 16  # as tall as the committed grids
+        canvases = rng.integers(0, 256, (n, 112, 112), dtype=np.uint8)
+        cams = rng.random((n, 112, 112)).astype(np.float32)
+        columns = [("convnext_xt", cams, np.arange(n) % 10), ("parc_convnext_xt", cams, np.zeros(n, int))]
+        mod.plot_grid(canvases, [(5, 7)] * n, np.zeros(n, int), list(range(n)), columns,
+                      {"convnext_xt": [0.1] * n, "parc_convnext_xt": [0.3] * n}, png, title)
     else:
         mod.plot({"C-C-T-T": {"train_loss": [0.9, 0.92], "top1": [79.0, 80.0]},
                   "ViT_rel": {"train_loss": [1.2, 1.25], "top1": [65.0, 64.0]}}, png, title)
@@ -119,4 +119,8 @@ def test_plot_titles_fit_the_figure(script, tmp_path, monkeypatch):
     width_in = fig.get_figwidth()
     assert text.get_text().split() == title.split()
     assert extent.x0 >= 0 and extent.x1 / fig.dpi <= width_in, (extent.x0, extent.x1 / fig.dpi, width_in)
+    if fig._suptitle is not None:  # above every panel and its title (3 px of slack: the boxes include padding)
+        renderer = fig.canvas.get_renderer()
+        tops = [ax.get_tightbbox(renderer).y1 for ax in fig.axes]
+        assert max(tops) <= extent.y0 + 3, (max(tops), extent.y0)
     mod._common.pyplot().close(fig)

@@ -110,12 +110,11 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path, dpi: int) -> Path:
-    """Lay out ``fig`` (``tight_layout``, which makes room for a wrapped suptitle), save it to ``path`` (parents
-    created), close it; the path."""
+def save_figure(fig, path: Path, dpi: int, rect: tuple[float, float, float, float] | None = None) -> Path:
+    """Lay out ``fig`` (``tight_layout(rect=rect)``), save it to ``path`` (parents created), close it; the path."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
