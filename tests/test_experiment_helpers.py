@@ -89,12 +89,14 @@ def test_plot_titles_fit_the_figure(script, tmp_path, monkeypatch):
              "weights runs/cluttered_c/<model>/seed1, 10000 training / 2000 test images, 6 epoch(s), batch 64")
     drawn = []
 
-    def keep(fig, path, dpi, rect=None):  # _common.save_figure without saving or closing the figure
-        fig.tight_layout(rect=rect)
+    def keep(fig, path, dpi):  # _common.save_figure without closing the figure
+        save(fig, path, dpi)
         fig.canvas.draw()
         drawn.append(fig)
         return path
 
+    save, close = mod._common.save_figure, mod._common.pyplot().close
+    monkeypatch.setattr(mod._common.pyplot(), "close", lambda fig: None)
     monkeypatch.setattr(mod._common, "save_figure", keep)
     png = tmp_path / "fig.png"
     if script == "cluttered_parc_vs_base":
@@ -123,4 +125,4 @@ def test_plot_titles_fit_the_figure(script, tmp_path, monkeypatch):
         renderer = fig.canvas.get_renderer()
         tops = [ax.get_tightbbox(renderer).y1 for ax in fig.axes]
         assert max(tops) <= extent.y0 + 3, (max(tops), extent.y0)
-    mod._common.pyplot().close(fig)
+    close(fig)

@@ -78,9 +78,8 @@ def plot_grid(canvases: np.ndarray, boxes: list[tuple[int, int]], labels, idx: l
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-    # tight_layout leaves no room for the suptitle of this tall grid (it overlapped the first row): keep 0.45 in on top
     fig.suptitle(title, fontsize=8, wrap=True)
-    return _common.save_figure(fig, path, dpi=100, rect=(0, 0, 1, 1 - 0.45 / (2.4 * n)))
+    return _common.save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> dict:
