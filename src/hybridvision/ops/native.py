@@ -41,6 +41,7 @@ __all__ = ["available", "batch_norm_act_backward", "batch_norm_act_forward", "bu
 
 _ENV_VAR = "HYBRIDVISION_NATIVE"
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("circular_cpu.cpp", "batchnorm_act_cpu.cpp")]
+BUILD_FLAGS = ["-O3", "-march=native", "-fopenmp"]  # the compiler flags of the build (benchmarks reuse them)
 _lock = threading.Lock()
 _state: dict[str, Optional[str]] = {}  # "error": None once loaded, else the build error
 
@@ -92,7 +93,7 @@ def build(verbose: bool = False) -> None:
             cpp_extension.load(
                 name=f"hybridvision_native_{_cpu_tag()}",
                 sources=[str(path) for path in _SOURCES],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_cflags=BUILD_FLAGS,
                 extra_ldflags=["-fopenmp"],
                 is_python_module=False,
                 verbose=verbose,

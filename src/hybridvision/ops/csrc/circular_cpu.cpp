@@ -45,7 +45,34 @@ template <typename V, typename T> inline V load(const T* p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
+// The first n lanes of a vector: load_part reads p[0 .. n - 1] (the other lanes zero), store writes them. Masked
+// moves where the ISA has them (AVX-512), so that n unknown at compile time does not become a memcpy / memset call.
+template <typename V, typename T> inline V load_part(const T* p, int64_t n) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64 && std::is_same<T, float>::value) {
+    return (V)_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+  } else if constexpr (sizeof(V) == 64 && std::is_same<T, double>::value) {
+    return (V)_mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p);
+  }
+#endif
+  V v = {};
+  std::memcpy(&v, p, n * sizeof(T));
+  return v;
+}
 template <typename V, typename T> inline void store(T* p, const V& v, int64_t n = lanes<V, T>()) {
+  if (n == lanes<V, T>()) {
+    std::memcpy(p, &v, sizeof(v));
+    return;
+  }
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64 && std::is_same<T, float>::value) {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), (__m512)v);
+    return;
+  } else if constexpr (sizeof(V) == 64 && std::is_same<T, double>::value) {
+    _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), (__m512d)v);
+    return;
+  }
+#endif
   std::memcpy(p, &v, n * sizeof(T));
 }
 // A full vector to 64-byte aligned memory, bypassing the caches where the ISA has it (AVX-512): saves the
@@ -171,9 +198,7 @@ template <typename T> void to_tile(const T* src, int64_t ld, int64_t n, int64_t 
   if (n == L && m == L) {
     for (int64_t i = 0; i < L; ++i) v[i] = load<V>(src + i * ld);
   } else {
-    T a[L][L] = {};
-    for (int64_t i = 0; i < n; ++i) std::memcpy(a[i], src + i * ld, m * sizeof(T));
-    std::memcpy(v, a, sizeof(a));
+    for (int64_t i = 0; i < L; ++i) v[i] = i < n ? load_part<V>(src + i * ld, m) : V{};
   }
   transpose_block<T>(v);
   for (int64_t i = 0; i < L; ++i) store(tile + i * L, v[i]);
@@ -206,13 +231,8 @@ void rows_to_tile(const T* src, int64_t rows, int64_t K, int64_t h0, T* tile, in
     const int64_t m = std::min(L, K - k0);
     if (prefetch_rows)  // the same block prefetch_rows further down (prefetches never fault, even past the end)
       for (int64_t i = 0; i < L; ++i) __builtin_prefetch(src + (h0 + prefetch_rows + i) * K + k0);
-    if (m == L || (n == L && (h0 + L - 1) * K + k0 + L <= rows * K)) {
-      to_tile(src + h0 * K + k0, K, n, L, tile + k0 * L);
-    } else {  // the block would leave the matrix: through a zero-padded temporary
-      T tmp[L * L];
-      to_tile(src + h0 * K + k0, K, n, m, tmp);
-      std::memcpy(tile + k0 * L, tmp, m * L * sizeof(T));
-    }
+    const bool wide = m == L || (n == L && (h0 + L - 1) * K + k0 + L <= rows * K);
+    to_tile(src + h0 * K + k0, K, n, wide ? L : m, tile + k0 * L);
   }
 }
 
@@ -558,13 +578,11 @@ Lines<const T> strip_lines(const T* x, int64_t dim, int64_t K, int64_t other, in
   const int64_t n0 = std::min(L, other - o0), n1 = std::max<int64_t>(0, std::min(L, other - o0 - L));
   if (dim == 2) {
     if (n1 == L) return Lines<const T>{x + o0, x + o0 + L, other};
-    for (int64_t j = 0; j < K; ++j)
-      for (int64_t h = 0; h < 2; ++h) {
-        T* d = t + h * io + j * L;
-        const int64_t n = h ? n1 : n0;
-        if (n > 0) std::memcpy(d, x + j * other + o0 + h * L, n * sizeof(T));
-        std::fill(d + n, d + L, T(0));
-      }
+    using V = typename Vec<T>::type;
+    for (int64_t j = 0; j < K; ++j) {
+      store(t + j * L, load_part<V>(x + j * other + o0, n0));
+      store(t + io + j * L, n1 > 0 ? load_part<V>(x + j * other + o0 + L, n1) : V{});
+    }
   } else {
     rows_to_tile(x, other, K, o0, t, 2 * L);
     if (n1 > 0)
@@ -600,9 +618,10 @@ void fft_plane(const FftPlan<T>& pl, const T* S, const T* x, T* y, const T* add,
     }
     fft_correlate(pl, S, add, in, Lines<T>{t, t + io, L}, buf, io, false);
     if (dim == 2) {
+      using V = typename Vec<T>::type;
       for (int64_t j = 0; j < K; ++j) {
-        std::memcpy(y + j * other + o0, t + j * L, n0 * sizeof(T));
-        if (n1 > 0) std::memcpy(y + j * other + o0 + L, t + io + j * L, n1 * sizeof(T));
+        store(y + j * other + o0, load<V>(t + j * L), n0);
+        if (n1 > 0) store(y + j * other + o0 + L, load<V>(t + io + j * L), n1);
       }
     } else {
       tile_to_rows(t, y, other, K, o0, stream);
@@ -678,14 +697,11 @@ void wgrad_channel(const T* gy, const T* x, int64_t B, int64_t bstride, int64_t 
     const T* xx = x + b * bstride;
     for (int64_t o0 = 0; o0 < other; o0 += L) {
       if (dim == 2) {
+        using V = typename Vec<T>::type;
         const int64_t n = std::min(L, W - o0);
         for (int64_t j = 0; j < K; ++j) {
-          std::memcpy(G + j * L, g + j * W + o0, n * sizeof(T));
-          std::memcpy(X2 + j * L, xx + j * W + o0, n * sizeof(T));
-          if (n < L) {
-            std::fill(G + j * L + n, G + (j + 1) * L, T(0));
-            std::fill(X2 + j * L + n, X2 + (j + 1) * L, T(0));
-          }
+          store(G + j * L, load_part<V>(g + j * W + o0, n));
+          store(X2 + j * L, load_part<V>(xx + j * W + o0, n));
         }
       } else {
         rows_to_tile(g, H, K, o0, G);
