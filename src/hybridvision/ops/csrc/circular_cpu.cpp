@@ -570,63 +570,79 @@ template <typename T> std::vector<T> weight_spectra(const FftPlan<T>& pl, const 
 }
 
 // The complex input lines of the pair strip at o0 of one plane: dim 2, columns o0 .. o0 + L - 1 (real parts) and
-// the next L (imaginary parts) of a (K x W) plane, read in place when both are full, else copied zero-padded into
-// t; dim 3, rows o0 .. o0 + 2 L - 1 of an (H x K) plane transposed into t (lanes past H zero). t: 2 io scalars.
+// the next L (imaginary parts) of a (K x W) plane, read in place (full strips only: the columns past the last full
+// strip go through a Pool); dim 3, rows o0 .. o0 + 2 L - 1 of an (H x K) plane transposed into t (lanes past H
+// zero). t: 2 io scalars.
 template <typename T>
 Lines<const T> strip_lines(const T* x, int64_t dim, int64_t K, int64_t other, int64_t o0, T* t, int64_t io) {
   constexpr int64_t L = Vec<T>::n;
-  const int64_t n0 = std::min(L, other - o0), n1 = std::max<int64_t>(0, std::min(L, other - o0 - L));
-  if (dim == 2) {
-    if (n1 == L) return Lines<const T>{x + o0, x + o0 + L, other};
-    using V = typename Vec<T>::type;
-    for (int64_t j = 0; j < K; ++j) {
-      store(t + j * L, load_part<V>(x + j * other + o0, n0));
-      store(t + io + j * L, n1 > 0 ? load_part<V>(x + j * other + o0 + L, n1) : V{});
-    }
-  } else {
-    rows_to_tile(x, other, K, o0, t, 2 * L);
-    if (n1 > 0)
-      rows_to_tile(x, other, K, o0 + L, t + io, 2 * L);
-    else
-      std::fill(t + io, t + io + K * L, T(0));
-  }
+  if (dim == 2) return Lines<const T>{x + o0, x + o0 + L, other};
+  rows_to_tile(x, other, K, o0, t, 2 * L);
+  if (other - o0 > L)
+    rows_to_tile(x, other, K, o0 + L, t + io, 2 * L);
+  else
+    std::fill(t + io, t + io + K * L, T(0));
   return Lines<const T>{t, t + io, L};
 }
 
-// Forward by the FFT, one plane ((K x W) along dim 2, (H x K) along dim 3), a pair strip of 2 L lines at a time;
-// the result goes straight to y for full strips along dim 2, else through t (stream: non-temporal stores where
-// rows are 64-byte aligned). Along dim 2 the first pass over a strip prefetches the next one (prefetch_next: also
-// past the last strip, into the next plane at x + K W). scratch: 6 KP L.
+// Along dim 2 the columns left over after a plane's last full pair strip (r = W mod 2 L of them) are pooled over
+// the B planes of a channel, so that they fill whole strips instead of one part-empty strip per plane: pooled line g
+// (g < n = B r) is column W - r + g mod r of plane g / r (planes ps scalars apart). A pair strip of the pool, lines
+// g0 .. g0 + 2 L - 1, is gathered into t (lane l of half h = line g0 + h L + l; lanes past n zero) and scattered back
+// from it, by masked moves of the runs of lines that share a plane.
+struct Pool {
+  int64_t ps, W, r, n;  // plane stride, row length, columns pooled per plane, pooled lines (B r)
+  // fn(offset of the run's first element from the first plane's, offset in t, lines) per run of strip g0's lines
+  template <typename F> void runs(int64_t g0, int64_t L, int64_t io, F fn) const {
+    for (int64_t l = 0; l < 2 * L && g0 + l < n;) {
+      const int64_t g = g0 + l, run = std::min({L - l % L, r - g % r, n - g});
+      fn(g / r * ps + W - r + g % r, l / L * io + l % L, run);
+      l += run;
+    }
+  }
+};
+template <typename T> void pool_gather(const Pool& p, const T* x, int64_t K, int64_t g0, T* t, int64_t io) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::n;
+  if (g0 + 2 * L > p.n) std::fill(t, t + 2 * io, T(0));
+  p.runs(g0, L, io, [&](int64_t xo, int64_t to, int64_t n) {
+    for (int64_t j = 0; j < K; ++j) store(t + to + j * L, load_part<V>(x + xo + j * p.W, n), n);
+  });
+}
+template <typename T> void pool_scatter(const Pool& p, const T* t, int64_t K, int64_t g0, T* y, int64_t io) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::n;
+  p.runs(g0, L, io, [&](int64_t yo, int64_t to, int64_t n) {
+    for (int64_t j = 0; j < K; ++j) store(y + yo + j * p.W, load_part<V>(t + to + j * L, n), n);
+  });
+}
+
+// Forward by the FFT, one plane ((K x W) along dim 2, (H x K) along dim 3), a pair strip of 2 L lines at a time, of
+// the first `lines` lines (dim 2: the full strips; the rest goes through a Pool). Along dim 2 the result goes
+// straight to y (stream: non-temporal stores where rows are 64-byte aligned) and the first pass over a strip
+// prefetches the next one (after the last strip, the first of the plane at x + next, when next is not 0); along dim 3
+// it goes through t. scratch: 6 KP L.
 template <typename T>
 void fft_plane(const FftPlan<T>& pl, const T* S, const T* x, T* y, const T* add, int64_t dim, int64_t other,
-               bool stream, bool prefetch_next, T* scratch) {
+               int64_t lines, bool stream, int64_t next, T* scratch) {
   constexpr int64_t L = Vec<T>::n;
   const int64_t K = pl.n, io = (K + L - 1) / L * L * L;
   T* t = scratch;
   T* const buf[2] = {scratch + 2 * io, scratch + 4 * io};
-  for (int64_t o0 = 0; o0 < other; o0 += 2 * L) {
-    const int64_t n0 = std::min(L, other - o0), n1 = std::max<int64_t>(0, std::min(L, other - o0 - L));
+  for (int64_t o0 = 0; o0 < lines; o0 += 2 * L) {
     Lines<const T> in = strip_lines(x, dim, K, other, o0, t, io);
-    if (dim == 2 && n1 == L) {
+    if (dim == 2) {
       // the next strip of the plane, or the first of the next plane: its rows are 2 L apart from this strip's
-      if (o0 + 2 * L < other)
+      if (o0 + 2 * L < lines)
         in.prefetch = 2 * L;
-      else if (prefetch_next && other >= 2 * L)
-        in.prefetch = K * other - o0;
+      else if (next)
+        in.prefetch = next - o0;
       fft_correlate(pl, S, add, in, Lines<T>{y + o0, y + o0 + L, other}, buf, io, stream);
       continue;
     }
     fft_correlate(pl, S, add, in, Lines<T>{t, t + io, L}, buf, io, false);
-    if (dim == 2) {
-      using V = typename Vec<T>::type;
-      for (int64_t j = 0; j < K; ++j) {
-        store(y + j * other + o0, load<V>(t + j * L), n0);
-        if (n1 > 0) store(y + j * other + o0 + L, load<V>(t + io + j * L), n1);
-      }
-    } else {
-      tile_to_rows(t, y, other, K, o0, stream);
-      if (n1 > 0) tile_to_rows(t + io, y, other, K, o0 + L, stream);
-    }
+    tile_to_rows(t, y, other, K, o0, stream);
+    if (other - o0 > L) tile_to_rows(t + io, y, other, K, o0 + L, stream);
   }
 }
 
@@ -645,19 +661,31 @@ void fft_wgrad_channel(const FftPlan<T>& pl, const T* gy, const T* x, int64_t B,
   T* zg = scratch + 8 * io;
   T* acc = scratch + 10 * io;
   std::fill(acc, acc + 2 * io, T(0));
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t o0 = 0; o0 < other; o0 += 2 * L) {
-      fft_run(pl, strip_lines(x + b * bstride, dim, K, other, o0, t, io), buf, 0, io, Lines<T>{zx, zx + io, L},
-              PLAIN, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr));
-      fft_run(pl, strip_lines(gy + b * bstride, dim, K, other, o0, t, io), buf, 0, io, Lines<T>{zg, zg + io, L},
-              PLAIN, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr));
-      for (int64_t f = 0; f < K; ++f) {  // acc += conj(G) X
-        const V gr = load<V>(zg + f * L), gi = load<V>(zg + io + f * L);
-        const V xr = load<V>(zx + f * L), xi = load<V>(zx + io + f * L);
-        store(acc + f * L, load<V>(acc + f * L) + gr * xr + gi * xi);
-        store(acc + io + f * L, load<V>(acc + io + f * L) + gr * xi - gi * xr);
-      }
+  const T* none = nullptr;
+  const auto accumulate = [&]() {  // acc += conj(G) X
+    for (int64_t f = 0; f < K; ++f) {
+      const V gr = load<V>(zg + f * L), gi = load<V>(zg + io + f * L);
+      const V xr = load<V>(zx + f * L), xi = load<V>(zx + io + f * L);
+      store(acc + f * L, load<V>(acc + f * L) + gr * xr + gi * xi);
+      store(acc + io + f * L, load<V>(acc + io + f * L) + gr * xi - gi * xr);
     }
+  };
+  const Pool pool{bstride, other, dim == 2 ? other % (2 * L) : 0, dim == 2 ? B * (other % (2 * L)) : 0};
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t o0 = 0; o0 < other - pool.r; o0 += 2 * L) {
+      fft_run(pl, strip_lines(x + b * bstride, dim, K, other, o0, t, io), buf, 0, io, Lines<T>{zx, zx + io, L},
+              PLAIN, none, none);
+      fft_run(pl, strip_lines(gy + b * bstride, dim, K, other, o0, t, io), buf, 0, io, Lines<T>{zg, zg + io, L},
+              PLAIN, none, none);
+      accumulate();
+    }
+  for (int64_t g0 = 0; g0 < pool.n; g0 += 2 * L) {
+    pool_gather(pool, x, K, g0, t, io);
+    fft_run(pl, Lines<const T>{t, t + io, L}, buf, 0, io, Lines<T>{zx, zx + io, L}, PLAIN, none, none);
+    pool_gather(pool, gy, K, g0, t, io);
+    fft_run(pl, Lines<const T>{t, t + io, L}, buf, 0, io, Lines<T>{zg, zg + io, L}, PLAIN, none, none);
+    accumulate();
+  }
   // Re(F^-1(A)) = Re(conj(F(conj(A)))) / K = Re(F(conj(A))) / K
   for (int64_t f = 0; f < K; ++f) store(acc + io + f * L, -load<V>(acc + io + f * L));
   fft_run(pl, Lines<const T>{acc, acc + io, L}, buf, 0, io, Lines<T>{zx, zx + io, L}, PLAIN,
@@ -738,17 +766,36 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
     const scalar_t* ap = add ? add->data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t plane = H * W;
-    if (fft) {  // one plane per work item
+    if (fft) {  // work items: the full strips of one plane, or one pair strip of a channel's pool (dim 2)
       const FftPlan<scalar_t> pl(K);
       const std::vector<scalar_t> S = weight_spectra(pl, wp, C);
       const bool stream = static_cast<int64_t>(y.nbytes()) >= STREAM_MIN_BYTES;
-      at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+      const int64_t other = dim == 2 ? W : H, r = dim == 2 ? W % (2 * L) : 0;
+      const Pool pool{C * plane, W, r, B * r};
+      // In memory order when nothing is pooled; else channel-major, a channel's pool after its planes (the pooled
+      // columns are then still in cache)
+      const int64_t planes = other > r ? B : 0, pooled = (pool.n + 2 * L - 1) / (2 * L), per = planes + pooled;
+      at::parallel_for(0, C * per, 1, [&](int64_t begin, int64_t end) {
         std::vector<scalar_t> scratch(6 * KP * L);
-        for (int64_t p = begin; p < end; ++p) {
-          const int64_t c = p % C;
+        scalar_t* t = scratch.data();
+        const int64_t io = KP * L;
+        for (int64_t q = begin; q < end; ++q) {
+          const int64_t c = pooled ? q / per : q % C, i = pooled ? q % per : q / C;
           const scalar_t* a = ap ? ap + c * K : nullptr;
-          fft_plane(pl, S.data() + c * K * 2, xp + p * plane, yp + p * plane, a, dim, dim == 2 ? W : H, stream,
-                    p + 1 < end, scratch.data());
+          if (i < planes) {
+            const int64_t p = i * C + c;
+            int64_t next = 0;  // the next item's plane, for the prefetch: C planes on, or the adjacent one
+            if (q + 1 < end && (!pooled || i + 1 < planes)) next = (pooled ? C : 1) * plane;
+            fft_plane(pl, S.data() + c * K * 2, xp + p * plane, yp + p * plane, a, dim, other, other - r, stream,
+                      next, t);
+            continue;
+          }
+          const int64_t g0 = (i - planes) * 2 * L;
+          pool_gather(pool, xp + c * plane, K, g0, t, io);
+          scalar_t* const buf[2] = {t + 2 * io, t + 4 * io};
+          fft_correlate(pl, S.data() + c * K * 2, a, Lines<const scalar_t>{t, t + io, L},
+                        Lines<scalar_t>{t, t + io, L}, buf, io, false);
+          pool_scatter(pool, t, K, g0, yp + c * plane, io);
         }
         stream_fence();
       });
