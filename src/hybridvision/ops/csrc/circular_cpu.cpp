@@ -11,8 +11,8 @@
 //     (in registers, 16 x 16 blocks) into one tile whose rows are the positions;
 //   * else along dim 2 over W (the contiguous axis; no copies), and along dim 3 over 16 rows transposed into a tile.
 // Nothing but x, y and a few KB to a few hundred KB of per-thread scratch is touched. Types: float and double.
-// From K=64 on (the weight gradient along dim 2 from K=32; K without prime factors above 7) both ops run an FFT
-// instead (the FFT path below; the ops' algo argument overrides the choice).
+// From K=48 along H / 64 along W on (the weight gradient from K=32 / 48; K without prime factors above 7) both ops
+// run an FFT instead (the FFT path below; the ops' algo argument overrides the choice).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -302,12 +302,14 @@ void fwd_batch(const T* x, T* y, int64_t ps, int64_t nb, const T* wb, const T* a
 
 // Smallest K for which algo=0 takes the FFT path (when K has no prime factor above 7): [forward, wgrad][dim 2, dim 3].
 // From `python benchmarks/bench_native_crossover.py`: the first K of its sweep from which the FFT is faster at every
-// larger K was 64 for the forward along both dims in five of six runs (96 along dim 2 in the first, with a shorter
-// time budget); for the weight gradient it ranged over 28-48 along dim 2 (K=40, with a radix-5 stage, is the one
-// that loses in some runs) and 28-56 along dim 3, so 32 and 64 are taken. benchmarks/results/native_crossover.md
-// holds the last run. Odd radices (3, 5, 7) cost more per point than 4 and 2, so lengths between the sweep's may
-// cross a little later.
-constexpr int64_t FFT_MIN_K[2][2] = {{64, 64}, {32, 64}};
+// larger K. Forward: 64 along both dims in five of six runs of 2026-11 (96 along dim 2 in the first, with a shorter
+// time budget); after the partial strips along dim 2 moved to masked loads and stores and into the batch pool
+// (2026-12-02), three runs gave 48, 48, 40 along dim 2 (K=48 1.09-1.20x, K=40 0.98-1.05x) and 56, 64, 64 along
+// dim 3 (K=56 0.86-1.01x). Weight gradient: along dim 2 28-48 in 2026-11 and 32, 32, 40 in 2026-12 (K=32
+// 0.98-1.02x, a tie); along dim 3 28-56 in 2026-11 and 48, 48, 40 in 2026-12 (K=48 1.26-1.34x, K=40
+// 0.96-1.09x). So 48 / 64 and 32 / 48. benchmarks/results/native_crossover.md holds the last run. Odd radices
+// (3, 5, 7) cost more per point than 4 and 2, so lengths between the sweep's may cross a little later.
+constexpr int64_t FFT_MIN_K[2][2] = {{48, 64}, {32, 48}};
 
 // The radices of an FFT of length n (4s, 2, then odd, the largest last: the last stage has no twiddles), or
 // none when n has a prime factor above 7 or n < 2.
