@@ -594,6 +594,11 @@ Lines<const T> strip_lines(const T* x, int64_t dim, int64_t K, int64_t other, in
 // from it, by masked moves of the runs of lines that share a plane.
 struct Pool {
   int64_t ps, W, r, n;  // plane stride, row length, columns pooled per plane, pooled lines (B r)
+  // The pool of B planes (B, H, W) along dim (nothing is pooled along dim 3), 2 L lines a strip.
+  static Pool of(int64_t dim, int64_t B, int64_t ps, int64_t W, int64_t L) {
+    const int64_t r = dim == 2 ? W % (2 * L) : 0;
+    return Pool{ps, W, r, B * r};
+  }
   // fn(offset of the run's first element from the first plane's, offset in t, lines) per run of strip g0's lines
   template <typename F> void runs(int64_t g0, int64_t L, int64_t io, F fn) const {
     for (int64_t l = 0; l < 2 * L && g0 + l < n;) {
@@ -672,7 +677,7 @@ void fft_wgrad_channel(const FftPlan<T>& pl, const T* gy, const T* x, int64_t B,
       store(acc + io + f * L, load<V>(acc + io + f * L) + gr * xi - gi * xr);
     }
   };
-  const Pool pool{bstride, other, dim == 2 ? other % (2 * L) : 0, dim == 2 ? B * (other % (2 * L)) : 0};
+  const Pool pool = Pool::of(dim, B, bstride, other, L);  // along dim 2 other = W
   for (int64_t b = 0; b < B; ++b)
     for (int64_t o0 = 0; o0 < other - pool.r; o0 += 2 * L) {
       fft_run(pl, strip_lines(x + b * bstride, dim, K, other, o0, t, io), buf, 0, io, Lines<T>{zx, zx + io, L},
@@ -772,8 +777,9 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
       const FftPlan<scalar_t> pl(K);
       const std::vector<scalar_t> S = weight_spectra(pl, wp, C);
       const bool stream = static_cast<int64_t>(y.nbytes()) >= STREAM_MIN_BYTES;
-      const int64_t other = dim == 2 ? W : H, r = dim == 2 ? W % (2 * L) : 0;
-      const Pool pool{C * plane, W, r, B * r};
+      const int64_t other = dim == 2 ? W : H;
+      const Pool pool = Pool::of(dim, B, C * plane, W, L);
+      const int64_t r = pool.r;
       // In memory order when nothing is pooled; else channel-major, a channel's pool after its planes (the pooled
       // columns are then still in cache)
       const int64_t planes = other > r ? B : 0, pooled = (pool.n + 2 * L - 1) / (2 * L), per = planes + pooled;
