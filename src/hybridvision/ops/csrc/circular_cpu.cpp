@@ -188,34 +188,37 @@ template <> __attribute__((always_inline)) inline void transpose_block<float>(vf
 }
 #endif
 
-// Tiles: an (n x m) block of a row-major matrix (row stride ld), n, m <= L, moved to / from lanes.
-// to_tile: tile[j * L + i] = src[i * ld + j] (zero where i >= n or j >= m); from_tile: the inverse, n x m written
-// (stream: with non-temporal stores where full rows are 64-byte aligned).
-template <typename T> void to_tile(const T* src, int64_t ld, int64_t n, int64_t m, T* tile) {
+// Tiles: an (n x m) block of rows, row i at row(i) (a pointer), n, m <= L, moved to / from lanes.
+// to_tile: tile[j * L + i] = row(i)[j] (zero where i >= n or j >= m); from_tile: the inverse, n x m written
+// (stream: with non-temporal stores where m = L and every row is 64-byte aligned).
+template <typename T, typename Row> void to_tile(Row row, int64_t n, int64_t m, T* tile) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
   V v[L];
   if (n == L && m == L) {
-    for (int64_t i = 0; i < L; ++i) v[i] = load<V>(src + i * ld);
+    for (int64_t i = 0; i < L; ++i) v[i] = load<V>(row(i));
   } else {
-    for (int64_t i = 0; i < L; ++i) v[i] = i < n ? load_part<V>(src + i * ld, m) : V{};
+    for (int64_t i = 0; i < L; ++i) v[i] = i < n ? load_part<V>(row(i), m) : V{};
   }
   transpose_block<T>(v);
   for (int64_t i = 0; i < L; ++i) store(tile + i * L, v[i]);
 }
-template <typename T> void from_tile(const T* tile, T* dst, int64_t ld, int64_t n, int64_t m, bool stream = false) {
+template <typename T, typename Row> void from_tile(const T* tile, Row row, int64_t n, int64_t m, bool stream = false) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
   V v[L];
   for (int64_t i = 0; i < L; ++i) v[i] = load<V>(tile + i * L);
   transpose_block<T>(v);
-  if (m == L && stream && ld % L == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
-    for (int64_t i = 0; i < n; ++i) store_stream(dst + i * ld, v[i]);
-  } else if (m == L) {
-    for (int64_t i = 0; i < n; ++i) store(dst + i * ld, v[i]);
+  for (int64_t i = 0; i < n && stream; ++i) stream = reinterpret_cast<uintptr_t>(row(i)) % 64 == 0;
+  if (m == L && stream) {
+    for (int64_t i = 0; i < n; ++i) store_stream(row(i), v[i]);
   } else {
-    for (int64_t i = 0; i < n; ++i) store(dst + i * ld, v[i], m);
+    for (int64_t i = 0; i < n; ++i) store(row(i), v[i], m);
   }
+}
+// Row accessors of a row-major matrix at src with row stride ld.
+template <typename T> inline auto matrix_rows(T* src, int64_t ld) {
+  return [=](int64_t i) { return src + i * ld; };
 }
 
 // The lane tile of rows h0 .. h0 + L - 1 of a (rows x K) matrix (dim 3: lanes = rows): tile[k * L + l] =
@@ -232,7 +235,7 @@ void rows_to_tile(const T* src, int64_t rows, int64_t K, int64_t h0, T* tile, in
     if (prefetch_rows)  // the same block prefetch_rows further down (prefetches never fault, even past the end)
       for (int64_t i = 0; i < L; ++i) __builtin_prefetch(src + (h0 + prefetch_rows + i) * K + k0);
     const bool wide = m == L || (n == L && (h0 + L - 1) * K + k0 + L <= rows * K);
-    to_tile(src + h0 * K + k0, K, n, wide ? L : m, tile + k0 * L);
+    to_tile(matrix_rows(src + h0 * K + k0, K), n, wide ? L : m, tile + k0 * L);
   }
 }
 
@@ -245,7 +248,7 @@ template <typename T> void tile_to_rows(const T* tile, T* dst, int64_t rows, int
   const int64_t n = std::min(L, rows - h0);
   for (int64_t i0 = (K - 1) / L * L; i0 >= 0; i0 -= L) {
     const bool wide = n == L && (h0 + L - 1) * K + i0 + L <= rows * K;
-    from_tile(tile + i0 * L, dst + h0 * K + i0, K, n, wide ? L : std::min(L, K - i0), stream);
+    from_tile(tile + i0 * L, matrix_rows(dst + h0 * K + i0, K), n, wide ? L : std::min(L, K - i0), stream);
   }
 }
 
@@ -278,13 +281,13 @@ void fwd_batch(const T* x, T* y, int64_t ps, int64_t nb, const T* wb, const T* a
   const int64_t P = H * W, PP = (P + L - 1) / L * L;
   T* xt = scratch;
   T* yt = scratch + PP * L;
-  for (int64_t p0 = 0; p0 < P; p0 += L) to_tile(x + p0, ps, nb, std::min(L, P - p0), xt + p0 * L);
+  for (int64_t p0 = 0; p0 < P; p0 += L) to_tile(matrix_rows(x + p0, ps), nb, std::min(L, P - p0), xt + p0 * L);
   if (dim == 3) {
     for (int64_t h = 0; h < H; ++h) rows_block<V>(xt + h * W * L, L, yt + h * W * L, L, wb, add, W);
   } else {
     for (int64_t w = 0; w < W; ++w) rows_block<V>(xt + w * L, W * L, yt + w * L, W * L, wb, add, H);
   }
-  for (int64_t p0 = 0; p0 < P; p0 += L) from_tile(yt + p0 * L, y + p0, ps, nb, std::min(L, P - p0));
+  for (int64_t p0 = 0; p0 < P; p0 += L) from_tile(yt + p0 * L, matrix_rows(y + p0, ps), nb, std::min(L, P - p0));
 }
 
 // ---- The FFT path (large K) --------------------------------------------------------------------------------------
@@ -572,60 +575,79 @@ template <typename T> std::vector<T> weight_spectra(const FftPlan<T>& pl, const 
 }
 
 // The complex input lines of the pair strip at o0 of one plane: dim 2, columns o0 .. o0 + L - 1 (real parts) and
-// the next L (imaginary parts) of a (K x W) plane, read in place (full strips only: the columns past the last full
-// strip go through a Pool); dim 3, rows o0 .. o0 + 2 L - 1 of an (H x K) plane transposed into t (lanes past H
-// zero). t: 2 io scalars.
+// the next L (imaginary parts) of a (K x W) plane, read in place; dim 3, rows o0 .. o0 + 2 L - 1 of an (H x K)
+// plane transposed into t. Full strips only (the lines past a plane's last full strip go through a Pool). t: 2 io
+// scalars.
 template <typename T>
 Lines<const T> strip_lines(const T* x, int64_t dim, int64_t K, int64_t other, int64_t o0, T* t, int64_t io) {
   constexpr int64_t L = Vec<T>::n;
   if (dim == 2) return Lines<const T>{x + o0, x + o0 + L, other};
   rows_to_tile(x, other, K, o0, t, 2 * L);
-  if (other - o0 > L)
-    rows_to_tile(x, other, K, o0 + L, t + io, 2 * L);
-  else
-    std::fill(t + io, t + io + K * L, T(0));
+  rows_to_tile(x, other, K, o0 + L, t + io, 2 * L);
   return Lines<const T>{t, t + io, L};
 }
 
-// Along dim 2 the columns left over after a plane's last full pair strip (r = W mod 2 L of them) are pooled over
-// the B planes of a channel, so that they fill whole strips instead of one part-empty strip per plane: pooled line g
-// (g < n = B r) is column W - r + g mod r of plane g / r (planes ps scalars apart). A pair strip of the pool, lines
-// g0 .. g0 + 2 L - 1, is gathered into t (lane l of half h = line g0 + h L + l; lanes past n zero) and scattered back
-// from it, by masked moves of the runs of lines that share a plane.
+// The lines left over after a plane's last full pair strip (r = other mod 2 L of them: the last columns along dim 2,
+// the last rows along dim 3) are pooled over the B planes of a channel, so that they fill whole strips instead of
+// one part-empty strip per plane: pooled line g (g < n = B r) is line other - r + g mod r of plane g / r (planes ps
+// scalars apart). A pair strip of the pool, lines g0 .. g0 + 2 L - 1, is gathered into t (lane l of half h = line
+// g0 + h L + l; lanes past n zero) and scattered back from it: along dim 2 by masked moves of the runs of columns
+// that share a plane, along dim 3 by L x L transposes of rows found one by one.
 struct Pool {
-  int64_t ps, W, r, n;  // plane stride, row length, columns pooled per plane, pooled lines (B r)
-  // The pool of B planes (B, H, W) along dim (nothing is pooled along dim 3), 2 L lines a strip.
-  static Pool of(int64_t dim, int64_t B, int64_t ps, int64_t W, int64_t L) {
-    const int64_t r = dim == 2 ? W % (2 * L) : 0;
-    return Pool{ps, W, r, B * r};
+  int64_t ps, other, r, n, dim, K;  // plane stride, lines per plane, pooled per plane, pooled lines (B r), dim, K
+  static Pool of(int64_t dim, int64_t B, int64_t ps, int64_t other, int64_t K, int64_t L) {
+    const int64_t r = other % (2 * L);
+    return Pool{ps, other, r, B * r, dim, K};
   }
-  // fn(offset of the run's first element from the first plane's, offset in t, lines) per run of strip g0's lines
+  // offset of pooled line g's first element from the first plane's
+  int64_t line(int64_t g) const { return g / r * ps + (other - r + g % r) * (dim == 2 ? 1 : K); }
+  // dim 2: fn(offset of the run's first column, offset in t, lines) per run of strip g0's lines within one plane
   template <typename F> void runs(int64_t g0, int64_t L, int64_t io, F fn) const {
     for (int64_t l = 0; l < 2 * L && g0 + l < n;) {
       const int64_t g = g0 + l, run = std::min({L - l % L, r - g % r, n - g});
-      fn(g / r * ps + W - r + g % r, l / L * io + l % L, run);
+      fn(line(g), l / L * io + l % L, run);
       l += run;
     }
   }
 };
-template <typename T> void pool_gather(const Pool& p, const T* x, int64_t K, int64_t g0, T* t, int64_t io) {
+template <typename T> void pool_gather(const Pool& p, const T* x, int64_t g0, T* t, int64_t io) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
+  if (p.dim == 3) {
+    for (int64_t h = 0; h < 2; ++h) {
+      const T* rows[L];
+      const int64_t nr = std::clamp<int64_t>(p.n - g0 - h * L, 0, L);
+      for (int64_t i = 0; i < nr; ++i) rows[i] = x + p.line(g0 + h * L + i);
+      for (int64_t k0 = 0; k0 < p.K; k0 += L)
+        to_tile([&](int64_t i) { return rows[i] + k0; }, nr, std::min(L, p.K - k0), t + h * io + k0 * L);
+    }
+    return;
+  }
   if (g0 + 2 * L > p.n) std::fill(t, t + 2 * io, T(0));
   p.runs(g0, L, io, [&](int64_t xo, int64_t to, int64_t n) {
-    for (int64_t j = 0; j < K; ++j) store(t + to + j * L, load_part<V>(x + xo + j * p.W, n), n);
+    for (int64_t j = 0; j < p.K; ++j) store(t + to + j * L, load_part<V>(x + xo + j * p.other, n), n);
   });
 }
-template <typename T> void pool_scatter(const Pool& p, const T* t, int64_t K, int64_t g0, T* y, int64_t io) {
+template <typename T> void pool_scatter(const Pool& p, const T* t, int64_t g0, T* y, int64_t io) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
+  if (p.dim == 3) {
+    for (int64_t h = 0; h < 2; ++h) {
+      T* rows[L];
+      const int64_t nr = std::clamp<int64_t>(p.n - g0 - h * L, 0, L);
+      for (int64_t i = 0; i < nr; ++i) rows[i] = y + p.line(g0 + h * L + i);
+      for (int64_t k0 = 0; k0 < p.K; k0 += L)
+        from_tile(t + h * io + k0 * L, [&](int64_t i) { return rows[i] + k0; }, nr, std::min(L, p.K - k0));
+    }
+    return;
+  }
   p.runs(g0, L, io, [&](int64_t yo, int64_t to, int64_t n) {
-    for (int64_t j = 0; j < K; ++j) store(y + yo + j * p.W, load_part<V>(t + to + j * L, n), n);
+    for (int64_t j = 0; j < p.K; ++j) store(y + yo + j * p.other, load_part<V>(t + to + j * L, n), n);
   });
 }
 
 // Forward by the FFT, one plane ((K x W) along dim 2, (H x K) along dim 3), a pair strip of 2 L lines at a time, of
-// the first `lines` lines (dim 2: the full strips; the rest goes through a Pool). Along dim 2 the result goes
+// the first `lines` lines (the full strips; the rest goes through a Pool). Along dim 2 the result goes
 // straight to y (stream: non-temporal stores where rows are 64-byte aligned) and the first pass over a strip
 // prefetches the next one (after the last strip, the first of the plane at x + next, when next is not 0); along dim 3
 // it goes through t. scratch: 6 KP L.
@@ -648,8 +670,9 @@ void fft_plane(const FftPlan<T>& pl, const T* S, const T* x, T* y, const T* add,
       continue;
     }
     fft_correlate(pl, S, add, in, Lines<T>{t, t + io, L}, buf, io, false);
-    tile_to_rows(t, y, other, K, o0, stream);
-    if (other - o0 > L) tile_to_rows(t + io, y, other, K, o0 + L, stream);
+    // rows past `lines` belong to the pool (another work item): the wide stores must not spill into them
+    tile_to_rows(t, y, lines, K, o0, stream);
+    tile_to_rows(t + io, y, lines, K, o0 + L, stream);
   }
 }
 
@@ -677,7 +700,7 @@ void fft_wgrad_channel(const FftPlan<T>& pl, const T* gy, const T* x, int64_t B,
       store(acc + io + f * L, load<V>(acc + io + f * L) + gr * xi - gi * xr);
     }
   };
-  const Pool pool = Pool::of(dim, B, bstride, other, L);  // along dim 2 other = W
+  const Pool pool = Pool::of(dim, B, bstride, other, K, L);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t o0 = 0; o0 < other - pool.r; o0 += 2 * L) {
       fft_run(pl, strip_lines(x + b * bstride, dim, K, other, o0, t, io), buf, 0, io, Lines<T>{zx, zx + io, L},
@@ -687,9 +710,9 @@ void fft_wgrad_channel(const FftPlan<T>& pl, const T* gy, const T* x, int64_t B,
       accumulate();
     }
   for (int64_t g0 = 0; g0 < pool.n; g0 += 2 * L) {
-    pool_gather(pool, x, K, g0, t, io);
+    pool_gather(pool, x, g0, t, io);
     fft_run(pl, Lines<const T>{t, t + io, L}, buf, 0, io, Lines<T>{zx, zx + io, L}, PLAIN, none, none);
-    pool_gather(pool, gy, K, g0, t, io);
+    pool_gather(pool, gy, g0, t, io);
     fft_run(pl, Lines<const T>{t, t + io, L}, buf, 0, io, Lines<T>{zg, zg + io, L}, PLAIN, none, none);
     accumulate();
   }
@@ -778,7 +801,7 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
       const std::vector<scalar_t> S = weight_spectra(pl, wp, C);
       const bool stream = static_cast<int64_t>(y.nbytes()) >= STREAM_MIN_BYTES;
       const int64_t other = dim == 2 ? W : H;
-      const Pool pool = Pool::of(dim, B, C * plane, W, L);
+      const Pool pool = Pool::of(dim, B, C * plane, other, K, L);
       const int64_t r = pool.r;
       // In memory order when nothing is pooled; else channel-major, a channel's pool after its planes (the pooled
       // columns are then still in cache)
@@ -799,11 +822,11 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
             continue;
           }
           const int64_t g0 = (i - planes) * 2 * L;
-          pool_gather(pool, xp + c * plane, K, g0, t, io);
+          pool_gather(pool, xp + c * plane, g0, t, io);
           scalar_t* const buf[2] = {t + 2 * io, t + 4 * io};
           fft_correlate(pl, S.data() + c * K * 2, a, Lines<const scalar_t>{t, t + io, L},
                         Lines<scalar_t>{t, t + io, L}, buf, io, false);
-          pool_scatter(pool, t, K, g0, yp + c * plane, io);
+          pool_scatter(pool, t, g0, yp + c * plane, io);
         }
         stream_fence();
       });
