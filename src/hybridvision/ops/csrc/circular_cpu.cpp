@@ -310,7 +310,9 @@ void fwd_batch(const T* x, T* y, int64_t ps, int64_t nb, const T* wb, const T* a
 // (2026-12-02), three runs gave 48, 48, 40 along dim 2 (K=48 1.09-1.20x, K=40 0.98-1.05x) and 56, 64, 64 along
 // dim 3 (K=56 0.86-1.01x). Weight gradient: along dim 2 28-48 in 2026-11 and 32, 32, 40 in 2026-12 (K=32
 // 0.98-1.02x, a tie); along dim 3 28-56 in 2026-11 and 48, 48, 40 in 2026-12 (K=48 1.26-1.34x, K=40
-// 0.96-1.09x). So 48 / 64 and 32 / 48. benchmarks/results/native_crossover.md holds the last run. Odd radices
+// 0.96-1.09x). After the rows along dim 3 were pooled too, three more runs: forward along dim 3 48, 48, 64 (K=56
+// 1.02x, 1.19x, 0.96x: a tie, so 64 stays), wgrad along dim 3 40, 40, 28 (K=40 1.03-1.30x, 48 kept).
+// So 48 / 64 and 32 / 48. benchmarks/results/native_crossover.md holds the last run. Odd radices
 // (3, 5, 7) cost more per point than 4 and 2, so lengths between the sweep's may cross a little later.
 constexpr int64_t FFT_MIN_K[2][2] = {{48, 64}, {32, 48}};
 
