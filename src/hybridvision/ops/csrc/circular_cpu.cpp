@@ -458,16 +458,19 @@ void fft_stage(Lines<const T> in, Lines<T> out, int64_t m, int64_t s, const T* t
       wr[t] = V{} + tw[(pp * (P - 1) + t - 1) * 2];
       wi[t] = V{} + tw[(pp * (P - 1) + t - 1) * 2 + 1];
     }
+    // one base pointer per side and stage-constant offsets: the P inputs r m s apart, the P outputs s apart, the
+    // imaginary parts a fixed distance from the real ones (keeps the odd radices' 4 P streams out of the registers)
+    const int64_t irs = s * m * in.stride, iim = in.im - in.re, ors = s * out.stride, oim = out.im - out.re;
     for (int64_t q = 0; q < s; ++q) {
       V xr[P], xi[P];
+      const T* ib = in.re + (q + s * pp) * in.stride;
       for (int r = 0; r < P; ++r) {
-        const int64_t e = (q + s * (pp + r * m)) * in.stride;
         if (in.prefetch) {
-          __builtin_prefetch(in.re + e + in.prefetch);
-          __builtin_prefetch(in.im + e + in.prefetch);
+          __builtin_prefetch(ib + r * irs + in.prefetch);
+          __builtin_prefetch(ib + r * irs + iim + in.prefetch);
         }
-        xr[r] = load<V>(in.re + e);
-        xi[r] = load<V>(in.im + e);
+        xr[r] = load<V>(ib + r * irs);
+        xi[r] = load<V>(ib + r * irs + iim);
       }
       dft<P>(xr, xi, cr, sr);
       if (pp > 0)
@@ -476,23 +479,25 @@ void fft_stage(Lines<const T> in, Lines<T> out, int64_t m, int64_t s, const T* t
           xi[t] = xr[t] * wi[t] + xi[t] * wr[t];
           xr[t] = r;
         }
+      T* ob = out.re + (q + s * P * pp) * out.stride;
       for (int t = 0; t < P; ++t) {
-        const int64_t e = q + s * (P * pp + t), o = e * out.stride;
+        const int64_t e = q + s * (P * pp + t);
+        T* o = ob + t * ors;
         if constexpr (E == SPECTRUM) {
           const V a = V{} + S[2 * e], b = V{} + S[2 * e + 1];
-          store(out.re + o, xr[t] * a + xi[t] * b);
-          store(out.im + o, xr[t] * b - xi[t] * a);
+          store(o, xr[t] * a + xi[t] * b);
+          store(o + oim, xr[t] * b - xi[t] * a);
         } else if constexpr (E == OUTPUT) {
           const V ad = V{} + (add ? add[e] : T(0));
-          store(out.re + o, xr[t] + ad);
-          store(out.im + o, ad - xi[t]);
+          store(o, xr[t] + ad);
+          store(o + oim, ad - xi[t]);
         } else if constexpr (E == OUTPUT_STREAM) {
           const V ad = V{} + (add ? add[e] : T(0));
-          store_stream(out.re + o, xr[t] + ad);
-          store_stream(out.im + o, ad - xi[t]);
+          store_stream(o, xr[t] + ad);
+          store_stream(o + oim, ad - xi[t]);
         } else {
-          store(out.re + o, xr[t]);
-          store(out.im + o, xi[t]);
+          store(o, xr[t]);
+          store(o + oim, xi[t]);
         }
       }
     }
