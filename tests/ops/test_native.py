@@ -15,7 +15,7 @@ SHAPES = [(2, 3, 7, 5), (3, 4, 17, 18), (2, 5, 33, 40), (1, 2, 56, 56), (2, 3, 9
           (2, 2, 16, 16), (1, 3, 24, 8),
           # small planes with batches that fill the lanes (the batch-lane path): partial and several groups
           (9, 2, 7, 7), (16, 3, 5, 6), (17, 2, 6, 3), (33, 1, 14, 9), (9, 2, 19, 30),
-          # the FFT path: chosen by algo=0 from K=48 / 64 along dim 2 / 3 (the weight gradient from 32 / 48);
+          # the FFT path: chosen by algo=0 from K=48 (the weight gradient from 32 / 40 along dim 2 / 3);
           # radices 4, 2, 3, 5, 7; full and partial strips of 2 x 16 lanes; along dim 2 the columns past the last
           # full strip pooled over the batch (runs of lines that cross planes, one column per plane, a last strip
           # partly empty)

@@ -11,7 +11,7 @@
 //     (in registers, 16 x 16 blocks) into one tile whose rows are the positions;
 //   * else along dim 2 over W (the contiguous axis; no copies), and along dim 3 over 16 rows transposed into a tile.
 // Nothing but x, y and a few KB to a few hundred KB of per-thread scratch is touched. Types: float and double.
-// From K=48 along H / 64 along W on (the weight gradient from K=32 / 48; K without prime factors above 7) both ops
+// From K=48 on (the weight gradient from K=32 along H / 40 along W; K without prime factors above 7) both ops
 // run an FFT instead (the FFT path below; the ops' algo argument overrides the choice).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -311,10 +311,13 @@ void fwd_batch(const T* x, T* y, int64_t ps, int64_t nb, const T* wb, const T* a
 // dim 3 (K=56 0.86-1.01x). Weight gradient: along dim 2 28-48 in 2026-11 and 32, 32, 40 in 2026-12 (K=32
 // 0.98-1.02x, a tie); along dim 3 28-56 in 2026-11 and 48, 48, 40 in 2026-12 (K=48 1.26-1.34x, K=40
 // 0.96-1.09x). After the rows along dim 3 were pooled too, three more runs: forward along dim 3 48, 48, 64 (K=56
-// 1.02x, 1.19x, 0.96x: a tie, so 64 stays), wgrad along dim 3 40, 40, 28 (K=40 1.03-1.30x, 48 kept).
-// So 48 / 64 and 32 / 48. benchmarks/results/native_crossover.md holds the last run. Odd radices
+// 1.02x, 1.19x, 0.96x: a tie, so 64 stays), wgrad along dim 3 40, 40, 28 (K=40 1.03-1.30x, 48 kept). After the
+// FFT stages' addressing change, three more: forward along dim 2 28, 40, 28 (K=28-40 0.93-1.10x: ties; K=48
+// 1.21-1.43x), along dim 3 28, 48, 28 (K=40 0.89-1.06x; K=48 1.20-1.38x, K=56 1.06-1.16x); wgrad along dim 2 28
+// three times (K=28-32 1.00-1.09x: 32 kept), along dim 3 40, 28, 40 (K=32 0.93-1.02x; K=40 1.31-1.44x).
+// So 48 / 48 and 32 / 40. benchmarks/results/native_crossover.md holds the last run. Odd radices
 // (3, 5, 7) cost more per point than 4 and 2, so lengths between the sweep's may cross a little later.
-constexpr int64_t FFT_MIN_K[2][2] = {{48, 64}, {32, 48}};
+constexpr int64_t FFT_MIN_K[2][2] = {{48, 48}, {32, 40}};
 
 // The radices of an FFT of length n (4s, 2, then odd, the largest last: the last stage has no twiddles), or
 // none when n has a prime factor above 7 or n < 2.
