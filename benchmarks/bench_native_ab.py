@@ -3,7 +3,7 @@ another git revision, both loaded in one process and timed interleaved.
 
 On a noisy machine (a shared VM whose speed drifts by tens of percent between runs) two separate benchmark runs
 cannot tell a 10-20% kernel change from the drift; round-robin timing in one process can. The base revision's file
-is built (``torch.utils.cpp_extension``, the same flags as :mod:`hybridvision.ops.native`) with its ops registered
+is built (``hybridvision.ops.native.compile_and_load``, the kernels' own build) with its ops registered
 as ``torch.ops.hvbase_<rev>.*`` instead of ``torch.ops.hybridvision.*``, so both versions coexist. Every case
 first checks that the two give the same result (forward and weight gradient), then reports the best time of each
 and the ratio base / working copy (> 1: the working copy is faster).
@@ -50,11 +50,7 @@ def build_base(rev: str) -> object:
     folder = Path(tempfile.gettempdir()) / f"{ns}_{hashlib.sha1(text.encode()).hexdigest()[:8]}"
     folder.mkdir(exist_ok=True)
     (folder / "circular_cpu.cpp").write_text(text)
-    from torch.utils import cpp_extension
-
-    native._ninja_on_path()
-    cpp_extension.load(name=f"{ns}_ext", sources=[str(folder / "circular_cpu.cpp")], extra_cflags=native.BUILD_FLAGS,
-                       extra_ldflags=["-fopenmp"], is_python_module=False, build_directory=str(folder))
+    native.compile_and_load(f"{ns}_ext", [str(folder / "circular_cpu.cpp")], build_directory=str(folder))
     return getattr(torch.ops, ns)
 
 

@@ -20,9 +20,8 @@ Five methods compute the same thing (all differentiable; all tested against a fl
   folded into the spectrum, 1/K folded into the kernel spectrum, rfft(x) recomputed in backward instead of stored).
 * ``"native"``: depthwise only, float32/64 on the CPU: hand-vectorised C++ (``csrc/circular_cpu.cpp``, built on
   first use by :mod:`hybridvision.ops.native`), no padded copy, the position embedding and bias folded into one
-  addend. Below K=48 the direct sum (``2 K`` FLOPs per output; SIMD lanes over the batch for
-  small planes, else over the contiguous axis or in-register transposed 16-row tiles); from there on (K without
-  prime factors above 7)
+  addend. Below K=48 the direct sum (``2 K`` FLOPs per output; SIMD lanes over the batch for small planes, else
+  over the contiguous axis or in-register transposed 16-row tiles); from there on (K without prime factors above 7)
   its own FFT: two real lines per complex one, a Stockham FFT whose SIMD lanes are lines, the kernel spectrum,
   the inverse and the addend fused into the passes, all in cache. Backward: the same forward with the flipped
   kernel for dx, and a weight-gradient kernel (direct, or the FFT from K=32 / 40 along dim 2 / 3).

@@ -36,12 +36,11 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "batch_norm_act_backward", "batch_norm_act_forward", "build", "disabled", "forward",
-           "prebuild", "wgrad"]
+__all__ = ["available", "batch_norm_act_backward", "batch_norm_act_forward", "build", "compile_and_load", "disabled",
+           "forward", "prebuild", "wgrad"]
 
 _ENV_VAR = "HYBRIDVISION_NATIVE"
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("circular_cpu.cpp", "batchnorm_act_cpu.cpp")]
-BUILD_FLAGS = ["-O3", "-march=native", "-fopenmp"]  # the compiler flags of the build (benchmarks reuse them)
 _lock = threading.Lock()
 _state: dict[str, Optional[str]] = {}  # "error": None once loaded, else the build error
 
@@ -73,6 +72,19 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def compile_and_load(name: str, sources: list[str], build_directory: Optional[str] = None,
+                     verbose: bool = False) -> None:
+    """Compile C++ ``sources`` with the native kernels' flags (``-O3 -march=native``, OpenMP) into torch's extension
+    cache (or ``build_directory``) and load the library into this process, as extension ``name``; errors propagate.
+    :func:`build` uses it, and so does ``benchmarks/bench_native_ab.py`` for an older revision of the kernel."""
+    from torch.utils import cpp_extension
+
+    _ninja_on_path()
+    cpp_extension.load(name=name, sources=sources, extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"], is_python_module=False, build_directory=build_directory,
+                       verbose=verbose)
+
+
 def build(verbose: bool = False) -> None:
     """Compile (or load the cached build of) the kernels into this process; raises ``RuntimeError`` with the
     compiler's message and the fix when that fails. Idempotent and thread-safe."""
@@ -87,17 +99,7 @@ def build(verbose: bool = False) -> None:
                 raise RuntimeError(_state["error"])
             return
         try:
-            from torch.utils import cpp_extension
-
-            _ninja_on_path()
-            cpp_extension.load(
-                name=f"hybridvision_native_{_cpu_tag()}",
-                sources=[str(path) for path in _SOURCES],
-                extra_cflags=BUILD_FLAGS,
-                extra_ldflags=["-fopenmp"],
-                is_python_module=False,
-                verbose=verbose,
-            )
+            compile_and_load(f"hybridvision_native_{_cpu_tag()}", [str(path) for path in _SOURCES], verbose=verbose)
         except Exception as exc:  # the compiler's or loader's own message is the useful part
             _state["error"] = (
                 f"could not build hybridvision's native kernels ({type(exc).__name__}: {exc}). "

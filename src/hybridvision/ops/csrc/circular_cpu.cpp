@@ -242,7 +242,8 @@ void rows_to_tile(const T* src, int64_t rows, int64_t K, int64_t h0, T* tile, in
 // The inverse of rows_to_tile: rows h0 .. min(h0 + L, rows) - 1 of the (rows x K) matrix dst from the (K x L) tile.
 // Column chunks from the last to the first: a last chunk narrower than L is stored full width when that stays
 // inside the matrix; what it spills into the head of the next row is overwritten by that row's first chunk (stored
-// after it, or, for the tile's last row, by the next tile, which callers store later).
+// after it, or, for the tile's last row, by the next tile, which callers store later). So `rows` must end where
+// the caller's own rows end: rows after it may belong to another work item.
 template <typename T> void tile_to_rows(const T* tile, T* dst, int64_t rows, int64_t K, int64_t h0, bool stream) {
   constexpr int64_t L = Vec<T>::n;
   const int64_t n = std::min(L, rows - h0);
@@ -305,17 +306,11 @@ void fwd_batch(const T* x, T* y, int64_t ps, int64_t nb, const T* wb, const T* a
 
 // Smallest K for which algo=0 takes the FFT path (when K has no prime factor above 7): [forward, wgrad][dim 2, dim 3].
 // From `python benchmarks/bench_native_crossover.py`: the first K of its sweep from which the FFT is faster at every
-// larger K. Forward: 64 along both dims in five of six runs of 2026-11 (96 along dim 2 in the first, with a shorter
-// time budget); after the partial strips along dim 2 moved to masked loads and stores and into the batch pool
-// (2026-12-02), three runs gave 48, 48, 40 along dim 2 (K=48 1.09-1.20x, K=40 0.98-1.05x) and 56, 64, 64 along
-// dim 3 (K=56 0.86-1.01x). Weight gradient: along dim 2 28-48 in 2026-11 and 32, 32, 40 in 2026-12 (K=32
-// 0.98-1.02x, a tie); along dim 3 28-56 in 2026-11 and 48, 48, 40 in 2026-12 (K=48 1.26-1.34x, K=40
-// 0.96-1.09x). After the rows along dim 3 were pooled too, three more runs: forward along dim 3 48, 48, 64 (K=56
-// 1.02x, 1.19x, 0.96x: a tie, so 64 stays), wgrad along dim 3 40, 40, 28 (K=40 1.03-1.30x, 48 kept). After the
-// FFT stages' addressing change, three more: forward along dim 2 28, 40, 28 (K=28-40 0.93-1.10x: ties; K=48
-// 1.21-1.43x), along dim 3 28, 48, 28 (K=40 0.89-1.06x; K=48 1.20-1.38x, K=56 1.06-1.16x); wgrad along dim 2 28
-// three times (K=28-32 1.00-1.09x: 32 kept), along dim 3 40, 28, 40 (K=32 0.93-1.02x; K=40 1.31-1.44x).
-// So 48 / 48 and 32 / 40. benchmarks/results/native_crossover.md holds the last run. Odd radices
+// larger K. Three runs at the current kernel (2026-12-02): forward along dim 2 28, 40, 28 (K=28-40 0.93-1.10x, ties;
+// K=48 1.21-1.43x), along dim 3 28, 48, 28 (K=40 0.89-1.06x; K=48 1.20-1.38x, K=56 1.06-1.16x); weight gradient
+// along dim 2 28 three times (K=28-32 1.00-1.09x: 32 kept), along dim 3 40, 28, 40 (K=32 0.93-1.02x; K=40
+// 1.31-1.44x). So 48 / 48 and 32 / 40. (Before the partial-strip, pool and addressing changes of that day the
+// forward crossed at 64 on both axes.) benchmarks/results/native_crossover.md holds the last run. Odd radices
 // (3, 5, 7) cost more per point than 4 and 2, so lengths between the sweep's may cross a little later.
 constexpr int64_t FFT_MIN_K[2][2] = {{48, 48}, {32, 40}};
 
@@ -611,6 +606,12 @@ struct Pool {
   }
   // offset of pooled line g's first element from the first plane's
   int64_t line(int64_t g) const { return g / r * ps + (other - r + g % r) * (dim == 2 ? 1 : K); }
+  // dim 3: rows[i] = the row of lane i of half h of strip g0 (planes at base); returns how many lanes have one
+  template <typename Ptr> int64_t half_rows(Ptr base, int64_t g0, int64_t h, int64_t L, Ptr* rows) const {
+    const int64_t nr = std::clamp<int64_t>(n - g0 - h * L, 0, L);
+    for (int64_t i = 0; i < nr; ++i) rows[i] = base + line(g0 + h * L + i);
+    return nr;
+  }
   // dim 2: fn(offset of the run's first column, offset in t, lines) per run of strip g0's lines within one plane
   template <typename F> void runs(int64_t g0, int64_t L, int64_t io, F fn) const {
     for (int64_t l = 0; l < 2 * L && g0 + l < n;) {
@@ -626,8 +627,7 @@ template <typename T> void pool_gather(const Pool& p, const T* x, int64_t g0, T*
   if (p.dim == 3) {
     for (int64_t h = 0; h < 2; ++h) {
       const T* rows[L];
-      const int64_t nr = std::clamp<int64_t>(p.n - g0 - h * L, 0, L);
-      for (int64_t i = 0; i < nr; ++i) rows[i] = x + p.line(g0 + h * L + i);
+      const int64_t nr = p.half_rows(x, g0, h, L, rows);
       for (int64_t k0 = 0; k0 < p.K; k0 += L)
         to_tile([&](int64_t i) { return rows[i] + k0; }, nr, std::min(L, p.K - k0), t + h * io + k0 * L);
     }
@@ -644,8 +644,7 @@ template <typename T> void pool_scatter(const Pool& p, const T* t, int64_t g0, T
   if (p.dim == 3) {
     for (int64_t h = 0; h < 2; ++h) {
       T* rows[L];
-      const int64_t nr = std::clamp<int64_t>(p.n - g0 - h * L, 0, L);
-      for (int64_t i = 0; i < nr; ++i) rows[i] = y + p.line(g0 + h * L + i);
+      const int64_t nr = p.half_rows(y, g0, h, L, rows);
       for (int64_t k0 = 0; k0 < p.K; k0 += L)
         from_tile(t + h * io + k0 * L, [&](int64_t i) { return rows[i] + k0; }, nr, std::min(L, p.K - k0));
     }
@@ -680,8 +679,7 @@ void fft_plane(const FftPlan<T>& pl, const T* S, const T* x, T* y, const T* add,
       continue;
     }
     fft_correlate(pl, S, add, in, Lines<T>{t, t + io, L}, buf, io, false);
-    // rows past `lines` belong to the pool (another work item): the wide stores must not spill into them
-    tile_to_rows(t, y, lines, K, o0, stream);
+    tile_to_rows(t, y, lines, K, o0, stream);  // rows past `lines` are the pool's
     tile_to_rows(t + io, y, lines, K, o0 + L, stream);
   }
 }
