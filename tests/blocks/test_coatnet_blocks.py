@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridvision.blocks import MBConv, TransformerBlock
-from hybridvision.blocks.mbconv import fold_prenorm_bn_into_conv1x1
+from hybridvision.blocks.mbconv import SqueezeExcite, fold_prenorm_bn_into_conv1x1
 
 
 def _randomize_bn(module: torch.nn.Module) -> None:
@@ -46,6 +46,50 @@ def test_mbconv_identity_block_and_widths():
     assert blk.conv1.out_channels == 64 and blk.se.fc1.out_features == 4
     x = torch.randn(2, 16, 5, 7)
     assert blk(x).shape == x.shape
+
+
+@pytest.mark.parametrize("act", [torch.nn.SiLU, torch.nn.GELU])
+@pytest.mark.parametrize("shape", [(3, 10, 5, 7), (2, 8, 6, 6)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_squeeze_excite_function_matches_autograd(act, shape, channels_last):
+    """In grad mode SE runs as one autograd Function (two passes over x in the backward): its output and the
+    gradients of x and of all four parameters equal autograd's through the plain expression, float64."""
+    torch.manual_seed(0)
+    se = SqueezeExcite(shape[1], 3, act).double()
+    x = torch.randn(shape, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    g = torch.randn(shape, dtype=torch.float64)
+    params = list(se.parameters())
+    ref = x * se.gate(x.mean((2, 3)))[:, :, None, None]
+    out = se(x)
+    assert "SqueezeExcite" in type(out.grad_fn).__name__  # the fused backward is the one under test
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(out, [x] + params, g), torch.autograd.grad(ref, [x] + params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # frozen SE, input gradient only; and the other way round
+    se.requires_grad_(False)
+    (gx,) = torch.autograd.grad(se(x), [x], g)
+    torch.testing.assert_close(gx, torch.autograd.grad(x * se.gate(x.mean((2, 3)))[:, :, None, None], [x], g)[0])
+    se.requires_grad_(True)
+    xd = x.detach()
+    for a, b in zip(torch.autograd.grad(se(xd), params, g),
+                    torch.autograd.grad(xd * se.gate(xd.mean((2, 3)))[:, :, None, None], params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_squeeze_excite_gradcheck():
+    torch.manual_seed(0)
+    se = SqueezeExcite(6, 2).double()
+    x = torch.randn(2, 6, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = [p.detach().clone().requires_grad_() for p in se.parameters()]
+    names = [n for n, _ in se.named_parameters()]
+
+    def f(inp, *ws):
+        return torch.func.functional_call(se, dict(zip(names, ws)), (inp,))
+
+    assert torch.autograd.gradcheck(f, (x, *w))
 
 
 @pytest.mark.parametrize("stride_mode", ["1x1", "dw"])

@@ -13,11 +13,12 @@ All tensors are NCHW; the CoAtNet model keeps them in ``torch.channels_last`` me
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from hybridvision.ops.fused import conv_act, conv_add
+from hybridvision.ops.fused import conv_act, conv_add, plain_eager
 from hybridvision.ops.norm_act import batch_norm_act
 
 __all__ = ["MBConv", "Downsample2d", "SqueezeExcite", "fold_prenorm_bn_into_conv1x1"]
@@ -55,12 +56,51 @@ class Downsample2d(nn.Module):
         return self.proj(x)
 
 
+class _SqueezeExciteFn(torch.autograd.Function):
+    """``x * gate(mean(x))``, x: (B, C, H, W), with a backward that writes two x-sized tensors instead of four.
+
+    Autograd's own backward of the expression materialises ``g * gate``, ``g * x``, the mean's expanded gradient
+    and their sum. Here: ``d gate = sum_hw(g * x)``, then the small MLP's backward (recomputed from the pooled
+    (B, C) vector), then ``dx = g * gate + d pooled / (H W)`` in one ``addcmul``. The MLP is ``module.gate`` of the
+    SqueezeExcite whose parameters come in as ``params``. First-order only (no double backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: "SqueezeExcite", *params: torch.Tensor) -> torch.Tensor:
+        pooled = x.mean((2, 3))
+        gate = module.gate(pooled)
+        ctx.module = module
+        ctx.save_for_backward(x, pooled, *params)
+        return x * gate[:, :, None, None]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        x, pooled, *params = ctx.saved_tensors
+        with torch.enable_grad():  # the (B, C) MLP again, on leaves of its own
+            p = pooled.detach().requires_grad_()
+            leaves = [w.detach().requires_grad_(w.requires_grad) for w in params]
+            gate = ctx.module.gate(p, leaves)
+        d_gate = (g * x).sum((2, 3))
+        need = [p] + [w for w in leaves if w.requires_grad]
+        grads = iter(torch.autograd.grad(gate, need, d_gate))
+        d_pooled = next(grads)
+        d_params = [next(grads) if w.requires_grad else None for w in leaves]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            hw = x.shape[2] * x.shape[3]
+            dx = torch.addcmul((d_pooled / hw)[:, :, None, None], g, gate.detach()[:, :, None, None])
+        return (dx, None, *d_params)
+
+
 class SqueezeExcite(nn.Module):
     """Squeeze-excitation with its two FCs as ``nn.Linear`` on the pooled (B, C) vector.
 
     Same math as timm's ``SEModule`` (GAP -> FC -> act -> FC -> sigmoid gate), which runs the FCs as 1x1
     convs on a (B, C, 1, 1) map; on CPU each of those calls pays oneDNN's weight reorder, which made SE
     one of the most expensive ops of CoAtNet-0 inference in our profile. A GEMM has no such cost.
+    In plain eager training the whole block is one autograd Function (:class:`_SqueezeExciteFn`) whose backward
+    makes fewer passes over the (large) input.
     """
 
     def __init__(self, channels: int, rd_channels: int, act_layer: type[nn.Module] = nn.SiLU) -> None:
@@ -69,10 +109,17 @@ class SqueezeExcite(nn.Module):
         self.act = act_layer()
         self.fc2 = nn.Linear(rd_channels, channels)
 
+    def gate(self, pooled: torch.Tensor, params: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, C) pooled input -> (B, C) gate in (0, 1); ``params`` (fc1 weight, bias, fc2 weight, bias) replace
+        the module's own."""
+        w1, b1, w2, b2 = params or (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        return F.linear(self.act(F.linear(pooled, w1, b1)), w2, b2).sigmoid()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> x * gate, gate: (B, C, 1, 1) in (0, 1)."""
-        gate = self.fc2(self.act(self.fc1(x.mean((2, 3))))).sigmoid()
-        return x * gate[:, :, None, None]
+        if torch.is_grad_enabled() and plain_eager():
+            return _SqueezeExciteFn.apply(x, self, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        return x * self.gate(x.mean((2, 3)))[:, :, None, None]
 
 
 @torch.no_grad()
