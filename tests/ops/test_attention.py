@@ -157,6 +157,16 @@ def test_attention_equals_explicit_softmax_float64(dim, out_dim, head_dim, size,
         mode()
         with torch.no_grad():
             torch.testing.assert_close(attn(x), _explicit_attention(attn, x), rtol=1e-10, atol=1e-10)
+    # with autograd on (the written-out path for a trainable bias, in place of SDPA's math fallback) too, and its
+    # gradients against autograd through the reference formula
+    attn.train()
+    xg = x.clone().requires_grad_()
+    out, ref = attn(xg), _explicit_attention(attn, xg)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    gy = torch.randn_like(out)
+    params = [attn.qkv.weight, attn.qkv.bias, attn.proj.weight]
+    for a, b in zip(torch.autograd.grad(out, [xg] + params, gy), torch.autograd.grad(ref, [xg] + params, gy)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_attention_gradcheck_float64():

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridvision.ops.fused import linear_act, linear_add
+from hybridvision.ops.fused import linear_act, linear_add, plain_eager
 from hybridvision.ops.sizes import pair as _pair
 
 __all__ = ["RelPosBias2d", "RelAttention2d", "relative_index"]
@@ -160,7 +160,8 @@ class RelAttention2d(nn.Module):
         proj_drop: dropout after the output projection.
 
     The logits ``q k^T / sqrt(head_dim) + B`` go through ``F.scaled_dot_product_attention`` with ``B`` as the
-    additive float mask, so the fused CPU/GPU kernels do the work.
+    additive float mask, so the fused CPU/GPU kernels do the work; CPU training (the bias needs a gradient, which
+    SDPA's fused CPU kernel does not give) runs the written-out expression instead of SDPA's slower math path.
     """
 
     def __init__(
@@ -211,9 +212,15 @@ class RelAttention2d(nn.Module):
         # (1, heads, N, N): a 4-D mask lets SDPA pick the fused CPU flash kernel (a 3-D one falls back to
         # the math path); with a trainable bias requiring grad SDPA uses the math path, which returns its gradient.
         bias = self.rel_pos((h, w), dtype=q.dtype).unsqueeze(0)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0
-        )  # (B, heads, N, d); the flash kernel returns it as a (B, N, heads, d) layout: the reshape is free
+        drop = self.attn_drop if self.training else 0.0
+        if torch.is_grad_enabled() and bias.requires_grad and x.device.type == "cpu" and plain_eager():
+            # a mask that needs a gradient sends SDPA on the CPU to its math path, which also scales k and runs a
+            # NaN-safe softmax (extra passes over the (B, heads, N, N) logits): the plain expression is faster
+            attn = (torch.matmul(q * self.head_dim**-0.5, k.transpose(-2, -1)) + bias).softmax(-1)
+            y = (F.dropout(attn, drop) if drop else attn) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
+        # y: (B, heads, N, d); the flash kernel returns it as a (B, N, heads, d) layout: the reshape is free
         y = y.transpose(1, 2).reshape(b, h, w, self.out_dim)
         if shortcut is None:
             return self.proj_drop(linear_act(y, self.proj))
