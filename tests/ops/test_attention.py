@@ -184,6 +184,25 @@ def test_attention_gradcheck_float64():
     assert torch.autograd.gradcheck(f, (x2, table))
 
 
+def test_export_leaves_no_tracer_tensor_in_the_caches():
+    """torch.export runs the module's Python on FakeTensors: neither the shared relative index nor the bias cache
+    may keep one, or later eager calls on that grid get a fake bias."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from hybridvision.ops import attention
+
+    torch.manual_seed(0)
+    attn = RelAttention2d(8, head_dim=4, size=(3, 3)).eval()
+    x = torch.randn(1, 7, 9, 8)  # a grid no other test uses, so the export is the first to ask for its index
+    attention._INDEX_CACHE.pop((7, 9, x.device), None)
+    with torch.no_grad():
+        torch.export.export(attn, (x,))
+        bias = attn.rel_pos((7, 9))
+        assert type(bias) is torch.Tensor and not isinstance(bias, FakeTensor)
+        torch.testing.assert_close(bias, attn.rel_pos.table_for((7, 9)).flatten(1)[:, relative_index(7, 9)])
+        torch.testing.assert_close(attn(x), _explicit_attention(attn, x), rtol=1e-5, atol=1e-5)
+
+
 def test_attention_rejects_bad_shapes():
     with pytest.raises(ValueError, match="head_dim"):
         RelAttention2d(16, 20, head_dim=8)

@@ -226,6 +226,27 @@ def _compile_check(m, hw=(64, 64)):
     assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("family", ["coatnet", "parc_convnext"])
+def test_dynamo_traces_without_graph_breaks(family):
+    """One graph, no break, for inference (fused model, no_grad: the path of the eager oneDNN kernels and the bias
+    cache) and for a training forward (the path of the eager-only autograd Functions): under torch.compile every
+    such branch must take its plain form without asking something Dynamo cannot trace (a break also makes the
+    resumed frames recompile per input shape, and inductor failed on the dynamic shapes that followed)."""
+    torch._dynamo.reset()
+    m = _family_model(family).eval()
+    if hasattr(m, "fuse"):
+        m.fuse()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        explain = torch._dynamo.explain(m)(x)
+    assert explain.graph_break_count == 0, [str(r.reason)[:200] for r in explain.break_reasons]
+    torch._dynamo.reset()
+    m = _family_model(family).train()
+    explain = torch._dynamo.explain(m)(x)
+    assert explain.graph_break_count == 0, [str(r.reason)[:200] for r in explain.break_reasons]
+    torch._dynamo.reset()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(SMALL_FAMILIES))
 def test_torch_compile_every_family(family):

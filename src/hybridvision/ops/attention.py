@@ -43,7 +43,10 @@ _INDEX_CACHE_MAX = 32
 
 def _shared_index(height: int, width: int, device: torch.device) -> torch.Tensor:
     """:func:`relative_index`, cached once for every layer (at most :data:`_INDEX_CACHE_MAX` grid/device pairs):
-    (N, N) int64, read-only. Built outside inference mode: a plain tensor that the gather's backward may save."""
+    (N, N) int64, read-only. Built outside inference mode: a plain tensor that the gather's backward may save.
+    Not cached while compiling / exporting: the tensor built then is the tracer's (a FakeTensor), not data."""
+    if not plain_eager():
+        return relative_index(height, width, device=device)
     key = (height, width, device)
     index = _INDEX_CACHE.get(key)
     if index is None:
@@ -65,7 +68,8 @@ class RelPosBias2d(nn.Module):
     ``size`` resizes the table bilinearly to (2h-1, 2w-1) first. In eval mode, when no gradient for the table
     is requested (``torch.no_grad``/``inference_mode`` or a frozen table), the bias is cached per
     grid/device/dtype; the cache is dropped by ``train()``, by ``load_state_dict`` and by any in-place change
-    of the table (its version counter is part of the key).
+    of the table (its version counter is part of the key). Under ``torch.compile`` / export the bias is computed
+    in the traced graph instead (no Python-side cache, no graph break).
     """
 
     _MAX_CACHE = 8
@@ -116,7 +120,8 @@ class RelPosBias2d(nn.Module):
         """
         grid = _pair(grid, "grid")
         dtype = dtype or self.table.dtype
-        use_cache = not self.training and not (torch.is_grad_enabled() and self.table.requires_grad)
+        # no cache while compiling / exporting (plain_eager() False): the gather becomes part of the traced graph
+        use_cache = not self.training and not (torch.is_grad_enabled() and self.table.requires_grad) and plain_eager()
         if not use_cache:
             return self._compute(grid).to(dtype)
         # inference-mode tensors may not be reused outside inference mode: keep the two apart

@@ -53,7 +53,9 @@ def plain_eager() -> bool:
 
 
 def _onednn_ok(x: torch.Tensor) -> bool:
-    return _ENABLED and _plain_cpu_f32(x) and torch.backends.mkldnn.is_available() and plain_eager()
+    # plain_eager() first: under torch.compile it is False before torch.backends.mkldnn.is_available(), which
+    # Dynamo does not trace, would break the graph
+    return _ENABLED and plain_eager() and _plain_cpu_f32(x) and torch.backends.mkldnn.is_available()
 
 
 def use_onednn(x: torch.Tensor) -> bool:
