@@ -14,12 +14,13 @@ timm ``coatnet_0_224`` (same architecture: stem, MBConv with stride on the depth
 relative-bias attention, 25M params), both with stochastic depth 0.2 (:data:`COATNET0_DROP_PATH`); ours runs
 channels-last with SDPA and the cached bias, and for inference ``fuse()`` (BatchNorm folded into the convs, same
 outputs). The anchor is run as timm ships it (NCHW) and, as a
-second anchor row, in channels-last. ``--compile`` adds ``torch.compile`` rows (opt-in, measured separately).
+second anchor row, in channels-last. ``--compile`` adds rows with both models of the first pair under
+``torch.compile`` (opt-in, measured separately; written to ``models_compile.md``).
 Other families append their (name, model, anchor) rows to ``ROWS``.
 
     python benchmarks/bench_models.py             # 5 rounds -> benchmarks/results/models.md + models.png
     python benchmarks/bench_models.py --quick     # 2 rounds, inference batch 8 (< 2 min) -> models_quick.md
-    python benchmarks/bench_models.py --compile   # + torch.compile rows
+    python benchmarks/bench_models.py --compile   # + torch.compile rows -> models_compile.md
     python benchmarks/bench_models.py --adamw fused   # fused AdamW for both models -> models_adamw_fused.md
 
 The process runs with ``hybridvision.engine.runtime.tune_cpu()`` (both models alike; the header says
@@ -157,11 +158,12 @@ def bench_row(
             fn_m, fn_a = _inference_fn(model, x), _inference_fn(anchor, x)
         else:  # the same optimizer for both
             fn_m, fn_a = _train_fn(model, x, adamw), _train_fn(anchor, x, adamw)
-        if compile_model:  # after fuse(): compile the inference graph that will run
-            model.forward = torch.compile(model.forward)  # type: ignore[method-assign]
+        if compile_model:  # both sides; after fuse(): compile the inference graph that will run
+            for m in (model, anchor):
+                m.forward = torch.compile(m.forward)  # type: ignore[method-assign]
         t_anchor, t_model, paired_ratio = paired(fn_a, fn_m, rounds)
         out.append(dict(
-            row=name + (" [torch.compile]" if compile_model else ""), mode=mode, batch=batch,
+            row=name + (" [torch.compile, both]" if compile_model else ""), mode=mode, batch=batch,
             anchor_ips=batch / t_anchor, model_ips=batch / t_model, speedup=t_anchor / t_model,
             paired=paired_ratio,
             mfu=flops_img * batch / t_model / peak, gflops_img=flops_img / 1e9,
@@ -240,7 +242,7 @@ def main() -> None:
     for name, make_model, make_anchor in rows:
         results += bench_row(name, make_model, make_anchor, infer_batch=infer_batch, train_batch=train_batch,
                              size=args.size, rounds=rounds, peak=peak, adamw=args.adamw)
-        if args.compile:
+        if args.compile and name == rows[0][0]:  # the pair with the anchor as shipped
             results += bench_row(name, make_model, make_anchor, infer_batch=infer_batch, train_batch=train_batch,
                                  size=args.size, rounds=rounds, peak=peak, compile_model=True, adamw=args.adamw)
     cmd = "python benchmarks/bench_models.py" + "".join(
@@ -248,7 +250,8 @@ def main() -> None:
     ) + (f" --threads {args.threads}" if args.threads else "") + (f" --rounds {args.rounds}" if args.rounds else "") + (
         f" --adamw {args.adamw}" if args.adamw != "for-loop" else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = ("models_quick" if args.quick else "models") + ("" if args.adamw == "for-loop" else f"_adamw_{args.adamw}")
+    stem = ("models_quick" if args.quick else "models") + ("" if args.adamw == "for-loop" else f"_adamw_{args.adamw}") \
+        + ("_compile" if args.compile else "")
     write(results, (mm_peak, dnn_peak), cmd, RESULTS / stem, args.adamw)
 
 
