@@ -226,7 +226,8 @@ def _compile_check(m, hw=(64, 64)):
     assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-@pytest.mark.parametrize("family", ["coatnet", "parc_convnext"])
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in FULL_DEPTH else f
+                                    for f in sorted(SMALL_FAMILIES)])
 def test_dynamo_traces_without_graph_breaks(family):
     """One graph, no break, for inference (fused model, no_grad: the path of the eager oneDNN kernels and the bias
     cache) and for a training forward (the path of the eager-only autograd Functions): under torch.compile every
