@@ -79,6 +79,35 @@ def test_squeeze_excite_function_matches_autograd(act, shape, channels_last):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_squeeze_excite_function_under_bf16_autocast():
+    """The backward recomputes the MLP under the forward's autocast state: bf16 training gives autograd's gradients
+    (the same expression under autocast), not a dtype error."""
+    torch.manual_seed(0)
+    se = SqueezeExcite(16, 4)
+    x = torch.randn(2, 16, 6, 5).to(torch.bfloat16).to(memory_format=torch.channels_last).requires_grad_()
+    params = list(se.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = se(x)
+        ref = x * se.gate(x.mean((2, 3)))[:, :, None, None]
+    assert "SqueezeExcite" in type(out.grad_fn).__name__ and out.dtype == ref.dtype == torch.bfloat16
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, [x] + params, g), torch.autograd.grad(ref, [x] + params, g)):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_coatnet_training_step_under_bf16_autocast():
+    """A whole CoAtNet (MBConv + SE Function + attention's training path) trains under bf16 autocast."""
+    import hybridvision
+
+    torch.manual_seed(0)
+    m = hybridvision.create_model("coatnet_pico", depths=(1, 1, 1, 1, 1), num_classes=5).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(m(torch.randn(2, 3, 64, 64)).float(), torch.tensor([1, 3]))
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
 def test_squeeze_excite_gradcheck():
     torch.manual_seed(0)
     se = SqueezeExcite(6, 2).double()

@@ -70,6 +70,8 @@ class _SqueezeExciteFn(torch.autograd.Function):
         pooled = x.mean((2, 3))
         gate = module.gate(pooled)
         ctx.module = module
+        dev = x.device.type  # the MLP is recomputed under the same autocast state (bf16 training)
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         ctx.save_for_backward(x, pooled, *params)
         return x * gate[:, :, None, None]
 
@@ -77,7 +79,8 @@ class _SqueezeExciteFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: torch.Tensor):
         x, pooled, *params = ctx.saved_tensors
-        with torch.enable_grad():  # the (B, C) MLP again, on leaves of its own
+        dev, amp, amp_dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(dev, dtype=amp_dtype, enabled=amp):  # the MLP again, own leaves
             p = pooled.detach().requires_grad_()
             leaves = [w.detach().requires_grad_(w.requires_grad) for w in params]
             gate = ctx.module.gate(p, leaves)
