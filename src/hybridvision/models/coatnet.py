@@ -37,7 +37,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from hybridvision.blocks.mbconv import MBConv
 from hybridvision.blocks.transformer import TransformerBlock
 from hybridvision.models.registry import SMALL_IMAGE_MAX, build, pretrained_cfg, register
-from hybridvision.ops.fused import conv_act
+from hybridvision.ops.fused import conv_act, in_func_transform
 from hybridvision.ops.norm_act import batch_norm_act
 from hybridvision.ops.sizes import pair as _pair
 
@@ -185,7 +185,8 @@ class Stem(nn.Module):
         # a 1-channel image is NCHW and channels-last at once, and the first conv would then return NCHW (and the
         # whole network run NCHW): the clone gives it unambiguous channels-last strides; else no copy if already so
         cl = torch.channels_last
-        x = x.clone(memory_format=cl) if x.shape[1] == 1 else x.contiguous(memory_format=cl)
+        if not in_func_transform():  # (torch.func.vmap cannot clone to channels-last; the layout is speed only)
+            x = x.clone(memory_format=cl) if x.shape[1] == 1 else x.contiguous(memory_format=cl)
         for i, conv in enumerate(self.convs):
             if i == len(self.norms):
                 x = conv(x)

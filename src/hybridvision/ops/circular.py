@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from hybridvision.ops import native
+from hybridvision.ops.fused import in_func_transform
 
 __all__ = ["METHODS", "choose_method", "circular_conv", "get_default_method", "set_default_method"]
 
@@ -100,9 +101,11 @@ to this K. ``python benchmarks/bench_circular.py --quick --threads 1 --clock cpu
 (benchmarks/results/circular_quick_bfloat16.md)."""
 
 
-def _exporting() -> bool:
-    """True while torch.jit traces or ONNX / torch.export captures a graph (no Python autograd Functions then)."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+def _plain_ops_only() -> bool:
+    """True while torch.jit traces or ONNX / torch.export captures a graph, or inside a ``torch.func`` transform
+    (grad, vmap, ...): no Python autograd Functions then (no export formula; functorch needs ``setup_context``)."""
+    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+            or in_func_transform())
 
 
 def choose_method(x: torch.Tensor, weight: torch.Tensor, dim: int, needs_grad: Optional[bool] = None) -> str:
@@ -114,8 +117,9 @@ def choose_method(x: torch.Tensor, weight: torch.Tensor, dim: int, needs_grad: O
         needs_grad: whether a backward pass follows (default: grad mode is on and x or weight requires grad).
 
     Rule (first match):
-        1. tracing or exporting (torch.jit.trace, torch.onnx.export, torch.export): ``"gemm"`` through plain
-           differentiable ops (Gather + MatMul, which every runtime has; no FFT operators, no Python Functions).
+        1. tracing or exporting (torch.jit.trace, torch.onnx.export, torch.export) or a ``torch.func`` transform:
+           ``"gemm"`` through plain differentiable ops (Gather + MatMul, which every runtime has; no FFT operators,
+           no Python Functions).
         2. grouped or dense kernels (``weight.size(1) > 1``): ``"fft"`` -- a (C_out/g, C_in/g) complex product per
            frequency instead of 2 K C_in/g FLOPs per output. Exploratory 1-thread CPU-time runs, dense, B=16:
            C=128, K=14 forward fft 4.7-5.0 ms, direct 6.8-9.9 ms, gemm 22 ms; on par with direct only at K <= 7.
@@ -131,7 +135,7 @@ def choose_method(x: torch.Tensor, weight: torch.Tensor, dim: int, needs_grad: O
         7. depthwise float32/64 on CPU: ``"gemm"`` up to :data:`GEMM_MAX_K` [pass, dim], else ``"fft"``.
     Override: ``set_default_method(...)`` / ``HYBRIDVISION_CIRCULAR_METHOD`` globally, ``method=`` per call.
     """
-    if _exporting():
+    if _plain_ops_only():
         return "gemm"
     if weight.size(1) != 1 or weight.size(0) != x.size(1):
         return "fft"
@@ -251,7 +255,7 @@ def _circular_conv(
         _check_native(x, weight, groups)
     if bias is not None:
         bias = bias.to(x.dtype)
-    if weight.size(1) == 1 and weight.size(0) == x.size(1) and not _exporting():  # depthwise: fused Functions
+    if weight.size(1) == 1 and weight.size(0) == x.size(1) and not _plain_ops_only():  # depthwise: fused Functions
         if method == "fft":
             return _DepthwiseFFT.apply(x, weight, bias, pe, dim)
         if method == "gemm":
@@ -276,8 +280,8 @@ def _check_native(x: torch.Tensor, weight: torch.Tensor, groups: int) -> None:
         problems.append(f"CPU tensors only (got {x.device})")
     if x.dtype not in (torch.float32, torch.float64):
         problems.append(f"float32/float64 only (got {x.dtype})")
-    if _exporting():
-        problems.append("no tracing/export (the kernel is not an ONNX/aten op)")
+    if _plain_ops_only():
+        problems.append("no tracing/export or torch.func transform (the kernel is not an ONNX/aten op)")
     if problems:
         raise ValueError(f"circular_conv method='native': {'; '.join(problems)}. Use method='auto' (it picks "
                          "'native' where it applies) or 'gemm' / 'fft'.")

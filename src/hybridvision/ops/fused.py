@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["use_onednn", "fast_path_enabled", "plain_eager", "conv_act", "conv_add", "linear_act", "linear_add"]
+__all__ = ["use_onednn", "fast_path_enabled", "plain_eager", "in_func_transform", "conv_act", "conv_add", "linear_act",
+           "linear_add"]
 
 _ENABLED = True
 
@@ -39,16 +40,24 @@ def _plain_cpu_f32(t: torch.Tensor) -> bool:
     return type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == torch.float32
 
 
+def in_func_transform() -> bool:
+    """Inside a ``torch.func`` transform (``grad``, ``vmap``, ...), which rejects autograd Functions without
+    ``setup_context`` (and, under ``vmap``, channels-last clones)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def plain_eager() -> bool:
     """Plain eager execution: not scripting, compiling (``torch.compile`` does its own fusion), exporting or in ONNX
-    export, and no Python dispatch mode (``FlopCounterMode``, ``FakeTensorMode``, ... must see the plain ops).
-    Hand-written kernels without a meta or export formula run only then."""
+    export, no Python dispatch mode (``FlopCounterMode``, ``FakeTensorMode``, ... must see the plain ops) and no
+    ``torch.func`` transform (``grad``, ``vmap``, ...: they reject autograd Functions without ``setup_context``).
+    Hand-written kernels and autograd Functions without a meta or export formula run only then."""
     return (
         not torch.jit.is_scripting()
         and not torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()
         and not torch.onnx.is_in_onnx_export()
         and _get_current_dispatch_mode() is None
+        and not in_func_transform()
     )
 
 
