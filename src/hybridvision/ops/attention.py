@@ -215,7 +215,8 @@ class RelAttention2d(nn.Module):
         qkv = linear_act(x, self.qkv).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, d)
         # (1, heads, N, N): a 4-D mask lets SDPA pick the fused CPU flash kernel (a 3-D one falls back to
-        # the math path); with a trainable bias requiring grad SDPA uses the math path, which returns its gradient.
+        # the math path); a trainable bias that needs its gradient takes the branch below on the CPU (elsewhere
+        # SDPA's math / memory-efficient paths return that gradient).
         bias = self.rel_pos((h, w), dtype=q.dtype).unsqueeze(0)
         drop = self.attn_drop if self.training else 0.0
         if torch.is_grad_enabled() and bias.requires_grad and x.device.type == "cpu" and plain_eager():
