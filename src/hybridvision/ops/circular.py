@@ -255,7 +255,9 @@ def _circular_conv(
         _check_native(x, weight, groups)
     if bias is not None:
         bias = bias.to(x.dtype)
-    if weight.size(1) == 1 and weight.size(0) == x.size(1) and not _plain_ops_only():  # depthwise: fused Functions
+    # depthwise: fused Functions, in eager mode only (under torch.compile the plain ops below let inductor see the
+    # whole computation; the compiled FFT Function's backward failed in inductor on its complex views)
+    if weight.size(1) == 1 and weight.size(0) == x.size(1) and not _plain_ops_only() and not torch.compiler.is_compiling():
         if method == "fft":
             return _DepthwiseFFT.apply(x, weight, bias, pe, dim)
         if method == "gemm":

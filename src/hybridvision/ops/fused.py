@@ -42,8 +42,9 @@ def _plain_cpu_f32(t: torch.Tensor) -> bool:
 
 def in_func_transform() -> bool:
     """Inside a ``torch.func`` transform (``grad``, ``vmap``, ...), which rejects autograd Functions without
-    ``setup_context`` (and, under ``vmap``, channels-last clones)."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    ``setup_context`` (and, under ``vmap``, channels-last clones). False under ``torch.compile``, whose tracing
+    also shows functorch's interpreter stack."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def plain_eager() -> bool:
