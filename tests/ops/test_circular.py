@@ -194,7 +194,7 @@ def test_choose_method_rule(monkeypatch):
     assert pick(4, 7, dim=3) == "native" and pick(4, 7, dim=2) == "native"
     assert pick(4, 14, dense=True) == "fft" and pick(4, 14, dtype=torch.float16) == "fft"
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert pick(4, 14, dim=2) == "gemm"  # torch.compile traces the other methods
+    assert pick(4, 14, dim=2) == "native"  # torch.compile keeps the kernel as an opaque op (fake-tensor formula)
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
     assert pick(4, 224) == "gemm" and pick(4, 14, dense=True) == "gemm"  # exportable MatMul while exporting
 

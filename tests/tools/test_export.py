@@ -248,6 +248,32 @@ def test_dynamo_traces_without_graph_breaks(family):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("direction", ["H", "W"])
+def test_torch_compile_keeps_the_native_kernel(direction):
+    """Under torch.compile ``auto`` still runs the native kernel, as one opaque op per call (its fake-tensor formula
+    gives the shapes), in one graph; the compiled forward and every gradient equal eager."""
+    from hybridvision.ops import ParC2d, native
+
+    if not native.available():
+        pytest.skip("native kernels not built here")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = ParC2d(8, direction, 24)
+    x = torch.randn(2, 8, 24, 20) if direction == "H" else torch.randn(2, 8, 20, 24)
+    explain = torch._dynamo.explain(m)(x.requires_grad_())
+    assert explain.graph_break_count == 0, explain.break_reasons
+    ops = {str(n.target) for g in explain.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert any("autograd_function_apply" in o or "hybridvision" in o for o in ops), ops
+    torch._dynamo.reset()
+    y = m(x)
+    ref = torch.autograd.grad(y.square().sum(), [x] + list(m.parameters()))
+    yc = torch.compile(m)(x)
+    torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(yc.square().sum(), [x] + list(m.parameters())), ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("family", ["coatnet", "parc_convnext"])
 def test_torch_func_grad_matches_autograd(family):
     """Inside torch.func transforms the hand-written autograd Functions (oneDNN linear, SE, BatchNorm + GELU, the

@@ -127,8 +127,9 @@ def choose_method(x: torch.Tensor, weight: torch.Tensor, dim: int, needs_grad: O
         4. depthwise float16 on CPU: ``"fft"`` (CPU float16 matmul is slow: K=56, C=48, B=16 gemm 45 ms vs fft
            4.3-5.5 ms in exploratory 1-thread runs);
            bfloat16: ``"gemm"`` up to :data:`BF16_GEMM_MAX_K`, else ``"fft"``.
-        5. depthwise float32/64 on CPU, K in :data:`NATIVE_K` [pass, dim], not inside ``torch.compile`` and the
-           native kernel built (:mod:`hybridvision.ops.native`; the first call builds it): ``"native"``.
+        5. depthwise float32/64 on CPU, K in :data:`NATIVE_K` [pass, dim], and the native kernel built
+           (:mod:`hybridvision.ops.native`; the first call builds it): ``"native"``, under ``torch.compile`` too (an
+           opaque op in the graph).
         6. depthwise float32/64 on CPU without backward: ``"direct"`` up to :data:`DIRECT_MAX_K` (ahead of gemm at
            K=7; at K=14 on par or behind, from K=28 on 1.2-5x slower than the better of gemm and fft in
            benchmarks/results/circular.md).
@@ -150,7 +151,7 @@ def choose_method(x: torch.Tensor, weight: torch.Tensor, dim: int, needs_grad: O
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     pass_ = "train" if needs_grad else "fwd"
     lo, hi = NATIVE_K[pass_, dim % 4]
-    if lo <= k <= hi and not torch.compiler.is_compiling() and native.available():
+    if lo <= k <= hi and native.available():
         return "native"
     if not needs_grad and k <= DIRECT_MAX_K:
         return "direct"
@@ -255,15 +256,17 @@ def _circular_conv(
         _check_native(x, weight, groups)
     if bias is not None:
         bias = bias.to(x.dtype)
-    # depthwise: fused Functions, in eager mode only (under torch.compile the plain ops below let inductor see the
-    # whole computation; the compiled FFT Function's backward failed in inductor on its complex views)
-    if weight.size(1) == 1 and weight.size(0) == x.size(1) and not _plain_ops_only() and not torch.compiler.is_compiling():
+    # depthwise: fused Functions; under torch.compile only the native kernel's (an opaque op with a fake-tensor
+    # formula), the others as the plain ops below (the compiled FFT Function's backward failed in inductor on its
+    # complex views)
+    depthwise = weight.size(1) == 1 and weight.size(0) == x.size(1) and not _plain_ops_only()
+    if depthwise and method == "native":
+        return _DepthwiseNative.apply(x, weight, bias, pe, dim)
+    if depthwise and not torch.compiler.is_compiling():
         if method == "fft":
             return _DepthwiseFFT.apply(x, weight, bias, pe, dim)
         if method == "gemm":
             return _DepthwiseGemm.apply(x, weight, bias, pe, dim)
-        if method == "native":
-            return _DepthwiseNative.apply(x, weight, bias, pe, dim)
     if pe is not None:
         x = x + (pe.unsqueeze(-1) if dim == 2 else pe.unsqueeze(-2)).to(x.dtype)
     if method == "direct":

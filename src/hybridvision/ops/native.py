@@ -107,9 +107,20 @@ def build(verbose: bool = False) -> None:
                 "method='gemm' / 'fft', or set HYBRIDVISION_NATIVE=0 to stop 'auto' from trying it."
             )
             raise RuntimeError(_state["error"]) from exc
+        _register_fakes()
         _state["error"] = None
 
 
+def _register_fakes() -> None:
+    """Shape-only (fake tensor) formulas of the circular-conv ops, so that ``torch.compile`` can keep the kernel in
+    its graph as an opaque call: forward (B, C, H, W) -> the same shape; wgrad -> (C, K)."""
+    torch.library.register_fake("hybridvision::circular_dw_forward")(
+        lambda x, weight, add, dim, algo=0: torch.empty_like(x, memory_format=torch.contiguous_format))
+    torch.library.register_fake("hybridvision::circular_dw_wgrad")(
+        lambda gy, x, dim, algo=0: gy.new_empty(gy.size(1), gy.size(dim)))
+
+
+@torch.compiler.assume_constant_result  # torch.compile runs it eagerly while tracing (its lock would break the graph)
 def available() -> bool:
     """True when the kernels are enabled and loaded (building them on the first call; a failed build warns once)."""
     if disabled():
