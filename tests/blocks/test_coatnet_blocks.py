@@ -48,11 +48,16 @@ def test_mbconv_identity_block_and_widths():
     assert blk(x).shape == x.shape
 
 
+def _se_plain(se, x):
+    """The SE expression written out, for autograd to differentiate (the reference of the fused Function)."""
+    return x * se.gate(x.mean((2, 3)))[:, :, None, None]
+
+
 @pytest.mark.parametrize("act", [torch.nn.SiLU, torch.nn.GELU])
 @pytest.mark.parametrize("shape", [(3, 10, 5, 7), (2, 8, 6, 6)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_squeeze_excite_function_matches_autograd(act, shape, channels_last):
-    """In grad mode SE runs as one autograd Function (two passes over x in the backward): its output and the
+    """In grad mode SE runs as one autograd Function (two x-sized writes in the backward): its output and the
     gradients of x and of all four parameters equal autograd's through the plain expression, float64."""
     torch.manual_seed(0)
     se = SqueezeExcite(shape[1], 3, act).double()
@@ -62,7 +67,7 @@ def test_squeeze_excite_function_matches_autograd(act, shape, channels_last):
     x.requires_grad_()
     g = torch.randn(shape, dtype=torch.float64)
     params = list(se.parameters())
-    ref = x * se.gate(x.mean((2, 3)))[:, :, None, None]
+    ref = _se_plain(se, x)
     out = se(x)
     assert "SqueezeExcite" in type(out.grad_fn).__name__  # the fused backward is the one under test
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
@@ -71,11 +76,11 @@ def test_squeeze_excite_function_matches_autograd(act, shape, channels_last):
     # frozen SE, input gradient only; and the other way round
     se.requires_grad_(False)
     (gx,) = torch.autograd.grad(se(x), [x], g)
-    torch.testing.assert_close(gx, torch.autograd.grad(x * se.gate(x.mean((2, 3)))[:, :, None, None], [x], g)[0])
+    torch.testing.assert_close(gx, torch.autograd.grad(_se_plain(se, x), [x], g)[0])
     se.requires_grad_(True)
     xd = x.detach()
     for a, b in zip(torch.autograd.grad(se(xd), params, g),
-                    torch.autograd.grad(xd * se.gate(xd.mean((2, 3)))[:, :, None, None], params, g)):
+                    torch.autograd.grad(_se_plain(se, xd), params, g)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -88,7 +93,7 @@ def test_squeeze_excite_function_under_bf16_autocast():
     params = list(se.parameters())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = se(x)
-        ref = x * se.gate(x.mean((2, 3)))[:, :, None, None]
+        ref = _se_plain(se, x)
     assert "SqueezeExcite" in type(out.grad_fn).__name__ and out.dtype == ref.dtype == torch.bfloat16
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, [x] + params, g), torch.autograd.grad(ref, [x] + params, g)):

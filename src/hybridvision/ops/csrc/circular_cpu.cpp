@@ -804,7 +804,7 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
     const scalar_t* ap = add ? add->data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t plane = H * W;
-    if (fft) {  // work items: the full strips of one plane, or one pair strip of a channel's pool (dim 2)
+    if (fft) {  // work items: the full strips of one plane, or one pair strip of a channel's pool
       const FftPlan<scalar_t> pl(K);
       const std::vector<scalar_t> S = weight_spectra(pl, wp, C);
       const bool stream = static_cast<int64_t>(y.nbytes()) >= STREAM_MIN_BYTES;
