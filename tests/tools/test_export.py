@@ -1,4 +1,7 @@
-"""ONNX export: onnxruntime parity, frozen ParC / relative bias (no Resize), BN folding, bad input, no mutation."""
+"""ONNX export: onnxruntime parity, frozen ParC / relative bias (no Resize), BN folding, bad input, no mutation.
+Every registered family: torch.compile / Dynamo, torch.func, and module hooks on the eager fast paths."""
+import contextlib
+import copy
 import sys
 
 import numpy as np
@@ -6,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hybridvision.ops import ParC2d, RelAttention2d, RelPosBias2d
 from hybridvision.tools.export import (
@@ -126,7 +130,7 @@ def test_bad_inputs(tmp_path, monkeypatch):
 # --- the registered families -------------------------------------------------------------------------------------
 # one small model per family (small depths/widths where the builder takes them), two resolutions each
 SMALL_FAMILIES = {
-    "coatnet": ("coatnet_pico", dict(depths=(1, 1, 1, 1, 1))),
+    "coatnet": ("coatnet_pico", dict(depths=(2, 1, 1, 1, 1))),  # two stem convs: the stem's BatchNorm + GELU too
     "parc_convnext": ("parc_convnext_xt", dict(depths=(1, 1, 1, 1), dims=(8, 16, 16, 24), parc_where="all", img_size=64)),
     "parc_resnet": ("parc_resnet50", dict(layers=(1, 1, 1, 1), parc_where="all", img_size=64)),
     "parc_mobilenetv2": ("parc_mobilenetv2", dict(img_size=64)),
@@ -300,6 +304,97 @@ def test_torch_func_grad_matches_autograd(family):
     ref1 = torch.autograd.grad(F.cross_entropy(m(x[1:2]), y[1:2]), list(m.parameters()))
     for (name, _), r in zip(m.named_parameters(), ref1):
         torch.testing.assert_close(per_sample[name][1], r, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --- hooks: the fast paths call every module that has hooks ----------------------------------------------------
+class _PlainOps(TorchDispatchMode):
+    """A pass-through dispatch mode: under it ``plain_eager()`` is False, so every fast path takes its plain form
+    (each module called as itself), the reference for which hooks fire."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _run_hooked(m, x, train, plain):
+    """Forward (and, when training, backward) of ``m`` with a forward hook on every named module that shifts the
+    outputs of the leaves with parameters by 0.01, and a full backward hook on those leaves (not in models with
+    in-place activations, which torch forbids after such a hook). Returns (names whose forward hook fired, names
+    whose backward hook fired, output)."""
+    fired, fired_back, handles = set(), set(), []
+    back = train and not any(getattr(mod, "inplace", False) for mod in m.modules())
+    for name, mod in m.named_modules():
+        if not name:
+            continue
+        leaf = not list(mod.children()) and list(mod.parameters(recurse=False))
+
+        def hook(mod, inp, out, name=name, leaf=leaf):
+            fired.add(name)
+            return out + 0.01 if leaf else None
+
+        handles.append(mod.register_forward_hook(hook))
+        if leaf and back:
+            handles.append(mod.register_full_backward_hook(lambda mod, gi, go, name=name: fired_back.add(name)))
+    torch.manual_seed(3)  # the same drop-path masks in both runs
+    try:
+        with torch.set_grad_enabled(train), (_PlainOps() if plain else contextlib.nullcontext()):
+            y = m(x)
+            if train:
+                y.square().sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return fired, fired_back, y.detach()
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # (the stem's input needs no gradient)
+@pytest.mark.parametrize("family, mode", [(f, mode) for f in sorted(SMALL_FAMILIES) for mode in ("train", "eval")]
+                         + [("coatnet", "fused")])
+def test_hooks_fire_on_the_fast_paths(family, mode):
+    """Forward hooks (here ones that change the output) and full backward hooks fire on the same modules, and the
+    output is the same, on the eager fast paths (oneDNN kernels, BatchNorm + GELU kernel, SE Function, chained
+    Transformer MLP) as on the plain module calls: tools built on hooks (torchinfo, thop, timm's FeatureHooks,
+    Grad-CAM on inner layers) see every module."""
+    m = _family_model(family).train(mode == "train")
+    if mode == "fused":
+        m.fuse()
+    x = torch.randn(2, 3, 64, 64)
+    state = copy.deepcopy(m.state_dict())  # (BatchNorm statistics: both runs start from the same)
+    fast = _run_hooked(m, x, mode == "train", plain=False)
+    m.load_state_dict(state)
+    plain = _run_hooked(m, x, mode == "train", plain=True)
+    assert fast[0] == plain[0], sorted(fast[0] ^ plain[0])
+    assert fast[1] == plain[1], sorted(fast[1] ^ plain[1])
+    torch.testing.assert_close(fast[2], plain[2], rtol=1e-4, atol=1e-4)
+    if family == "coatnet":  # where the fast paths are: inner modules' hooks are among those that fired
+        assert {"stages.0.blocks.0.se.fc1", "stages.2.blocks.0.attn.qkv", "stages.2.blocks.0.mlp.fc2"} <= fast[0]
+
+
+def test_global_hooks_see_every_call_and_fuse_keeps_hooks():
+    """A global forward hook (``register_module_forward_hook``) sees the same calls as on the plain path; ``fuse()``
+    refuses to fold a BatchNorm that has hooks (they would stop firing) and names it."""
+    m = _family_model("coatnet").eval()
+    x = torch.randn(1, 3, 64, 64)
+    calls = []
+    h = torch.nn.modules.module.register_module_forward_hook(lambda mod, i, o: calls.append(type(mod).__name__))
+    try:
+        with torch.no_grad():
+            m(x)
+            fast, calls[:] = list(calls), []
+            with _PlainOps():
+                m(x)
+    finally:
+        h.remove()
+    assert fast == calls and "SqueezeExcite" in fast
+    h = m.stages[0].blocks[0].bn1.register_forward_hook(lambda *a: None)
+    m.stem.norms[0].register_forward_pre_hook(lambda *a: None)
+    with pytest.raises(RuntimeError, match=r"\['stem\.norms\.0', 'stages\.0\.blocks\.0\.bn1'\].*hooks"):
+        m.fuse()
+    assert isinstance(m.stem.norms[0], nn.BatchNorm2d) and not m.stem.fused  # nothing folded
+    h.remove()
+    block = m.stages[0].blocks[0]
+    block.bn2.register_forward_hook(lambda *a: None)
+    with pytest.raises(RuntimeError, match=r"\['bn2'\].*hooks"):  # a block's own fuse() checks too
+        block.fuse()
 
 
 @pytest.mark.slow

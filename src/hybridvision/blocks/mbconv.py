@@ -18,7 +18,7 @@ from timm.layers import DropPath
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from hybridvision.ops.fused import conv_act, conv_add, plain_eager
+from hybridvision.ops.fused import conv_act, conv_add, has_own_hooks, hooked, plain_eager
 from hybridvision.ops.norm_act import batch_norm_act
 
 __all__ = ["MBConv", "Downsample2d", "SqueezeExcite", "fold_prenorm_bn_into_conv1x1"]
@@ -113,14 +113,17 @@ class SqueezeExcite(nn.Module):
         self.fc2 = nn.Linear(rd_channels, channels)
 
     def gate(self, pooled: torch.Tensor, params: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """(B, C) pooled input -> (B, C) gate in (0, 1); ``params`` (fc1 weight, bias, fc2 weight, bias) replace
-        the module's own."""
-        w1, b1, w2, b2 = params or (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        """(B, C) pooled input -> (B, C) gate in (0, 1) through ``fc1``, ``act``, ``fc2``; ``params`` (fc1 weight,
+        bias, fc2 weight, bias) replace the FCs' own parameters (the Function's backward recomputes on leaves)."""
+        if params is None:
+            return self.fc2(self.act(self.fc1(pooled))).sigmoid()
+        w1, b1, w2, b2 = params
         return F.linear(self.act(F.linear(pooled, w1, b1)), w2, b2).sigmoid()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> x * gate, gate: (B, C, 1, 1) in (0, 1)."""
-        if torch.is_grad_enabled() and plain_eager():
+        # the Function's backward recomputes the MLP without calling the modules: hooked ones take the plain path
+        if torch.is_grad_enabled() and plain_eager() and not hooked(self.fc1, self.act, self.fc2):
             return _SqueezeExciteFn.apply(x, self, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return x * self.gate(x.mean((2, 3)))[:, :, None, None]
 
@@ -193,7 +196,9 @@ class MBConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C_in, H, W) -> (B, C_out, H / stride, W / stride)."""
-        if self.fused and not self.training:  # BNs folded: conv+GELU and conv+add are single oneDNN calls on CPU
+        # BNs folded: conv+GELU and conv+add are single oneDNN calls on CPU. The expression below gives the same
+        # with the Identity left where each BN was; it runs when those (or drop_path) have hooks to call.
+        if self.fused and not self.training and not hooked(self.norm, self.bn1, self.bn2, self.drop_path):
             y = conv_act(conv_act(x, self.conv1), self.conv2)
             return conv_add(self.se(y), self.conv3, self.shortcut(x))
         # BN (+ GELU): one native kernel pair per norm when training on CPU (hybridvision.ops.norm_act)
@@ -213,9 +218,23 @@ class MBConv(nn.Module):
             return self
         if self.norm.training or self.bn1.training or self.bn2.training:
             raise RuntimeError("MBConv.fuse() folds eval-mode BatchNorm statistics: call model.eval() first")
+        refuse_to_fold_hooked(self, ("norm", "bn1", "bn2"))
         conv1 = fold_prenorm_bn_into_conv1x1(self.norm, self.conv1)
         self.conv1 = fuse_conv_bn_eval(conv1, self.bn1)
         self.conv2 = fuse_conv_bn_eval(self.conv2, self.bn2)
         self.norm, self.bn1, self.bn2 = nn.Identity(), nn.Identity(), nn.Identity()
         self.fused = True
         return self
+
+
+def refuse_to_fold_hooked(owner: nn.Module, names: tuple[str, ...]) -> None:
+    """Raise before ``fuse()`` replaces a BatchNorm that carries hooks (they would silently stop firing).
+
+    ``names``: attributes of ``owner`` (dotted for nested ones, e.g. ``"norms.0"``) that the fold removes.
+    """
+    hooked_bns = [n for n in names if has_own_hooks(owner.get_submodule(n))]
+    if hooked_bns:
+        raise RuntimeError(
+            f"fuse() would fold {hooked_bns} of {type(owner).__name__} into the adjacent convs, but they have hooks "
+            f"registered, which would stop firing: remove those hooks first (or register them after fuse())"
+        )

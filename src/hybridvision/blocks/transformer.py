@@ -16,7 +16,7 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 
 from hybridvision.ops.attention import RelAttention2d
-from hybridvision.ops.fused import linear_act, linear_add
+from hybridvision.ops.fused import hooked, linear_act, linear_add, plain_eager
 
 __all__ = ["TransformerBlock"]
 
@@ -74,10 +74,18 @@ class TransformerBlock(nn.Module):
         shortcut = self._pool(t)
         if isinstance(self.proj, nn.Linear):
             shortcut = linear_act(shortcut, self.proj)
-        if self.training:  # stochastic depth / dropout active: the plain expression
+        # In eval mode the residual adds and the GELU ride on the GEMMs of the CPU inference fast path (drop paths
+        # are identities then), and the MLP runs as fc1 -> GELU -> fc2 (its dropouts and norm are no-ops); modules
+        # with hooks to call are called instead.
+        if self.training or hooked(self.drop_path1):
             t = shortcut + self.drop_path1(self.attn(self._pool(self.norm1(t))))
-            t = t + self.drop_path2(linear_act(linear_act(self.norm2(t), self.mlp.fc1, gelu=True), self.mlp.fc2))
-        else:  # same function; on the CPU inference fast path the adds and the GELU ride on the GEMMs
+        else:
             t = self.attn(self._pool(self.norm1(t)), shortcut=shortcut)
+        chain = plain_eager() and not hooked(*self.mlp.modules())
+        if chain and not self.training and not hooked(self.drop_path2):
             t = linear_add(linear_act(self.norm2(t), self.mlp.fc1, gelu=True), self.mlp.fc2, t)
+        else:
+            u = self.norm2(t)
+            u = linear_act(linear_act(u, self.mlp.fc1, gelu=True), self.mlp.fc2) if chain else self.mlp(u)
+            t = t + self.drop_path2(u)
         return t.permute(0, 3, 1, 2)

@@ -34,10 +34,10 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from hybridvision.blocks.mbconv import MBConv
+from hybridvision.blocks.mbconv import MBConv, refuse_to_fold_hooked
 from hybridvision.blocks.transformer import TransformerBlock
 from hybridvision.models.registry import SMALL_IMAGE_MAX, build, pretrained_cfg, register
-from hybridvision.ops.fused import conv_act, in_func_transform
+from hybridvision.ops.fused import conv_act, hooked, in_func_transform
 from hybridvision.ops.norm_act import batch_norm_act
 from hybridvision.ops.sizes import pair as _pair
 
@@ -190,7 +190,7 @@ class Stem(nn.Module):
         for i, conv in enumerate(self.convs):
             if i == len(self.norms):
                 x = conv(x)
-            elif self.fused:
+            elif self.fused and not hooked(self.norms[i]):
                 x = conv_act(x, conv)  # BN folded: conv + GELU in one oneDNN call on CPU
             else:
                 x = batch_norm_act(conv(x), self.norms[i])  # one native kernel pair when training on CPU
@@ -199,6 +199,8 @@ class Stem(nn.Module):
     @torch.no_grad()
     def fuse(self) -> None:
         """Fold the stem's BatchNorms into the preceding convs (eval statistics)."""
+        folded = tuple(f"norms.{i}" for i, bn in enumerate(self.norms) if isinstance(bn, nn.BatchNorm2d))
+        refuse_to_fold_hooked(self, folded)
         for i, bn in enumerate(self.norms):
             if isinstance(bn, nn.BatchNorm2d):
                 self.convs[i] = fuse_conv_bn_eval(self.convs[i], bn)
@@ -389,6 +391,8 @@ class CoAtNet(nn.Module):
         """
         if self.training:
             raise RuntimeError("CoAtNet.fuse() folds eval-mode BatchNorm statistics: call model.eval() first")
+        # checked for the whole model before anything is folded (no half-fused model left behind)
+        refuse_to_fold_hooked(self, tuple(n for n, m in self.named_modules() if isinstance(m, nn.BatchNorm2d)))
         self.stem.fuse()
         for m in self.modules():
             if isinstance(m, MBConv):

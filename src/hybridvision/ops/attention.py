@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridvision.ops.fused import linear_act, linear_add, plain_eager
+from hybridvision.ops.fused import hooked, linear_act, linear_add, plain_eager
 from hybridvision.ops.sizes import pair as _pair
 
 __all__ = ["RelPosBias2d", "RelAttention2d", "relative_index"]
@@ -230,6 +230,6 @@ class RelAttention2d(nn.Module):
         y = y.transpose(1, 2).reshape(b, h, w, self.out_dim)
         if shortcut is None:
             return self.proj_drop(linear_act(y, self.proj))
-        if self.training and self.proj_drop.p > 0:
-            return shortcut + self.proj_drop(self.proj(y))
+        if (self.training and self.proj_drop.p > 0) or hooked(self.proj_drop):  # the fused add skips proj_drop
+            return shortcut + self.proj_drop(linear_act(y, self.proj))
         return linear_add(y, self.proj, shortcut)

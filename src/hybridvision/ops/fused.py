@@ -11,6 +11,9 @@ They have no autograd formula, so the fused forms run only where nothing needs a
 * not while scripting, compiling (``torch.compile`` does its own fusion), exporting or in ONNX export, and not
   under a Python dispatch mode (``FlopCounterMode`` counts the plain ops, ``FakeTensorMode`` traces them).
 
+* the module has no hooks (:func:`hooked`): the fused forms use its parameters without calling it, so a module with
+  forward / backward hooks (its own or global ones) is called instead and its hooks see what they expect.
+
 Everywhere else the same functions compute the identical eager expression (``F.gelu(conv(x))``, ...), so callers
 never branch. ``fast_path_enabled(False)`` turns the oneDNN path off globally (e.g. to compare).
 """
@@ -19,10 +22,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["use_onednn", "fast_path_enabled", "plain_eager", "in_func_transform", "conv_act", "conv_add", "linear_act",
-           "linear_add"]
+__all__ = ["use_onednn", "fast_path_enabled", "plain_eager", "in_func_transform", "hooked", "has_own_hooks", "conv_act",
+           "conv_add", "linear_act", "linear_add"]
 
 _ENABLED = True
 
@@ -60,6 +64,25 @@ def plain_eager() -> bool:
         and _get_current_dispatch_mode() is None
         and not in_func_transform()
     )
+
+
+def has_own_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` itself carries forward or backward (pre-)hooks."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def hooked(*modules: nn.Module) -> bool:
+    """Whether calling any of ``modules`` would run hooks: its own or global (``nn.modules.module.register_module_*``)
+    forward / backward (pre-)hooks, the test ``nn.Module.__call__`` makes. Code that computes a module's output from
+    its parameters without calling it (the fused kernels, the SE Function, the chained Transformer MLP) calls the
+    module instead when this is True, so hook-based tools (torchinfo, thop, timm's ``FeatureHooks`` and activation
+    statistics, Grad-CAM on inner layers) see every module."""
+    m = _nn_module
+    if m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks \
+            or m._global_backward_pre_hooks:
+        return True
+    return any(has_own_hooks(mod) for mod in modules)
 
 
 def _onednn_ok(x: torch.Tensor) -> bool:
@@ -115,7 +138,7 @@ def _conv_args(conv: nn.Conv2d) -> tuple:
 
 def conv_act(x: torch.Tensor, conv: nn.Conv2d, gelu: bool = True) -> torch.Tensor:
     """``F.gelu(conv(x))`` (or ``conv(x)``). x: (B, C_in, H, W) -> (B, C_out, H', W')."""
-    if use_onednn(x):
+    if use_onednn(x) and not hooked(conv):
         pad, stride, dil, groups = _conv_args(conv)
         attr, algo = ("gelu", "none") if gelu else ("none", "")
         return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, pad, stride, dil, groups, attr, [], algo)
@@ -126,7 +149,7 @@ def conv_act(x: torch.Tensor, conv: nn.Conv2d, gelu: bool = True) -> torch.Tenso
 def conv_add(x: torch.Tensor, conv: nn.Conv2d, other: torch.Tensor) -> torch.Tensor:
     """``conv(x) + other``. x: (B, C_in, H, W); other: (B, C_out, H', W') -> (B, C_out, H', W')."""
     if use_onednn(x) and _plain_cpu_f32(other) and other.is_contiguous(memory_format=torch.channels_last) \
-            and x.is_contiguous(memory_format=torch.channels_last):
+            and x.is_contiguous(memory_format=torch.channels_last) and not hooked(conv):
         pad, stride, dil, groups = _conv_args(conv)
         return torch.ops.mkldnn._convolution_pointwise.binary(
             x, other, conv.weight, conv.bias, pad, stride, dil, groups, "add", 1.0, None, [], None
@@ -136,7 +159,7 @@ def conv_add(x: torch.Tensor, conv: nn.Conv2d, other: torch.Tensor) -> torch.Ten
 
 def linear_act(x: torch.Tensor, linear: nn.Linear, gelu: bool = False) -> torch.Tensor:
     """``F.gelu(linear(x))`` or ``linear(x)``. x: (..., C_in) -> (..., C_out)."""
-    if _onednn_ok(x) and x.is_contiguous():
+    if _onednn_ok(x) and x.is_contiguous() and not hooked(linear):
         if not torch.is_grad_enabled():
             attr, algo = ("gelu", "none") if gelu else ("none", "")
             return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, attr, [], algo)
@@ -148,6 +171,6 @@ def linear_act(x: torch.Tensor, linear: nn.Linear, gelu: bool = False) -> torch.
 
 def linear_add(x: torch.Tensor, linear: nn.Linear, other: torch.Tensor) -> torch.Tensor:
     """``linear(x) + other``. x: (..., C_in); other: (..., C_out) -> (..., C_out)."""
-    if use_onednn(x) and _plain_cpu_f32(other) and x.is_contiguous() and other.is_contiguous():
+    if use_onednn(x) and _plain_cpu_f32(other) and x.is_contiguous() and other.is_contiguous() and not hooked(linear):
         return torch.ops.mkldnn._linear_pointwise.binary(x, other, linear.weight, linear.bias, "add")
     return linear(x) + other

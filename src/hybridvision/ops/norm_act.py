@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridvision.ops import native
-from hybridvision.ops.fused import plain_eager
+from hybridvision.ops.fused import hooked, plain_eager
 
 __all__ = ["batch_norm_act"]
 
@@ -61,6 +61,7 @@ def _kernel_applies(x: torch.Tensor, bn: nn.Module) -> bool:
         and x.numel() > x.size(1)  # more than one value per channel (torch's BatchNorm raises otherwise)
         and x.is_contiguous(memory_format=torch.channels_last)
         and plain_eager()
+        and not hooked(bn)  # the kernel does not call bn: a hooked BatchNorm runs as itself
         and native.available()
     )
 
