@@ -124,6 +124,7 @@ def test_squeeze_excite_gradcheck():
         return torch.func.functional_call(se, dict(zip(names, ws)), (inp,))
 
     assert torch.autograd.gradcheck(f, (x, *w))
+    assert torch.autograd.gradgradcheck(f, (x, *w))  # a double backward differentiates the plain expression
 
 
 @pytest.mark.parametrize("stride_mode", ["1x1", "dw"])

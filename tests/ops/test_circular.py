@@ -115,7 +115,8 @@ FUSED_VARIANTS = [  # (method, {module attribute: value}): every code path of th
 @pytest.mark.parametrize("method,attrs", FUSED_VARIANTS)
 def test_fused_depthwise_paths_with_pe(monkeypatch, dim, method, attrs):
     """The fused depthwise FFT / GEMM Functions with the position embedding: every code path gives the formula,
-    and gradcheck passes for x, weight, bias and pe (also when only some inputs need a gradient)."""
+    and gradcheck and gradgradcheck (a double backward) pass for x, weight, bias and pe (also when only some inputs
+    need a gradient)."""
     for attr, value in attrs.items():
         monkeypatch.setattr(circular, attr, value)
     x, w, b = make((3, 4, 5, 6), 4, 4, dim, seed=17, dtype=torch.float64)
@@ -127,6 +128,7 @@ def test_fused_depthwise_paths_with_pe(monkeypatch, dim, method, attrs):
         t.requires_grad_(True)
     fn = lambda x, w, b, pe: circular._circular_conv(x, w, dim, b, 4, method, pe=pe)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, w, b, pe), fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, (x, w, b, pe), fast_mode=True)
     x.requires_grad_(False)
     gw, gpe = torch.autograd.grad(fn(x, w, None, pe).square().sum(), (w, pe))
     pe_b = pe.unsqueeze(-1) if dim == 2 else pe.unsqueeze(-2)

@@ -59,6 +59,23 @@ def test_fast_path_off_under_autograd_and_switch():
             fast_path_enabled(True)
 
 
+def test_onednn_linear_double_backward_matches_eager():
+    """Under create_graph the oneDNN linear's backward is differentiable again: a gradient penalty's gradients
+    (input, weight, bias) equal eager ``F.linear``'s (fp32: the oneDNN path; gradgradcheck needs float64)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 40)
+    x = torch.randn(3, 7, 24, requires_grad=True)
+
+    def penalty(out):
+        (gx,) = torch.autograd.grad(out.tanh().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), (x, lin.weight, lin.bias))
+
+    out = linear_act(x, lin)
+    assert "OneDNN" in type(out.grad_fn).__name__
+    for a, b in zip(penalty(out), penalty(lin(x))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("lead, cin, cout", [((3, 5, 7), 24, 40), ((2, 196), 96, 384)])
 def test_onednn_linear_autograd_matches_eager(lead, cin, cout):
     """Forward and all three gradients (the backward hands oneDNN transposed views) equal eager ``F.linear``;

@@ -90,6 +90,9 @@ def test_gradcheck_through_circular_conv(shape, dim):
     w = torch.randn(shape[1], 1, shape[dim], dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(shape[1], dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w, b: circular_conv(x, w, dim, b, method="native"), (x, w, b))
+    # a double backward (create_graph) differentiates the plain ops; a non-contiguous input keeps its graph too
+    xt = x.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x, w, b: circular_conv(x, w, dim, b, method="native"), (xt, w, b))
 
 
 def test_channels_last_and_sliced_inputs():

@@ -95,6 +95,7 @@ def test_gradcheck(gelu):
         return norm_act._BatchNormAct.apply(x, w, b, 1e-5, gelu)[0]
 
     assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))  # a double backward differentiates the plain expression
 
 
 def test_statistics_accurate_with_a_large_mean():

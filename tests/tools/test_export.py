@@ -369,6 +369,39 @@ def test_hooks_fire_on_the_fast_paths(family, mode):
         assert {"stages.0.blocks.0.se.fc1", "stages.2.blocks.0.attn.qkv", "stages.2.blocks.0.mlp.fc2"} <= fast[0]
 
 
+@pytest.mark.parametrize("family", [f for f in sorted(SMALL_FAMILIES) if f not in FULL_DEPTH])
+def test_double_backward_gradient_penalty(family):
+    """A training step with an input-gradient penalty (``create_graph=True``, then backward through the gradient)
+    works on the eager fast paths (hand-written autograd Functions: oneDNN linear, SE, BatchNorm + GELU, the
+    depthwise circular conv) and gives the parameter gradients of the all-plain model (plain module calls, the
+    circular conv's "direct" method)."""
+    from hybridvision.ops import circular
+
+    m = _family_model(family).train()
+    state = copy.deepcopy(m.state_dict())
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 3])
+
+    def step(plain):
+        m.load_state_dict(state)
+        m.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_()
+        torch.manual_seed(3)  # the same drop-path masks
+        with (_PlainOps() if plain else contextlib.nullcontext()):
+            loss = F.cross_entropy(m(xr), y)
+            (gx,) = torch.autograd.grad(loss, xr, create_graph=True)
+            (loss + 10 * gx.square().sum()).backward()
+        return [p.grad for p in m.parameters()]
+
+    fast = step(plain=False)
+    before = circular.set_default_method("direct")
+    try:
+        plain = step(plain=True)
+    finally:
+        circular.set_default_method(before)
+    for (name, _), a, b in zip(m.named_parameters(), fast, plain):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
+
+
 def test_global_hooks_see_every_call_and_fuse_keeps_hooks():
     """A global forward hook (``register_module_forward_hook``) sees the same calls as on the plain path; ``fuse()``
     refuses to fold a BatchNorm that has hooks (they would stop firing) and names it."""

@@ -18,7 +18,7 @@ from timm.layers import DropPath
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from hybridvision.ops.fused import conv_act, conv_add, has_own_hooks, hooked, plain_eager
+from hybridvision.ops.fused import conv_act, conv_add, grads_of_plain, has_own_hooks, hooked, plain_eager
 from hybridvision.ops.norm_act import batch_norm_act
 
 __all__ = ["MBConv", "Downsample2d", "SqueezeExcite", "fold_prenorm_bn_into_conv1x1"]
@@ -62,7 +62,8 @@ class _SqueezeExciteFn(torch.autograd.Function):
     Autograd's own backward of the expression materialises ``g * gate``, ``g * x``, the mean's expanded gradient
     and their sum. Here: ``d gate = sum_hw(g * x)``, then the small MLP's backward (recomputed from the pooled
     (B, C) vector), then ``dx = g * gate + d pooled / (H W)`` in one ``addcmul``. The MLP is ``module.gate`` of the
-    SqueezeExcite whose parameters come in as ``params``. First-order only (no double backward).
+    SqueezeExcite whose parameters come in as ``params``. A double backward (``create_graph=True``) differentiates
+    the plain expression instead (:func:`hybridvision.ops.fused.grads_of_plain`).
     """
 
     @staticmethod
@@ -76,10 +77,18 @@ class _SqueezeExciteFn(torch.autograd.Function):
         return x * gate[:, :, None, None]
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g: torch.Tensor):
         x, pooled, *params = ctx.saved_tensors
         dev, amp, amp_dtype = ctx.autocast
+        if torch.is_grad_enabled():  # create_graph: a backward that can be differentiated again
+
+            def plain(x, *params):
+                with torch.autocast(dev, dtype=amp_dtype, enabled=amp):
+                    return x * ctx.module.gate(x.mean((2, 3)), list(params))[:, :, None, None]
+
+            needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:])  # (the module argument has none)
+            gx, *g_params = grads_of_plain(plain, (x, *params), needs, (g,))
+            return (gx, None, *g_params)
         with torch.enable_grad(), torch.autocast(dev, dtype=amp_dtype, enabled=amp):  # the MLP again, own leaves
             p = pooled.detach().requires_grad_()
             leaves = [w.detach().requires_grad_(w.requires_grad) for w in params]

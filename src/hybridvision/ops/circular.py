@@ -32,15 +32,15 @@ variable ``HYBRIDVISION_CIRCULAR_METHOD`` read at import time), and per call wit
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from hybridvision.ops import native
-from hybridvision.ops.fused import in_func_transform
+from hybridvision.ops.fused import grads_of_plain, in_func_transform
 
 __all__ = ["METHODS", "choose_method", "circular_conv", "get_default_method", "set_default_method"]
 
@@ -260,13 +260,27 @@ def _circular_conv(
     # formula), the others as the plain ops below (the compiled FFT Function's backward failed in inductor on its
     # complex views)
     depthwise = weight.size(1) == 1 and weight.size(0) == x.size(1) and not _plain_ops_only()
-    if depthwise and method == "native":
-        return _DepthwiseNative.apply(x, weight, bias, pe, dim)
+    if depthwise and method == "native":  # (the copy outside: a double backward differentiates through it)
+        return _DepthwiseNative.apply(x.contiguous(), weight, bias, pe, dim)
     if depthwise and not torch.compiler.is_compiling():
         if method == "fft":
             return _DepthwiseFFT.apply(x, weight, bias, pe, dim)
         if method == "gemm":
             return _DepthwiseGemm.apply(x, weight, bias, pe, dim)
+    return _plain_conv(x, weight, dim, bias, groups, method, pe)
+
+
+def _plain_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    dim: int,
+    bias: Optional[torch.Tensor],
+    groups: int,
+    method: str,
+    pe: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """:func:`_circular_conv` in plain differentiable torch ops (``method`` "direct", "gemm" or "fft"):
+    ``circular_conv(x + pe, weight) + bias``. x: (B, C_in, H, W) -> (B, C_out, H, W)."""
     if pe is not None:
         x = x + (pe.unsqueeze(-1) if dim == 2 else pe.unsqueeze(-2)).to(x.dtype)
     if method == "direct":
@@ -435,11 +449,33 @@ def _circulant_outer(gy: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tenso
 
 
 def _saved(ctx) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int, tuple[bool, ...]]:
-    """What the forward of a depthwise autograd Function saved (``save_for_backward(x, weight, pe)``, ``ctx.dim``),
-    for its backward: (x, weight, pe, dim, needs), ``needs`` flagging which of x, weight, bias, pe want gradients.
-    x: (B, C, H, W); weight: (C, 1, K); pe: (C, K) or None."""
-    x, weight, pe = ctx.saved_tensors
+    """What the forward of a depthwise autograd Function saved (``save_for_backward(x, weight, bias, pe)``,
+    ``ctx.dim``), for its backward: (x, weight, pe, dim, needs), ``needs`` flagging which of x, weight, bias, pe
+    want gradients. x: (B, C, H, W); weight: (C, 1, K); pe: (C, K) or None."""
+    x, weight, _, pe = ctx.saved_tensors
     return x, weight, pe, ctx.dim, ctx.needs_input_grad[:4]
+
+
+def _twice_differentiable(method: str):
+    """Decorator for the backward of the depthwise Functions (inputs x, weight, bias, pe, dim): under
+    ``create_graph`` (a double backward to come) autograd through :func:`_plain_conv` with ``method`` runs instead
+    of the hand-written first-order formulas (:func:`hybridvision.ops.fused.grads_of_plain`)."""
+
+    def wrap(backward):
+        @functools.wraps(backward)
+        def run(ctx, gy):
+            if not torch.is_grad_enabled():
+                return backward(ctx, gy)
+            x, weight, bias, pe = ctx.saved_tensors
+
+            def plain(x, weight, bias, pe):
+                return _plain_conv(x, weight, ctx.dim, bias, x.size(1), method, pe)
+
+            return grads_of_plain(plain, (x, weight, bias, pe), ctx.needs_input_grad[:4], (gy,)) + (None,)
+
+        return run
+
+    return wrap
 
 
 class _DepthwiseGemm(torch.autograd.Function):
@@ -453,7 +489,7 @@ class _DepthwiseGemm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, pe, dim):  # type: ignore[override]
-        ctx.save_for_backward(x, weight, pe)
+        ctx.save_for_backward(x, weight, bias, pe)
         ctx.dim = dim
         m = _circulant(weight.to(x.dtype), x.size(1), transpose=False)  # (C, K, K)
         addend = None
@@ -465,7 +501,7 @@ class _DepthwiseGemm(torch.autograd.Function):
         return _circulant_apply(x, m, dim, addend)
 
     @staticmethod
-    @once_differentiable
+    @_twice_differentiable("gemm")
     def backward(ctx, gy):  # type: ignore[override]
         x, weight, pe, dim, (need_x, need_w, need_b, need_pe) = _saved(ctx)
         k = x.size(dim)
@@ -501,13 +537,12 @@ class _DepthwiseNative(torch.autograd.Function):
     With x' = x + pe and S = sum over batch and the other axis:  forward y = conv(x, w) + (conv(pe, w) + bias);
     backward dx = conv(dy, w') with the flipped kernel w'[k] = w[(K - k) mod K], dw[k] = S[dy x'(shifted by k)]
     (the kernel's wgrad on x plus sum_i S[dy][i] pe[(i + k) mod K]), dpe = conv(S[dy], w'), dbias = S[dy] summed.
-    x: (B, C, H, W) float32/64 on the CPU; weight: (C, 1, K); bias: (C,) or None; pe: (C, K) or None.
+    x: (B, C, H, W) float32/64 on the CPU, contiguous; weight: (C, 1, K); bias: (C,) or None; pe: (C, K) or None.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, pe, dim):  # type: ignore[override]
-        x = x.contiguous()
-        ctx.save_for_backward(x, weight, pe)
+        ctx.save_for_backward(x, weight, bias, pe)
         ctx.dim = dim
         w = weight[:, 0].to(x.dtype)
         addend = None
@@ -519,7 +554,7 @@ class _DepthwiseNative(torch.autograd.Function):
         return native.forward(x, w, None if addend is None else addend.contiguous(), dim)
 
     @staticmethod
-    @once_differentiable
+    @_twice_differentiable("direct")
     def backward(ctx, gy):  # type: ignore[override]
         x, weight, pe, dim, (need_x, need_w, need_b, need_pe) = _saved(ctx)
         gy = gy.contiguous()  # once, for both kernels
@@ -585,7 +620,7 @@ class _DepthwiseFFT(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, pe, dim):  # type: ignore[override]
-        ctx.save_for_backward(x, weight, pe)
+        ctx.save_for_backward(x, weight, bias, pe)
         ctx.dim = dim
         k = x.size(dim)
         ct = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -602,7 +637,7 @@ class _DepthwiseFFT(torch.autograd.Function):
         return _chunked(x, lambda xc, cs: _fft_step(xc.to(ct), wf[cs], addend[cs] if addend is not None else None, dim))
 
     @staticmethod
-    @once_differentiable
+    @_twice_differentiable("fft")
     def backward(ctx, gy):  # type: ignore[override]
         x, weight, pe, dim, (need_x, need_w, need_b, need_pe) = _saved(ctx)
         k = x.size(dim)

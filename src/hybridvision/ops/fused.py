@@ -25,8 +25,8 @@ from torch import nn
 from torch.nn.modules import module as _nn_module
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["use_onednn", "fast_path_enabled", "plain_eager", "in_func_transform", "hooked", "has_own_hooks", "conv_act",
-           "conv_add", "linear_act", "linear_add"]
+__all__ = ["use_onednn", "fast_path_enabled", "plain_eager", "in_func_transform", "hooked", "has_own_hooks",
+           "grads_of_plain", "conv_act", "conv_add", "linear_act", "linear_add"]
 
 _ENABLED = True
 
@@ -85,6 +85,24 @@ def hooked(*modules: nn.Module) -> bool:
     return any(has_own_hooks(mod) for mod in modules)
 
 
+def grads_of_plain(plain, inputs: tuple, needs: tuple, grads: tuple) -> tuple:
+    """The backward of a hand-written autograd Function when a double backward is asked for.
+
+    Grad mode is on inside a Function's backward only under ``create_graph=True`` (gradient penalties, double
+    backprop); the hand-written first-order formulas then step aside for autograd through ``plain(*inputs)``, the
+    Function's forward written as plain differentiable ops, with ``create_graph``, so the result can be
+    differentiated again. ``inputs``: the Function's tensor inputs as saved (None where absent; the saved inputs
+    keep their graph); ``needs``: ``ctx.needs_input_grad`` for them; ``grads``: the gradients of the outputs that
+    ``plain`` returns (a tuple, in order). Returns one gradient or None per input.
+    """
+    with torch.enable_grad():
+        out = plain(*inputs)
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    got = iter(torch.autograd.grad(out if isinstance(out, tuple) else (out,), wanted, grads, create_graph=True,
+                                   allow_unused=True))
+    return tuple(next(got) if need else None for need in needs)
+
+
 def _onednn_ok(x: torch.Tensor) -> bool:
     # plain_eager() first: under torch.compile it is False before torch.backends.mkldnn.is_available(), which
     # Dynamo does not trace, would break the graph
@@ -110,14 +128,15 @@ class _OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, weight, bias)
         ctx.has_bias = bias is not None
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
+        x, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a backward that can be differentiated again
+            return grads_of_plain(F.linear, (x, weight, bias), ctx.needs_input_grad, (grad,))
         g = grad.reshape(-1, grad.shape[-1]).contiguous()
         gx = gw = gb = None
         # the transposed operands go in as views: oneDNN reads them strided, no transposed copies

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridvision.ops import native
-from hybridvision.ops.fused import hooked, plain_eager
+from hybridvision.ops.fused import grads_of_plain, hooked, plain_eager
 
 __all__ = ["batch_norm_act"]
 
@@ -34,14 +34,20 @@ class _BatchNormAct(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, gelu: bool):
         y, mean, var = native.batch_norm_act_forward(x, weight, bias, eps, gelu)
         ctx.save_for_backward(x, weight, bias, mean, torch.rsqrt(var + eps))
-        ctx.gelu = gelu
+        ctx.gelu, ctx.eps = gelu, eps
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gy: torch.Tensor, _gmean, _gvar):
         x, weight, bias, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a backward that can be differentiated again
+
+            def plain(x, weight, bias):
+                y = F.batch_norm(x, None, None, weight, bias, True, 0.0, ctx.eps)
+                return F.gelu(y) if ctx.gelu else y
+
+            return grads_of_plain(plain, (x, weight, bias), ctx.needs_input_grad[:3], (gy,)) + (None, None)
         gy = gy.contiguous(memory_format=torch.channels_last)
         gx, gweight, gbias = native.batch_norm_act_backward(gy, x, weight, bias, mean, invstd, ctx.gelu)
         return gx, gweight, gbias, None, None
