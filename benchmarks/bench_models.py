@@ -65,6 +65,10 @@ def _timm_coatnet0_cl() -> nn.Module:
     return _timm_coatnet0().to(memory_format=torch.channels_last)
 
 
+TARGETS = {"inference": 1.5, "train step": 1.3}
+"""Speed-up targets of the CoAtNet rows (issue 3: inference >= 1.5x timm's img/s, a training step >= 1.3x). The
+table prints the MFU each target asks of our model in that run: (our FLOPs/img) x target x (anchor img/s) / peak."""
+
 # (row name, model under test, anchor). "fuse" rows call .fuse() on the model for inference.
 ROWS: list[tuple[str, Builder, Builder]] = [
     ("coatnet_0 (dw, avg) vs timm coatnet_0_224", _coatnet0_paper_like, _timm_coatnet0),
@@ -154,6 +158,7 @@ def bench_row(
         model, anchor = make_model(), make_anchor()
         x = torch.randn(batch, 3, size, size)
         flops_img = count_flops(model, (1, 3, size, size), train=mode != "inference")
+        flops_anchor = count_flops(anchor, (1, 3, size, size), train=mode != "inference")
         if mode == "inference":
             fn_m, fn_a = _inference_fn(model, x), _inference_fn(anchor, x)
         else:  # the same optimizer for both
@@ -167,10 +172,16 @@ def bench_row(
             anchor_ips=batch / t_anchor, model_ips=batch / t_model, speedup=t_anchor / t_model,
             paired=paired_ratio,
             mfu=flops_img * batch / t_model / peak, gflops_img=flops_img / 1e9,
+            anchor_mfu=flops_anchor * batch / t_anchor / peak,
+            target=TARGETS[mode] if name.startswith("coatnet") else None,
         ))
+        if out[-1]["target"]:
+            out[-1]["target_mfu"] = flops_img * out[-1]["target"] * batch / t_anchor / peak
         print(f"{out[-1]['row']:60s} {mode:10s} b={batch:2d} anchor {batch / t_anchor:6.2f} img/s  "
               f"ours {batch / t_model:6.2f} img/s  x{t_anchor / t_model:.2f} (paired median x{paired_ratio:.2f})  "
-              f"MFU {out[-1]['mfu'] * 100:.0f}%", flush=True)
+              f"MFU {out[-1]['mfu'] * 100:.0f}% (anchor {out[-1]['anchor_mfu'] * 100:.0f}%"
+              + (f"; x{out[-1]['target']:.1f} needs {out[-1]['target_mfu'] * 100:.0f}%)" if out[-1]["target"] else ")"),
+              flush=True)
         del model, anchor, fn_m, fn_a
     return out
 
@@ -187,14 +198,19 @@ def write(rows: list[dict], peaks: tuple[float, float], cmd: str, path: Path, ad
         "MFU = FLOPs/img (torch.utils.flop_counter, train = forward+backward) x img/s / peak. "
         f"Training step: cross-entropy + torch.optim.AdamW ({adamw} implementation), the same for both models.", "",
         "img/s from the best round of each model; speed-up = ratio of the best times; paired = median over rounds "
-        "of the per-round ratio (A and B timed back to back).", "",
-        "| row | mode | batch | anchor img/s | ours img/s | speed-up | paired | GFLOPs/img | MFU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "of the per-round ratio (A and B timed back to back). target: the speed-up asked of the row (issue 3); "
+        "MFU at target: the MFU our model would need to run at that speed-up in this run "
+        "(our FLOPs/img x target x anchor img/s / peak).", "",
+        "| row | mode | batch | anchor img/s | ours img/s | speed-up | paired | GFLOPs/img | MFU | anchor MFU "
+        "| target | MFU at target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        target = f"{r['target']:.1f}x | {r['target_mfu'] * 100:.0f}%" if r["target"] else "- | -"
         lines.append(
             f"| {r['row']} | {r['mode']} | {r['batch']} | {r['anchor_ips']:.2f} | {r['model_ips']:.2f} | "
-            f"{r['speedup']:.2f}x | {r['paired']:.2f}x | {r['gflops_img']:.2f} | {r['mfu'] * 100:.0f}% |"
+            f"{r['speedup']:.2f}x | {r['paired']:.2f}x | {r['gflops_img']:.2f} | {r['mfu'] * 100:.0f}% | "
+            f"{r['anchor_mfu'] * 100:.0f}% | {target} |"
         )
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
