@@ -402,6 +402,30 @@ def test_double_backward_gradient_penalty(family):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
 
 
+def test_pruned_model_trains_through_the_fast_paths():
+    """``torch.nn.utils.prune`` recomputes ``weight`` from ``weight_orig`` in a forward pre-hook: after an optimizer
+    step the fast paths must call the pruned modules (oneDNN linear in training, SE FCs, oneDNN conv + GELU in
+    eval) so the forward uses the current masked weights, as the plain path does."""
+    import torch.nn.utils.prune as prune
+    m = _family_model("coatnet")
+    block, tblock = m.stages[0].blocks[0], m.stages[2].blocks[0]
+    for mod in (tblock.attn.qkv, tblock.mlp.fc1, block.se.fc1, block.conv1):
+        prune.l1_unstructured(mod, "weight", amount=0.5)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    x = torch.randn(2, 3, 64, 64)
+    for _ in range(2):  # weight_orig moves; the masked weight must follow
+        opt.zero_grad()
+        F.cross_entropy(m.train()(x), torch.tensor([1, 2])).backward()
+        opt.step()
+    m.eval()
+    with torch.no_grad():
+        fast = m(x)
+        with _PlainOps():
+            plain = m(x)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+    assert (tblock.attn.qkv.weight == 0).float().mean() >= 0.5
+
+
 def test_global_hooks_see_every_call_and_fuse_keeps_hooks():
     """A global forward hook (``register_module_forward_hook``) sees the same calls as on the plain path; ``fuse()``
     refuses to fold a BatchNorm that has hooks (they would stop firing) and names it."""
