@@ -9,8 +9,7 @@ They have no autograd formula, so the fused forms run only where nothing needs a
 * grad mode off (``torch.no_grad`` / ``torch.inference_mode``), fp32, CPU, a plain ``torch.Tensor``
   (not a FakeTensor or another subclass), oneDNN available;
 * not while scripting, compiling (``torch.compile`` does its own fusion), exporting or in ONNX export, and not
-  under a Python dispatch mode (``FlopCounterMode`` counts the plain ops, ``FakeTensorMode`` traces them).
-
+  under a Python dispatch mode (``FlopCounterMode`` counts the plain ops, ``FakeTensorMode`` traces them);
 * the module has no hooks (:func:`hooked`): the fused forms use its parameters without calling it, so a module with
   forward / backward hooks (its own or global ones) is called instead and its hooks see what they expect.
 
