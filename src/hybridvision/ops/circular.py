@@ -270,15 +270,8 @@ def _circular_conv(
     return _plain_conv(x, weight, dim, bias, groups, method, pe)
 
 
-def _plain_conv(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    dim: int,
-    bias: Optional[torch.Tensor],
-    groups: int,
-    method: str,
-    pe: Optional[torch.Tensor],
-) -> torch.Tensor:
+def _plain_conv(x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[torch.Tensor], groups: int,
+                method: str, pe: Optional[torch.Tensor]) -> torch.Tensor:
     """:func:`_circular_conv` in plain differentiable torch ops (``method`` "direct", "gemm" or "fft"):
     ``circular_conv(x + pe, weight) + bias``. x: (B, C_in, H, W) -> (B, C_out, H, W)."""
     if pe is not None:
