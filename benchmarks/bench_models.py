@@ -79,8 +79,8 @@ ROWS: list[tuple[str, Builder, Builder]] = [
 def onednn_gemm_peak(n: int = 2048, reps: int = 10) -> float:
     """Best fp32 FLOP/s of oneDNN's GEMM (``torch.ops.mkldnn._linear_pointwise``, the kernel the fused CoAtNet
     inference path runs) on (n, n) x (n, n) over ``reps`` calls after two warm-up calls; 0 where oneDNN is
-    unavailable. (With 3 calls and one warm-up the best read 3-8% low on the noisy 2-core VM: CoAtNet-0's own
-    linears, timed alone, then ran above the "peak".)"""
+    unavailable. (With 3 calls and one warm-up the best read low on the noisy 2-core VM, 202-216 GFLOP/s in three
+    runs against 207-219 with 10 calls, and CoAtNet-0's own linears, timed alone, ran above that "peak".)"""
     if not torch.backends.mkldnn.is_available():
         return 0.0
     a, w = torch.randn(n, n), torch.randn(n, n)

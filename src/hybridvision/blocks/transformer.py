@@ -81,7 +81,7 @@ class TransformerBlock(nn.Module):
             t = shortcut + self.drop_path1(self.attn(self._pool(self.norm1(t))))
         else:
             t = self.attn(self._pool(self.norm1(t)), shortcut=shortcut)
-        chain = plain_eager() and not hooked(*self.mlp.modules())
+        chain = plain_eager() and not hooked(self.mlp, *self.mlp.children())  # (timm's Mlp: leaf children)
         if chain and not self.training and not hooked(self.drop_path2):
             t = linear_add(linear_act(self.norm2(t), self.mlp.fc1, gelu=True), self.mlp.fc2, t)
         else:

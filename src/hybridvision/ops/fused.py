@@ -128,7 +128,6 @@ class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight, bias)
-        ctx.has_bias = bias is not None
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
     @staticmethod
@@ -143,7 +142,7 @@ class _OneDNNLinear(torch.autograd.Function):
             gx = _gemm(g, weight.t()).reshape(x.shape)
         if ctx.needs_input_grad[1]:
             gw = _gemm(g.t(), x.reshape(-1, x.shape[-1]).t())
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if bias is not None and ctx.needs_input_grad[2]:
             gb = g.sum(0)
         return gx, gw, gb
 

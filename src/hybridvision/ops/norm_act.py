@@ -13,7 +13,8 @@ The kernel runs when all of these hold, else the function computes the plain exp
 own forward) in training mode with affine parameters and running statistics; x is a plain CPU float32/float64
 (B, C, H, W) tensor in channels-last memory with more than one value per channel; plain eager execution
 (:func:`hybridvision.ops.fused.plain_eager`: not compiling, exporting, under a dispatch mode or a torch.func
-transform); the native kernels are available (``HYBRIDVISION_NATIVE=0`` turns them off). Double backward is not supported on the kernel path.
+transform); ``bn`` has no hooks; the native kernels are available (``HYBRIDVISION_NATIVE=0`` turns them off). A double
+backward differentiates the plain expression (:func:`hybridvision.ops.fused.grads_of_plain`).
 """
 from __future__ import annotations
 
