@@ -1,9 +1,14 @@
-"""ops.fused: the oneDNN inference path computes the same as the eager expressions, and stays off under autograd."""
+"""ops.fused: the oneDNN inference path computes the same as the eager expressions (with every kernel alternative the
+autotuner may pick), stays off under autograd, and the autotuner picks the fastest alternative once per shape."""
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from hybridvision.ops.fused import conv_act, conv_add, fast_path_enabled, linear_act, linear_add, use_onednn
+from hybridvision.ops import fused
+from hybridvision.ops.fused import (MIN_TUNED_MACS, autotune, conv_act, conv_add, fast_path_enabled, linear_act,
+                                    linear_add, tuned_choices, use_onednn)
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (CPU build)")
 
@@ -12,8 +17,23 @@ def _cl(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
+@pytest.fixture(params=[0, 1, 2], ids=["alt0", "alt1", "alt2"])
+def alternative(request, monkeypatch):
+    """Every tuned op runs its alternative number ``param`` (the last one where it has fewer); yields the list of
+    (op, alternative name) run, so a test can check that its ops went through the autotuner at all."""
+    ran = []
+
+    def forced(key, macs, alternatives):
+        name, thunk = alternatives[min(request.param, len(alternatives) - 1)]
+        ran.append((key[0], name))
+        return thunk()
+
+    monkeypatch.setattr(fused, "_fastest", forced)
+    yield ran
+
+
 @pytest.mark.parametrize("groups,stride,k", [(1, 1, 1), (1, 2, 1), (12, 2, 3), (12, 1, 3), (1, 1, 3)])
-def test_conv_paths_equal_eager(groups, stride, k):
+def test_conv_paths_equal_eager(groups, stride, k, alternative):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(12, 12, k, stride=stride, padding=k // 2, groups=groups)
     x = _cl(torch.randn(2, 12, 9, 6))
@@ -24,9 +44,10 @@ def test_conv_paths_equal_eager(groups, stride, k):
         torch.testing.assert_close(conv_act(x, conv, gelu=False), conv(x), rtol=1e-4, atol=1e-5)
         other = _cl(torch.randn_like(conv(x)))
         torch.testing.assert_close(conv_add(x, conv, other), conv(x) + other, rtol=1e-4, atol=1e-5)
+    assert {op for op, _ in alternative} == {"conv_gelu", "conv_add"}
 
 
-def test_linear_paths_equal_eager():
+def test_linear_paths_equal_eager(alternative):
     torch.manual_seed(0)
     lin = torch.nn.Linear(20, 12)
     x = torch.randn(2, 5, 3, 20)
@@ -35,6 +56,7 @@ def test_linear_paths_equal_eager():
         torch.testing.assert_close(linear_act(x, lin, gelu=True), F.gelu(lin(x)), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(linear_act(x, lin), lin(x), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(linear_add(x, lin, other), lin(x) + other, rtol=1e-4, atol=1e-5)
+    assert {op for op, _ in alternative} == {"linear", "linear_add"}
 
 
 def test_fast_path_off_under_autograd_and_switch():
@@ -77,7 +99,7 @@ def test_onednn_linear_double_backward_matches_eager():
 
 
 @pytest.mark.parametrize("lead, cin, cout", [((3, 5, 7), 24, 40), ((2, 196), 96, 384)])
-def test_onednn_linear_autograd_matches_eager(lead, cin, cout):
+def test_onednn_linear_autograd_matches_eager(lead, cin, cout, alternative):
     """Forward and all three gradients (the backward hands oneDNN transposed views) equal eager ``F.linear``;
     odd sizes and CoAtNet-like ones (oneDNN picks blocked kernels for those)."""
     torch.manual_seed(0)
@@ -98,3 +120,63 @@ def test_onednn_linear_autograd_matches_eager(lead, cin, cout):
     out = linear_act(x, lin2)
     (gx,) = torch.autograd.grad(out.sum(), (x,))
     torch.testing.assert_close(gx, lin2.weight.sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
+    assert {op for op, _ in alternative} == {"linear", "linear_gx", "linear_gw"}
+
+
+@pytest.fixture
+def fresh_choices(monkeypatch):
+    """An empty choice cache, autotuning on whatever the environment says, restored afterwards."""
+    monkeypatch.setattr(fused, "_CHOICES", {})
+    monkeypatch.setattr(fused, "_AUTOTUNE", True)
+    monkeypatch.delenv("HYBRIDVISION_AUTOTUNE", raising=False)
+
+
+def _sleepy(name, seconds, calls):
+    def run():
+        calls.append(name)
+        time.sleep(seconds)
+        return torch.full((1,), float(len(name)))
+    return name, run
+
+
+def test_autotune_picks_the_fastest_once_per_key(fresh_choices):
+    calls = []
+    alts = (_sleepy("slow", 0.004, calls), _sleepy("fast!", 0.0, calls), _sleepy("slower", 0.008, calls))
+    out = fused._fastest(("op", 1, 2), MIN_TUNED_MACS, alts)
+    assert out.item() == len("fast!")  # the chosen alternative's result
+    assert sorted(set(calls)) == ["fast!", "slow", "slower"] and len(calls) == 3 * fused._TUNE_ROUNDS
+    assert tuned_choices() == {("op", 1, 2, torch.get_num_threads()): "fast!"}
+    calls.clear()
+    for _ in range(3):
+        fused._fastest(("op", 1, 2), MIN_TUNED_MACS, alts)
+    assert calls == ["fast!"] * 3  # cached: no more timing
+    fused._fastest(("op", 1, 3), MIN_TUNED_MACS, alts)  # a new shape is timed again
+    assert len(tuned_choices()) == 2
+
+
+def test_autotune_off_small_and_deterministic_run_the_first(fresh_choices, monkeypatch):
+    calls = []
+    alts = (_sleepy("slow", 0.002, calls), _sleepy("fast", 0.0, calls))
+    fused._fastest(("op",), MIN_TUNED_MACS - 1, alts)  # too small to time
+    assert calls == ["slow"] and tuned_choices() == {}
+    monkeypatch.setenv("HYBRIDVISION_AUTOTUNE", "0")
+    monkeypatch.setattr(fused, "_AUTOTUNE", None)
+    assert not autotune()
+    fused._fastest(("op",), MIN_TUNED_MACS, alts)
+    assert calls == ["slow"] * 2 and tuned_choices() == {}
+    assert autotune(True)  # the explicit setting overrides the environment
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not autotune()
+    fused._fastest(("op",), MIN_TUNED_MACS, alts)
+    assert calls == ["slow"] * 3 and tuned_choices() == {}
+
+
+def test_autotune_records_the_models_shapes(fresh_choices):
+    """A linear big enough to be timed gets a choice under its shape, and the result equals eager either way."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 256)
+    x = torch.randn(300, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_act(x, lin, gelu=True), F.gelu(lin(x)), rtol=1e-4, atol=1e-5)
+    (key, name), = tuned_choices().items()
+    assert key[:6] == ("linear", 300, 256, 256, True, True) and name in {"onednn+gelu", "onednn, gelu", "mkl, gelu"}

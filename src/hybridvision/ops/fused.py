@@ -15,8 +15,22 @@ They have no autograd formula, so the fused forms run only where nothing needs a
 
 Everywhere else the same functions compute the identical eager expression (``F.gelu(conv(x))``, ...), so callers
 never branch. ``fast_path_enabled(False)`` turns the oneDNN path off globally (e.g. to compare).
+
+Which kernel is fastest depends on the CPU: on AVX-512 machines oneDNN's GEMM ran up to ~2x MKL's ``torch.mm``
+(MKL takes its AVX2 code on AMD CPUs), on an AVX2-only EPYC MKL ran 1.2-1.7x oneDNN's on the backward's transposed
+operands and oneDNN's GELU post-op cost more than a separate GELU. So each fused op has its plain form as an
+alternative and, the first time a shape is seen in a process, every alternative is timed (3 alternating rounds,
+best of each) and the fastest is used from then on for that shape and thread count (:func:`tuned_choices` lists
+them). Ops below :data:`MIN_TUNED_MACS` multiply-adds are not timed (the first alternative runs). Every alternative
+computes the same expression up to fp32 rounding, but two processes may pick different ones: for bitwise-repeatable
+runs, ``torch.use_deterministic_algorithms(True)``, ``HYBRIDVISION_AUTOTUNE=0`` or ``autotune(False)`` fix the
+choice to the first alternative (the oneDNN kernel).
 """
 from __future__ import annotations
+
+import os
+import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +38,7 @@ from torch import nn
 from torch.nn.modules import module as _nn_module
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["use_onednn", "fast_path_enabled", "plain_eager", "in_func_transform", "hooked", "has_own_hooks",
+__all__ = ["use_onednn", "fast_path_enabled", "autotune", "tuned_choices", "MIN_TUNED_MACS", "plain_eager", "in_func_transform", "hooked", "has_own_hooks",
            "grads_of_plain", "conv_act", "conv_add", "linear_act", "linear_add"]
 
 _ENABLED = True
@@ -102,6 +116,54 @@ def grads_of_plain(plain, inputs: tuple, needs: tuple, grads: tuple) -> tuple:
     return tuple(next(got) if need else None for need in needs)
 
 
+MIN_TUNED_MACS = 1 << 24
+"""Ops with fewer multiply-adds than this (~0.1-0.2 ms on a 2-core CPU) run their first alternative untimed."""
+_AUTOTUNE_ENV = "HYBRIDVISION_AUTOTUNE"
+_AUTOTUNE: bool | None = None  # None: on unless HYBRIDVISION_AUTOTUNE=0
+_TUNE_ROUNDS = 3
+_CHOICES: dict[tuple, tuple[int, str]] = {}  # key -> (index, name) of the fastest alternative
+Alternatives = tuple[tuple[str, Callable[[], torch.Tensor]], ...]
+
+
+def autotune(enabled: bool | None = None) -> bool:
+    """Get (no argument) or set whether fused ops pick their kernel by timing (module docstring); setting it clears
+    the choices made so far. Off while ``torch.are_deterministic_algorithms_enabled()`` and, unless set here, when
+    the environment variable ``HYBRIDVISION_AUTOTUNE=0``."""
+    global _AUTOTUNE
+    if enabled is not None:
+        _AUTOTUNE = bool(enabled)
+        _CHOICES.clear()
+    on = _AUTOTUNE if _AUTOTUNE is not None else os.environ.get(_AUTOTUNE_ENV, "1") != "0"
+    return on and not torch.are_deterministic_algorithms_enabled()
+
+
+def tuned_choices() -> dict[tuple, str]:
+    """The kernels chosen so far in this process: ``{(op, shapes..., threads): alternative name}``."""
+    return {key: name for key, (_, name) in _CHOICES.items()}
+
+
+def _fastest(key: tuple, macs: int, alternatives: Alternatives) -> torch.Tensor:
+    """Run the fastest of ``alternatives`` (``(name, thunk)`` pairs computing the same tensor) for ``key``, timing them
+    all the first time the key is seen (:func:`autotune`); returns the thunk's result."""
+    key = key + (torch.get_num_threads(),)
+    choice = _CHOICES.get(key)
+    if choice is not None:
+        return alternatives[choice[0]][1]()
+    if macs < MIN_TUNED_MACS or not autotune():
+        return alternatives[0][1]()
+    best = [float("inf")] * len(alternatives)
+    outs: list[torch.Tensor | None] = [None] * len(alternatives)
+    for r in range(_TUNE_ROUNDS):
+        order = range(len(alternatives)) if r % 2 == 0 else reversed(range(len(alternatives)))
+        for i in order:
+            t0 = time.perf_counter()
+            outs[i] = alternatives[i][1]()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    i = min(range(len(alternatives)), key=best.__getitem__)
+    _CHOICES[key] = (i, alternatives[i][0])
+    return outs[i]
+
+
 def _onednn_ok(x: torch.Tensor) -> bool:
     # plain_eager() first: under torch.compile it is False before torch.backends.mkldnn.is_available(), which
     # Dynamo does not trace, would break the graph
@@ -118,6 +180,24 @@ def _gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+    """``F.linear`` (+ GELU) by the fastest of oneDNN (GELU as its post-op or apart) and MKL (``F.linear``).
+    x: (..., K) contiguous, weight: (N, K) -> (..., N)."""
+    n, k = weight.shape
+    m = x.numel() // k
+
+    def onednn(act: bool) -> torch.Tensor:
+        attr, algo = ("gelu", "none") if act else ("none", "")
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algo)
+
+    if gelu:
+        alternatives = (("onednn+gelu", lambda: onednn(True)), ("onednn, gelu", lambda: F.gelu(onednn(False))),
+                        ("mkl, gelu", lambda: F.gelu(F.linear(x, weight, bias))))
+    else:
+        alternatives = (("onednn", lambda: onednn(False)), ("mkl", lambda: F.linear(x, weight, bias)))
+    return _fastest(("linear", m, k, n, bias is not None, gelu), m * k * n, alternatives)
+
+
 class _OneDNNLinear(torch.autograd.Function):
     """``F.linear`` with every GEMM (forward, grad input, grad weight) run by oneDNN (fp32 CPU).
 
@@ -128,7 +208,7 @@ class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return _linear(x, weight, bias, gelu=False)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -136,12 +216,17 @@ class _OneDNNLinear(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: a backward that can be differentiated again
             return grads_of_plain(F.linear, (x, weight, bias), ctx.needs_input_grad, (grad,))
         g = grad.reshape(-1, grad.shape[-1]).contiguous()
+        x2 = x.reshape(-1, x.shape[-1])
+        (m, n), k = g.shape, x2.shape[1]
         gx = gw = gb = None
-        # the transposed operands go in as views: oneDNN reads them strided, no transposed copies
+        # the transposed operands go in as views: both libraries read them strided, no transposed copies
         if ctx.needs_input_grad[0]:
-            gx = _gemm(g, weight.t()).reshape(x.shape)
+            gx = _fastest(("linear_gx", m, k, n), m * k * n,
+                          (("onednn", lambda: _gemm(g, weight.t())), ("mkl", lambda: torch.mm(g, weight))))
+            gx = gx.reshape(x.shape)
         if ctx.needs_input_grad[1]:
-            gw = _gemm(g.t(), x.reshape(-1, x.shape[-1]).t())
+            gw = _fastest(("linear_gw", m, k, n), m * k * n,
+                          (("onednn", lambda: _gemm(g.t(), x2.t())), ("mkl", lambda: torch.mm(g.t(), x2))))
         if bias is not None and ctx.needs_input_grad[2]:
             gb = g.sum(0)
         return gx, gw, gb
@@ -153,12 +238,32 @@ def _conv_args(conv: nn.Conv2d) -> tuple:
     return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
 
 
+def _conv_key(x: torch.Tensor, conv: nn.Conv2d) -> tuple:
+    """What decides the kernel's speed: shapes, bias, padding, stride, dilation, groups."""
+    return (tuple(x.shape), tuple(conv.weight.shape), conv.bias is not None, tuple(conv.padding), tuple(conv.stride),
+            tuple(conv.dilation), conv.groups)
+
+
+def _conv_macs(x: torch.Tensor, conv: nn.Conv2d) -> int:
+    """Multiply-adds of ``conv(x)``, x: (B, C_in, H, W) (the output size taken as H, W over the strides)."""
+    c_out, c_in_group, kh, kw = conv.weight.shape
+    return x.shape[0] * c_out * c_in_group * kh * kw * (x.shape[2] // conv.stride[0]) * (x.shape[3] // conv.stride[1])
+
+
 def conv_act(x: torch.Tensor, conv: nn.Conv2d, gelu: bool = True) -> torch.Tensor:
     """``F.gelu(conv(x))`` (or ``conv(x)``). x: (B, C_in, H, W) -> (B, C_out, H', W')."""
     if use_onednn(x) and not hooked(conv):
         pad, stride, dil, groups = _conv_args(conv)
-        attr, algo = ("gelu", "none") if gelu else ("none", "")
-        return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, pad, stride, dil, groups, attr, [], algo)
+
+        def onednn(act: bool) -> torch.Tensor:
+            attr, algo = ("gelu", "none") if act else ("none", "")
+            return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, pad, stride, dil, groups, attr,
+                                                           [], algo)
+
+        if not gelu:
+            return onednn(False)
+        return _fastest(("conv_gelu",) + _conv_key(x, conv), _conv_macs(x, conv),
+                        (("onednn+gelu", lambda: onednn(True)), ("onednn, gelu", lambda: F.gelu(onednn(False)))))
     y = conv(x)
     return F.gelu(y) if gelu else y
 
@@ -168,9 +273,13 @@ def conv_add(x: torch.Tensor, conv: nn.Conv2d, other: torch.Tensor) -> torch.Ten
     if use_onednn(x) and _plain_cpu_f32(other) and other.is_contiguous(memory_format=torch.channels_last) \
             and x.is_contiguous(memory_format=torch.channels_last) and not hooked(conv):
         pad, stride, dil, groups = _conv_args(conv)
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, other, conv.weight, conv.bias, pad, stride, dil, groups, "add", 1.0, None, [], None
-        )
+        w, b = conv.weight, conv.bias
+        return _fastest(("conv_add",) + _conv_key(x, conv), _conv_macs(x, conv), (
+            ("onednn+add", lambda: torch.ops.mkldnn._convolution_pointwise.binary(
+                x, other, w, b, pad, stride, dil, groups, "add", 1.0, None, [], None)),
+            ("onednn, add", lambda: torch.ops.mkldnn._convolution_pointwise(
+                x, w, b, pad, stride, dil, groups, "none", [], "").add_(other)),
+        ))
     return conv(x) + other
 
 
@@ -178,8 +287,7 @@ def linear_act(x: torch.Tensor, linear: nn.Linear, gelu: bool = False) -> torch.
     """``F.gelu(linear(x))`` or ``linear(x)``. x: (..., C_in) -> (..., C_out)."""
     if _onednn_ok(x) and x.is_contiguous() and not hooked(linear):
         if not torch.is_grad_enabled():
-            attr, algo = ("gelu", "none") if gelu else ("none", "")
-            return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, attr, [], algo)
+            return _linear(x, linear.weight, linear.bias, gelu)
         y = _OneDNNLinear.apply(x, linear.weight, linear.bias)
     else:
         y = linear(x)
@@ -189,5 +297,10 @@ def linear_act(x: torch.Tensor, linear: nn.Linear, gelu: bool = False) -> torch.
 def linear_add(x: torch.Tensor, linear: nn.Linear, other: torch.Tensor) -> torch.Tensor:
     """``linear(x) + other``. x: (..., C_in); other: (..., C_out) -> (..., C_out)."""
     if use_onednn(x) and _plain_cpu_f32(other) and x.is_contiguous() and other.is_contiguous() and not hooked(linear):
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, linear.weight, linear.bias, "add")
+        w, b = linear.weight, linear.bias
+        (n, k), m = w.shape, x.numel() // w.shape[1]
+        return _fastest(("linear_add", m, k, n, b is not None), m * k * n, (
+            ("onednn+add", lambda: torch.ops.mkldnn._linear_pointwise.binary(x, other, w, b, "add")),
+            ("mkl, add", lambda: F.linear(x, w, b).add_(other)),
+        ))
     return linear(x) + other
