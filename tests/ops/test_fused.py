@@ -180,3 +180,76 @@ def test_autotune_records_the_models_shapes(fresh_choices):
         torch.testing.assert_close(linear_act(x, lin, gelu=True), F.gelu(lin(x)), rtol=1e-4, atol=1e-5)
     (key, name), = tuned_choices().items()
     assert key[:6] == ("linear", 300, 256, 256, True, True) and name in {"onednn+gelu", "onednn, gelu", "mkl, gelu"}
+
+
+@pytest.mark.parametrize("cin, cout, k, stride, groups, bias", [
+    (12, 20, 1, 1, 1, True),   # pointwise: the MKL alternatives too
+    (12, 20, 1, 2, 1, False),
+    (12, 12, 3, 2, 12, False),  # depthwise, strided
+    (6, 10, 3, 1, 1, True),
+    (3, 8, 3, 2, 1, False),
+])
+def test_tuned_conv_training_matches_eager(cin, cout, k, stride, groups, bias, alternative):
+    """``conv2d`` in training (every backward alternative) gives the module's output and all its gradients;
+    odd and non-square sizes."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=bias)
+    x = _cl(torch.randn(2, cin, 9, 6)).requires_grad_()
+    out = fused.conv2d(x, conv)
+    assert "TunedConv" in type(out.grad_fn).__name__
+    ref = conv(x)
+    g = _cl(torch.randn_like(ref))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    wanted = (x, conv.weight) + ((conv.bias,) if bias else ())
+    for a, b in zip(torch.autograd.grad(out, wanted, g), torch.autograd.grad(ref, wanted, g)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    ops = {op for op, _ in alternative}
+    assert ops == {"conv_gx", "conv_gw"}
+    # frozen weight: only the input gradient; frozen input: only the weight's
+    conv.requires_grad_(False)
+    (gx,) = torch.autograd.grad(fused.conv2d(x, conv), (x,), g)
+    torch.testing.assert_close(gx, torch.autograd.grad(conv(x), (x,), g)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_tuned_conv_double_backward_and_fallbacks():
+    """Under create_graph the conv's backward is differentiable again (a gradient penalty equals eager's); NCHW
+    input, no grad, bf16 autocast and a hooked conv call the module."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 8, 3, padding=1)
+    x = _cl(torch.randn(2, 6, 7, 5)).requires_grad_()
+
+    def penalty(out):
+        (gx,) = torch.autograd.grad(out.tanh().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), (x, conv.weight, conv.bias))
+
+    out = fused.conv2d(x, conv)
+    assert "TunedConv" in type(out.grad_fn).__name__
+    for a, b in zip(penalty(out), penalty(conv(x))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert "TunedConv" not in type(fused.conv2d(x.detach().contiguous().requires_grad_(), conv).grad_fn).__name__
+    with torch.no_grad():
+        assert fused.conv2d(x, conv).grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused.conv2d(x, conv).dtype == conv(x).dtype == torch.bfloat16
+    handle = conv.register_forward_hook(lambda m, i, o: o + 1)
+    try:
+        torch.testing.assert_close(fused.conv2d(x, conv), conv(x))
+        assert "TunedConv" not in type(fused.conv2d(x, conv).grad_fn).__name__
+    finally:
+        handle.remove()
+
+
+def test_fast_paths_follow_autocast(alternative):
+    """Under CPU autocast the fused linear steps aside: the output has autocast's dtype whichever kernel would
+    have been picked, and the backward runs."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 40)
+    x = torch.randn(5, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_act(x, lin)
+        assert out.dtype == lin(x).dtype == torch.bfloat16
+        with torch.no_grad():
+            assert linear_act(x, lin, gelu=True).dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad is not None and alternative == []

@@ -18,7 +18,7 @@ from timm.layers import DropPath
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from hybridvision.ops.fused import conv_act, conv_add, grads_of_plain, has_own_hooks, hooked, plain_eager
+from hybridvision.ops.fused import conv2d, conv_act, conv_add, grads_of_plain, has_own_hooks, hooked, plain_eager
 from hybridvision.ops.norm_act import batch_norm_act
 
 __all__ = ["MBConv", "Downsample2d", "SqueezeExcite", "fold_prenorm_bn_into_conv1x1"]
@@ -53,7 +53,7 @@ class Downsample2d(nn.Module):
         if self.stride > 1:
             pool = nn.functional.max_pool2d if self.pool == "max" else nn.functional.avg_pool2d
             x = pool(x, self.stride, self.stride)
-        return self.proj(x)
+        return conv2d(x, self.proj) if isinstance(self.proj, nn.Conv2d) else self.proj(x)
 
 
 class _SqueezeExciteFn(torch.autograd.Function):
@@ -211,9 +211,10 @@ class MBConv(nn.Module):
             y = conv_act(conv_act(x, self.conv1), self.conv2)
             return conv_add(self.se(y), self.conv3, self.shortcut(x))
         # BN (+ GELU): one native kernel pair per norm when training on CPU (hybridvision.ops.norm_act)
-        y = batch_norm_act(self.conv1(batch_norm_act(x, self.norm, gelu=False)), self.bn1)
-        y = batch_norm_act(self.conv2(y), self.bn2)
-        y = self.conv3(self.se(y))
+        # convs: each backward kernel picked by timing when training on CPU (hybridvision.ops.fused.conv2d)
+        y = batch_norm_act(conv2d(batch_norm_act(x, self.norm, gelu=False), self.conv1), self.bn1)
+        y = batch_norm_act(conv2d(y, self.conv2), self.bn2)
+        y = conv2d(self.se(y), self.conv3)
         return self.shortcut(x) + self.drop_path(y)
 
     @torch.no_grad()

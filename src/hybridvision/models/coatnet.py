@@ -37,7 +37,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from hybridvision.blocks.mbconv import MBConv, refuse_to_fold_hooked
 from hybridvision.blocks.transformer import TransformerBlock
 from hybridvision.models.registry import SMALL_IMAGE_MAX, build, pretrained_cfg, register
-from hybridvision.ops.fused import conv_act, hooked, in_func_transform
+from hybridvision.ops.fused import conv2d, conv_act, hooked, in_func_transform
 from hybridvision.ops.norm_act import batch_norm_act
 from hybridvision.ops.sizes import pair as _pair
 
@@ -189,11 +189,11 @@ class Stem(nn.Module):
             x = x.clone(memory_format=cl) if x.shape[1] == 1 else x.contiguous(memory_format=cl)
         for i, conv in enumerate(self.convs):
             if i == len(self.norms):
-                x = conv(x)
+                x = conv2d(x, conv)
             elif self.fused and not hooked(self.norms[i]):
                 x = conv_act(x, conv)  # BN folded: conv + GELU in one oneDNN call on CPU
             else:
-                x = batch_norm_act(conv(x), self.norms[i])  # one native kernel pair when training on CPU
+                x = batch_norm_act(conv2d(x, conv), self.norms[i])  # one native kernel pair when training on CPU
         return x
 
     @torch.no_grad()
