@@ -20,8 +20,13 @@ def _cl(t: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(params=[0, 1, 2], ids=["alt0", "alt1", "alt2"])
 def alternative(request, monkeypatch):
     """Every tuned op runs its alternative number ``param`` (the last one where it has fewer); yields the list of
-    (op, alternative name) run, so a test can check that its ops went through the autotuner at all."""
-    ran = []
+    (op, alternative name) run (``.index``: the number), so a test can check that its ops went through the autotuner
+    at all."""
+
+    class Runs(list):
+        index = request.param
+
+    ran = Runs()
 
     def forced(key, macs, alternatives):
         name, thunk = alternatives[min(request.param, len(alternatives) - 1)]
@@ -44,7 +49,8 @@ def test_conv_paths_equal_eager(groups, stride, k, alternative):
         torch.testing.assert_close(conv_act(x, conv, gelu=False), conv(x), rtol=1e-4, atol=1e-5)
         other = _cl(torch.randn_like(conv(x)))
         torch.testing.assert_close(conv_add(x, conv, other), conv(x) + other, rtol=1e-4, atol=1e-5)
-    assert {op for op, _ in alternative} == {"conv_gelu", "conv_add"}
+    depthwise = groups > 1 and k == 3  # hybridvision's own kernel is one more alternative ("native")
+    assert {op for op, _ in alternative} == {"conv_gelu", "conv_add"} | ({"conv"} if depthwise else set())
 
 
 def test_linear_paths_equal_eager(alternative):
@@ -185,7 +191,8 @@ def test_autotune_records_the_models_shapes(fresh_choices):
 @pytest.mark.parametrize("cin, cout, k, stride, groups, bias", [
     (12, 20, 1, 1, 1, True),   # pointwise: the MKL alternatives too
     (12, 20, 1, 2, 1, False),
-    (12, 12, 3, 2, 12, False),  # depthwise, strided
+    (12, 12, 3, 2, 12, False),  # depthwise, strided: hybridvision's depthwise kernel too
+    (7, 7, 3, 1, 7, True),
     (6, 10, 3, 1, 1, True),
     (3, 8, 3, 2, 1, False),
 ])
@@ -204,8 +211,10 @@ def test_tuned_conv_training_matches_eager(cin, cout, k, stride, groups, bias, a
     for a, b in zip(torch.autograd.grad(out, wanted, g), torch.autograd.grad(ref, wanted, g)):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    ops = {op for op, _ in alternative}
-    assert ops == {"conv_gx", "conv_gw"}
+    depthwise = groups == cin and k == 3
+    assert {op for op, _ in alternative} == {"conv_gx", "conv_gw"} | ({"conv"} if depthwise else set())
+    if depthwise and alternative.index == 2:  # the last alternative of each: hybridvision's own kernel
+        assert {name for _, name in alternative} == {"native"}
     # frozen weight: only the input gradient; frozen input: only the weight's
     conv.requires_grad_(False)
     (gx,) = torch.autograd.grad(fused.conv2d(x, conv), (x,), g)

@@ -158,3 +158,50 @@ def test_ab_benchmark_builds_the_base_revision_beside_the_working_copy():
     rows = [line for line in out.splitlines() if line.startswith("| 8 | 12 |")]
     assert [row.split("|")[3:5] for row in rows] == [[" 2 ", " fwd "], [" 2 ", " wgrad "], [" 3 ", " fwd "],
                                                       [" 3 ", " wgrad "]]
+
+
+# depthwise 3x3 (csrc/depthwise_cpu.cpp): (B, C, H, W, stride); C below, at and above the 8 / 16 float lanes and the
+# 16-vector channel blocks, odd / even, non-square, 1-pixel and 2-pixel images
+DW_SHAPES = [(2, 37, 9, 6, 1), (2, 37, 9, 6, 2), (3, 16, 8, 8, 2), (1, 5, 1, 1, 1), (1, 3, 2, 1, 2),
+             (2, 24, 7, 10, 2), (2, 70, 5, 13, 1), (1, 300, 4, 3, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", DW_SHAPES)
+def test_depthwise_ops_match_float64(shape, dtype):
+    """Forward (with and without bias and GELU) and both gradients against float64 autograd of F.conv2d."""
+    b, c, h, w, s = shape
+    torch.manual_seed(0)
+    x = torch.randn(b, c, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    wt, bias = torch.randn(c, 1, 3, 3, dtype=dtype), torch.randn(c, dtype=dtype)
+    xd, wd = x.double().requires_grad_(), wt.double().requires_grad_()
+    ref = torch.nn.functional.conv2d(xd, wd, None, s, 1, 1, c)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for with_bias in (False, True):
+        for gelu in (False, True):
+            expect = ref + bias.double().view(1, -1, 1, 1) if with_bias else ref
+            expect = torch.nn.functional.gelu(expect) if gelu else expect
+            y = native.dw3x3_forward(x, wt, bias if with_bias else None, s, gelu)
+            assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(y.double(), expect.detach(), **tol)
+    gy = torch.randn(ref.shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    gx_ref, gw_ref = torch.autograd.grad(ref, (xd, wd), gy.double())
+    gx = native.dw3x3_backward_input(gy, wt, h, w, s)
+    assert gx.shape == x.shape and gx.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(gx.double(), gx_ref, **tol)
+    torch.testing.assert_close(native.dw3x3_backward_weight(gy, x, s).double(), gw_ref, **tol)
+
+
+def test_depthwise_ops_name_bad_inputs():
+    x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 1, 3, 3)
+    with pytest.raises(RuntimeError, match="channels-last"):
+        native.dw3x3_forward(x.contiguous(), w, None, 1, False)
+    with pytest.raises(RuntimeError, match="stride must be 1 or 2, got 3"):
+        native.dw3x3_forward(x, w, None, 3, False)
+    with pytest.raises(RuntimeError, match=r"weight must be \(C, 1, 3, 3\)"):
+        native.dw3x3_forward(x, torch.randn(4, 1, 5, 5), None, 1, False)
+    with pytest.raises(RuntimeError, match="does not match an input of 6x5"):
+        native.dw3x3_backward_input(x, w, 6, 5, 1)
+    with pytest.raises(RuntimeError, match="gy must be"):
+        native.dw3x3_backward_weight(x, x, 2)

@@ -39,6 +39,8 @@ from torch import nn
 from torch.nn.modules import module as _nn_module
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from hybridvision.ops import native
+
 __all__ = ["use_onednn", "fast_path_enabled", "autotune", "tuned_choices", "MIN_TUNED_MACS", "plain_eager", "in_func_transform", "hooked", "has_own_hooks",
            "grads_of_plain", "conv2d", "conv_act", "conv_add", "linear_act", "linear_add"]
 
@@ -252,17 +254,34 @@ def _from_rows(m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return m.view(b, h, w, m.shape[1]).permute(0, 3, 1, 2)
 
 
+def _native_dw3x3(x: torch.Tensor, weight: torch.Tensor, stride: tuple, padding: tuple, dilation: tuple,
+                  groups: int) -> bool:
+    """Whether hybridvision's depthwise 3x3 kernel (``ops/csrc/depthwise_cpu.cpp``) computes this conv: one channel
+    per group, 3x3, padding 1, stride 1 or 2 on both axes, no dilation, channels-last input, kernels built."""
+    return (groups == x.shape[1] == weight.shape[0] and weight.shape[1:] == (1, 3, 3) and padding == (1, 1)
+            and dilation == (1, 1) and stride in ((1, 1), (2, 2))
+            and x.is_contiguous(memory_format=torch.channels_last) and native.available())
+
+
 class _TunedConv(torch.autograd.Function):
-    """``F.conv2d`` on channels-last fp32 CPU input whose backward takes each gradient from the fastest alternative
-    (module docstring): the input gradient from oneDNN or, for 1x1 stride-1 dense convs, an MKL GEMM on the rows;
-    the weight gradient from oneDNN on channels-last, oneDNN on NCHW copies (on an AVX2 EPYC oneDNN's channels-last
-    weight gradient of a 64->64 3x3 conv at 112 px ran 190 ms against 94 ms with the copies) or the MKL GEMM."""
+    """``F.conv2d`` on channels-last fp32 CPU input that takes the forward and each gradient from the fastest
+    alternative (module docstring): the input gradient from oneDNN or, for 1x1 stride-1 dense convs, an MKL GEMM on
+    the rows; the weight gradient from oneDNN on channels-last, oneDNN on NCHW copies (on an AVX2 EPYC oneDNN's
+    channels-last weight gradient of a 64->64 3x3 conv at 112 px ran 190 ms against 94 ms with the copies) or the
+    MKL GEMM; depthwise 3x3 convs have hybridvision's own kernel (:func:`_native_dw3x3`) as one more alternative for
+    the forward and both gradients."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
         ctx.save_for_backward(x, weight, bias)
         ctx.conf = stride, padding, dilation, groups
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        ctx.dw3x3 = _native_dw3x3(x, weight, stride, padding, dilation, groups)
+        plain = lambda: F.conv2d(x, weight, bias, stride, padding, dilation, groups)  # noqa: E731
+        if not ctx.dw3x3:
+            return plain()
+        return _fastest(("conv", tuple(x.shape), tuple(weight.shape), bias is not None, stride), x.numel() * 9
+                        // (stride[0] * stride[1]), (("onednn", plain), ("native", lambda: native.dw3x3_forward(
+                            x, weight, bias, stride[0], False))))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -287,12 +306,17 @@ class _TunedConv(torch.autograd.Function):
             alternatives = (("onednn", lambda: onednn(grad, x, 0)),)
             if pointwise:
                 alternatives += (("mkl", lambda: _from_rows(torch.mm(_rows(grad), weight.flatten(1)), x)),)
+            if ctx.dw3x3:
+                alternatives += (("native", lambda: native.dw3x3_backward_input(grad, weight, *x.shape[2:],
+                                                                                stride[0])),)
             gx = _fastest(("conv_gx",) + key, macs, alternatives)
         if needs[1]:
             alternatives = (("onednn", lambda: onednn(grad, x, 1)),
                             ("onednn nchw", lambda: onednn(grad.contiguous(), x.contiguous(), 1)))
             if pointwise:
                 alternatives += (("mkl", lambda: torch.mm(_rows(grad).t(), _rows(x)).view(weight.shape)),)
+            if ctx.dw3x3:
+                alternatives += (("native", lambda: native.dw3x3_backward_weight(grad, x, stride[0])),)
             gw = _fastest(("conv_gw",) + key, macs, alternatives)
         if bias is not None and needs[2]:
             gb = _rows(grad).sum(0)
@@ -333,10 +357,16 @@ def conv_act(x: torch.Tensor, conv: nn.Conv2d, gelu: bool = True) -> torch.Tenso
             return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, pad, stride, dil, groups, attr,
                                                            [], algo)
 
-        if not gelu:
+        if gelu:
+            alternatives = (("onednn+gelu", lambda: onednn(True)), ("onednn, gelu", lambda: F.gelu(onednn(False))))
+        else:
+            alternatives = (("onednn", lambda: onednn(False)),)
+        if _native_dw3x3(x, conv.weight, tuple(stride), tuple(pad), tuple(dil), groups):
+            alternatives += (("native" + "+gelu" * gelu,
+                              lambda: native.dw3x3_forward(x, conv.weight, conv.bias, stride[0], gelu)),)
+        if len(alternatives) == 1:
             return onednn(False)
-        return _fastest(("conv_gelu",) + _conv_key(x, conv), _conv_macs(x, conv),
-                        (("onednn+gelu", lambda: onednn(True)), ("onednn, gelu", lambda: F.gelu(onednn(False)))))
+        return _fastest(("conv_gelu" if gelu else "conv",) + _conv_key(x, conv), _conv_macs(x, conv), alternatives)
     y = conv(x)
     return F.gelu(y) if gelu else y
 

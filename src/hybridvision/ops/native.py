@@ -1,8 +1,9 @@
-"""hybridvision's hand-written CPU kernels: ``circular_conv(..., method="native")`` (``csrc/circular_cpu.cpp``) and
-training-mode BatchNorm + GELU (``csrc/batchnorm_act_cpu.cpp``, used by :mod:`hybridvision.ops.norm_act`).
+"""hybridvision's hand-written CPU kernels: ``circular_conv(..., method="native")`` (``csrc/circular_cpu.cpp``),
+training-mode BatchNorm + GELU (``csrc/batchnorm_act_cpu.cpp``, used by :mod:`hybridvision.ops.norm_act`) and the
+depthwise 3x3 conv (``csrc/depthwise_cpu.cpp``, an alternative in :mod:`hybridvision.ops.fused`).
 
 They are compiled, as one extension, on first use with ``torch.utils.cpp_extension`` (a C++17 compiler and ninja
-are needed; 20.2 s on the 2-core development machine, see the README) into torch's extension cache,
+are needed; 49 s on the 2-core development machine of 2026-12-02, see the README) into torch's extension cache,
 ``~/.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR`` moves it), and loaded from there afterwards; ``make setup``
 builds it once
 (:func:`prebuild`). The build uses ``-march=native``, so the library's name carries a hash of this CPU's model and
@@ -22,6 +23,11 @@ factor above 7), 1 forces the direct sum, 2 the FFT.
     batch_norm_act_forward(x (B, C, H, W) channels-last, weight (C), bias (C), eps, gelu) -> (y, mean (C), var (C))
         y = gelu(BN(x)) (or BN(x)) with the batch statistics; var is biased
     batch_norm_act_backward(gy, x, weight, bias, mean, invstd, gelu) -> (gx, gweight (C), gbias (C))
+    dw3x3_forward(x (B, C, H, W) channels-last, weight (C, 1, 3, 3), bias (C) or None, stride (1 or 2), gelu)
+        -> (B, C, Ho, Wo) channels-last: depthwise 3x3 conv, zero padding 1, then GELU when asked
+        (``csrc/depthwise_cpu.cpp``; ``hybridvision.ops.fused`` times it against oneDNN)
+    dw3x3_backward_input(gy (B, C, Ho, Wo), weight, H, W, stride) -> gx (B, C, H, W) channels-last
+    dw3x3_backward_weight(gy, x, stride) -> gweight (C, 1, 3, 3)
 """
 from __future__ import annotations
 
@@ -37,10 +43,12 @@ from typing import Optional
 import torch
 
 __all__ = ["available", "batch_norm_act_backward", "batch_norm_act_forward", "build", "compile_and_load", "disabled",
-           "forward", "prebuild", "wgrad"]
+           "dw3x3_backward_input", "dw3x3_backward_weight", "dw3x3_forward", "forward", "prebuild", "wgrad"]
 
 _ENV_VAR = "HYBRIDVISION_NATIVE"
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("circular_cpu.cpp", "batchnorm_act_cpu.cpp")]
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / name for name in ("circular_cpu.cpp", "batchnorm_act_cpu.cpp", "depthwise_cpu.cpp")]
+_HEADERS = [_CSRC / "vec_gelu.h"]
 _lock = threading.Lock()
 _state: dict[str, Optional[str]] = {}  # "error": None once loaded, else the build error
 
@@ -80,7 +88,10 @@ def compile_and_load(name: str, sources: list[str], build_directory: Optional[st
     from torch.utils import cpp_extension
 
     _ninja_on_path()
-    cpp_extension.load(name=name, sources=sources, extra_cflags=["-O3", "-march=native", "-fopenmp"],
+    # torch rebuilds a cached extension when its sources or flags change, not its headers: their hash is a flag
+    headers = hashlib.sha1(b"".join(path.read_bytes() for path in _HEADERS)).hexdigest()[:12]
+    cpp_extension.load(name=name, sources=sources,
+                       extra_cflags=["-O3", "-march=native", "-fopenmp", f"-DHYBRIDVISION_HEADERS={headers}"],
                        extra_ldflags=["-fopenmp"], is_python_module=False, build_directory=build_directory,
                        verbose=verbose)
 
@@ -171,4 +182,23 @@ def prebuild() -> None:
     except RuntimeError as exc:
         print(f"[setup] WARNING: {exc}")
         return
-    print(f"[setup] native kernels ready (circular_conv, BatchNorm+GELU; torch.ops.hybridvision, CPU tag {_cpu_tag()})")
+    print(f"[setup] native kernels ready (circular_conv, BatchNorm+GELU, depthwise 3x3; torch.ops.hybridvision, CPU tag {_cpu_tag()})")
+
+
+def dw3x3_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,
+                  gelu: bool) -> torch.Tensor:
+    """``torch.ops.hybridvision.dw3x3_forward``: x (B, C, H, W) channels-last, weight (C, 1, 3, 3) -> (B, C, Ho, Wo)."""
+    build()
+    return torch.ops.hybridvision.dw3x3_forward(x, weight, bias, stride, gelu)
+
+
+def dw3x3_backward_input(gy: torch.Tensor, weight: torch.Tensor, h: int, w: int, stride: int) -> torch.Tensor:
+    """``torch.ops.hybridvision.dw3x3_backward_input``: gy (B, C, Ho, Wo) channels-last -> gx (B, C, h, w)."""
+    build()
+    return torch.ops.hybridvision.dw3x3_backward_input(gy, weight, h, w, stride)
+
+
+def dw3x3_backward_weight(gy: torch.Tensor, x: torch.Tensor, stride: int) -> torch.Tensor:
+    """``torch.ops.hybridvision.dw3x3_backward_weight``: gy (B, C, Ho, Wo), x (B, C, H, W) -> gw (C, 1, 3, 3)."""
+    build()
+    return torch.ops.hybridvision.dw3x3_backward_weight(gy, x, stride)

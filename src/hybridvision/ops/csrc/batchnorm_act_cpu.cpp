@@ -15,21 +15,12 @@
 //
 // Statistics: every thread sums (x - x[row 0]) and its square for blocks of 32 rows in the input type, then adds
 // the block sums into double accumulators; shifting by the first row keeps E[d^2] - E[d]^2 accurate when the mean
-// is large against the spread. The vector code is ATen's at::vec (the same erf / exp as torch's own gelu kernel).
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#else
-#define CPU_CAPABILITY DEFAULT
-#endif
+// is large against the spread. The vector code is ATen's at::vec; GELU's math is in vec_gelu.h.
+#include "vec_gelu.h"  // first: it selects the vector ISA for ATen/cpu/vec
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -42,6 +33,7 @@
 namespace {
 
 using at::vec::Vectorized;
+using hybridvision_native::normal_cdf_pdf;
 
 constexpr int64_t BLOCK_ROWS = 32;  // rows summed in the input type before the double accumulators take them
 
@@ -49,30 +41,6 @@ constexpr int64_t BLOCK_ROWS = 32;  // rows summed in the input type before the 
 template <typename F> void for_row_chunks(int64_t M, int64_t C, const F& f) {
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(C, 1));
   at::parallel_for(0, M, grain, f);
-}
-
-// (Phi(z), phi(z)): the standard normal CDF and density, so that gelu(z) = z * Phi(z), gelu'(z) = Phi(z) + z * phi(z).
-// float: erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), the formula of ATen's own vectorised float erf, whose
-// exp(-z^2 / 2) is the density's too: one exp per element, ATen's exp_u20 (a degree-5 polynomial, ~20 ulp; Sleef's
-// 1-ulp exp made GELU cost 2-3x the memory passes on an AVX2 EPYC). gelu(z) stays within 3.7e-7 of the float64
-// formula over [-12, 12] (torch's fp32 gelu: 3.0e-7). double: ATen's accurate erf and exp.
-template <typename T> inline std::pair<Vectorized<T>, Vectorized<T>> normal_cdf_pdf(const Vectorized<T>& z) {
-  using V = Vectorized<T>;
-  const V half(T(0.5)), one(T(1)), rsqrt2(T(M_SQRT1_2)), rsqrt2pi(T(0.5 * M_2_SQRTPI * M_SQRT1_2));
-  if constexpr (std::is_same<T, float>::value) {
-    const V e = (V(-0.5f) * z * z).exp_u20();
-    const V t = one / at::vec::fmadd(V(0.3275911f), z.abs() * rsqrt2, one);
-    V r = at::vec::fmadd(V(1.061405429f), t, V(-1.453152027f));
-    r = at::vec::fmadd(r, t, V(1.421413741f));
-    r = at::vec::fmadd(r, t, V(-0.284496736f));
-    r = at::vec::fmadd(r, t, V(0.254829592f));
-    const V erf_abs = one - r * t * e;                                        // erf(|z| / sqrt 2)
-    const V cdf = half + half * V::blendv(erf_abs, V(0.f) - erf_abs, z < V(0.f));
-    return {cdf, e * rsqrt2pi};
-  } else {
-    const V e = (V(T(-0.5)) * z * z).exp();
-    return {half * (one + (z * rsqrt2).erf()), e * rsqrt2pi};
-  }
 }
 
 // Per-channel sums over all M rows of the pair f(row, channel offset, valid lanes) -> (a, b), accumulated as the
