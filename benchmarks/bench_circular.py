@@ -217,7 +217,8 @@ def main() -> None:
         "",
         f"Command: `{cmd}`. Times in ms ({'process CPU time' if args.clock == 'cpu' else 'wall clock'}), best of "
         f"interleaved runs; B={BATCH}, C={C_TIMES_L}/L, depthwise, {args.dtype}.",
-        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"Machine: {platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
+        f"torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
         f"{cpu_state()}; copy bandwidth (read + write) {bw / 1e9:.1f} GB/s.",
         "floor = (bytes in + bytes out) / copy bandwidth. speed-up = reference / auto. "

@@ -195,7 +195,8 @@ def write(rows: list[dict], peaks: tuple[float, float], cmd: str, path: Path, ad
     lines = [
         "# Model speed vs timm (CPU fp32, same run, alternating A/B)", "",
         f"Command: `{cmd}`  ",
-        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"Machine: {platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
+        f"torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {cpu_state()}. fp32 matmul peak measured in this run: torch.mm {mm_peak / 1e9:.1f}, "
         f"oneDNN GEMM {dnn_peak / 1e9:.1f} GFLOP/s; MFU is against the larger ({peak / 1e9:.1f}).  ",
         "MFU = FLOPs/img (torch.utils.flop_counter, train = forward+backward) x img/s / peak. "

@@ -18,7 +18,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -35,9 +35,19 @@ typedef float vf16 __attribute__((vector_size(64)));
 typedef float vf8 __attribute__((vector_size(32)));
 typedef double vd8 __attribute__((vector_size(64)));
 typedef double vd4 __attribute__((vector_size(32)));
-template <typename T> struct Vec;  // the full vector (64 bytes) and the half one for narrow tails
+typedef float vf4 __attribute__((vector_size(16)));
+typedef double vd2 __attribute__((vector_size(16)));
+// The full vector and the half one for narrow tails: one register of the ISA -- 64 bytes with AVX-512, else 32.
+// (64-byte vectors on an AVX2-only CPU take two registers each: the R-row blocks below then spill, and the kernel
+// ran 2-3x slower than the GEMM method on an AVX2 EPYC.)
+template <typename T> struct Vec;
+#if defined(__AVX512F__)
 template <> struct Vec<float> { typedef vf16 type; typedef vf8 half; static constexpr int64_t n = 16; };
 template <> struct Vec<double> { typedef vd8 type; typedef vd4 half; static constexpr int64_t n = 8; };
+#else
+template <> struct Vec<float> { typedef vf8 type; typedef vf4 half; static constexpr int64_t n = 8; };
+template <> struct Vec<double> { typedef vd4 type; typedef vd2 half; static constexpr int64_t n = 4; };
+#endif
 template <typename V, typename T> constexpr int64_t lanes() { return sizeof(V) / sizeof(T); }
 
 template <typename V, typename T> inline V load(const T* p) {
@@ -75,7 +85,7 @@ template <typename V, typename T> inline void store(T* p, const V& v, int64_t n 
 #endif
   std::memcpy(p, &v, n * sizeof(T));
 }
-// A full vector to 64-byte aligned memory, bypassing the caches where the ISA has it (AVX-512): saves the
+// A full vector to 64-byte aligned memory, bypassing the caches (AVX-512 and AVX): saves the
 // read-for-ownership of every line of a large output that is written once and not read back soon (see
 // STREAM_MIN_BYTES). Callers run stream_fence() before the data is used by other threads.
 template <typename V, typename T> inline void store_stream(T* p, const V& v) {
@@ -87,11 +97,19 @@ template <typename V, typename T> inline void store_stream(T* p, const V& v) {
     _mm512_stream_pd(p, (__m512d)v);
     return;
   }
+#elif defined(__AVX__)
+  if constexpr (sizeof(V) == 32 && std::is_same<T, float>::value) {
+    _mm256_stream_ps(p, (__m256)v);
+    return;
+  } else if constexpr (sizeof(V) == 32 && std::is_same<T, double>::value) {
+    _mm256_stream_pd(p, (__m256d)v);
+    return;
+  }
 #endif
   store(p, v);
 }
 inline void stream_fence() {
-#if defined(__AVX512F__)
+#if defined(__AVX__)
   _mm_sfence();
 #endif
 }
@@ -165,7 +183,7 @@ template <typename T> inline void transpose_block(typename Vec<T>::type* v) {
   for (int64_t i = 0; i < L; ++i)
     for (int64_t j = 0; j < L; ++j) v[i][j] = a[j][i];
 }
-#if defined(__GNUC__) && !defined(__clang__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
 typedef int vi16 __attribute__((vector_size(64)));
 template <int S> __attribute__((always_inline)) inline void transpose_stage(vf16* v, const vi16 lo, const vi16 hi) {
 #pragma GCC unroll 16
@@ -185,6 +203,22 @@ template <> __attribute__((always_inline)) inline void transpose_block<float>(vf
                      vi16{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
   transpose_stage<1>(v, vi16{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
                      vi16{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+}
+#elif defined(__GNUC__) && !defined(__clang__)
+typedef int vi8 __attribute__((vector_size(32)));
+template <int S> __attribute__((always_inline)) inline void transpose_stage(vf8* v, const vi8 lo, const vi8 hi) {
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)
+    if (!(i & S)) {
+      const vf8 a = v[i], b = v[i + S];
+      v[i] = __builtin_shuffle(a, b, lo);  // lo[c] = c & S ? 8 + c - S : c
+      v[i + S] = __builtin_shuffle(a, b, hi);  // hi[c] = c & S ? 8 + c : c + S
+    }
+}
+template <> __attribute__((always_inline)) inline void transpose_block<float>(vf8* v) {
+  transpose_stage<4>(v, vi8{0, 1, 2, 3, 8, 9, 10, 11}, vi8{4, 5, 6, 7, 12, 13, 14, 15});
+  transpose_stage<2>(v, vi8{0, 1, 8, 9, 4, 5, 12, 13}, vi8{2, 3, 10, 11, 6, 7, 14, 15});
+  transpose_stage<1>(v, vi8{0, 8, 2, 10, 4, 12, 6, 14}, vi8{1, 9, 3, 11, 5, 13, 7, 15});
 }
 #endif
 
