@@ -49,8 +49,10 @@ def test_conv_paths_equal_eager(groups, stride, k, alternative):
         torch.testing.assert_close(conv_act(x, conv, gelu=False), conv(x), rtol=1e-4, atol=1e-5)
         other = _cl(torch.randn_like(conv(x)))
         torch.testing.assert_close(conv_add(x, conv, other), conv(x) + other, rtol=1e-4, atol=1e-5)
-    depthwise = groups > 1 and k == 3  # hybridvision's own kernel is one more alternative ("native")
-    assert {op for op, _ in alternative} == {"conv_gelu", "conv_add"} | ({"conv"} if depthwise else set())
+    # depthwise 3x3: hybridvision's own kernel is one more alternative; pointwise: an MKL GEMM on the rows; both
+    # make the plain conv (gelu=False) a tuned op too
+    tuned_plain = (groups > 1 and k == 3) or (k == 1 and stride == 1 and groups == 1)
+    assert {op for op, _ in alternative} == {"conv_gelu", "conv_add"} | ({"conv"} if tuned_plain else set())
 
 
 def test_linear_paths_equal_eager(alternative):
@@ -212,7 +214,8 @@ def test_tuned_conv_training_matches_eager(cin, cout, k, stride, groups, bias, a
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     depthwise = groups == cin and k == 3
-    assert {op for op, _ in alternative} == {"conv_gx", "conv_gw"} | ({"conv"} if depthwise else set())
+    tuned_forward = depthwise or (k == 1 and stride == 1)
+    assert {op for op, _ in alternative} == {"conv_gx", "conv_gw"} | ({"conv"} if tuned_forward else set())
     if depthwise and alternative.index == 2:  # the last alternative of each: hybridvision's own kernel
         assert {name for _, name in alternative} == {"native"}
     # frozen weight: only the input gradient; frozen input: only the weight's

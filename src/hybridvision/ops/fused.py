@@ -263,6 +263,17 @@ def _native_dw3x3(x: torch.Tensor, weight: torch.Tensor, stride: tuple, padding:
             and x.is_contiguous(memory_format=torch.channels_last) and native.available())
 
 
+def _pointwise(weight: torch.Tensor, stride, padding, groups: int) -> bool:
+    """A dense 1x1 conv with stride 1 and no padding: a GEMM on the channels-last rows."""
+    return weight.shape[2:] == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and groups == 1
+
+
+def _pointwise_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A pointwise conv (:func:`_pointwise`) of channels-last x by MKL: (B, C_in, H, W) -> (B, C_out, H, W)."""
+    w = weight.flatten(1).t()
+    return _from_rows(torch.mm(_rows(x), w) if bias is None else torch.addmm(bias, _rows(x), w), x)
+
+
 class _TunedConv(torch.autograd.Function):
     """``F.conv2d`` on channels-last fp32 CPU input that takes the forward and each gradient from the fastest
     alternative (module docstring): the input gradient from oneDNN or, for 1x1 stride-1 dense convs, an MKL GEMM on
@@ -276,12 +287,15 @@ class _TunedConv(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias)
         ctx.conf = stride, padding, dilation, groups
         ctx.dw3x3 = _native_dw3x3(x, weight, stride, padding, dilation, groups)
-        plain = lambda: F.conv2d(x, weight, bias, stride, padding, dilation, groups)  # noqa: E731
-        if not ctx.dw3x3:
-            return plain()
-        return _fastest(("conv", tuple(x.shape), tuple(weight.shape), bias is not None, stride), x.numel() * 9
-                        // (stride[0] * stride[1]), (("onednn", plain), ("native", lambda: native.dw3x3_forward(
-                            x, weight, bias, stride[0], False))))
+        alternatives = (("onednn", lambda: F.conv2d(x, weight, bias, stride, padding, dilation, groups)),)
+        if ctx.dw3x3:
+            alternatives += (("native", lambda: native.dw3x3_forward(x, weight, bias, stride[0], False)),)
+        if _pointwise(weight, stride, padding, groups):
+            alternatives += (("mkl", lambda: _pointwise_mm(x, weight, bias)),)
+        if len(alternatives) == 1:
+            return alternatives[0][1]()
+        return _fastest(("conv", tuple(x.shape), tuple(weight.shape), bias is not None, stride),
+                        x.shape[0] * weight.numel() * x.shape[2] * x.shape[3] // (stride[0] * stride[1]), alternatives)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -294,7 +308,7 @@ class _TunedConv(torch.autograd.Function):
         grad = grad.contiguous(memory_format=torch.channels_last)
         key = (tuple(x.shape), tuple(weight.shape), stride, padding, dilation, groups)
         macs = grad.numel() * weight[0].numel()
-        pointwise = weight.shape[2:] == (1, 1) and stride == (1, 1) and padding == (0, 0) and groups == 1
+        pointwise = _pointwise(weight, stride, padding, groups)
 
         def onednn(g: torch.Tensor, inp: torch.Tensor, which: int) -> torch.Tensor:
             mask = [which == 0, which == 1, False]
@@ -364,6 +378,9 @@ def conv_act(x: torch.Tensor, conv: nn.Conv2d, gelu: bool = True) -> torch.Tenso
         if _native_dw3x3(x, conv.weight, tuple(stride), tuple(pad), tuple(dil), groups):
             alternatives += (("native" + "+gelu" * gelu,
                               lambda: native.dw3x3_forward(x, conv.weight, conv.bias, stride[0], gelu)),)
+        if _pointwise(conv.weight, stride, pad, groups) and x.is_contiguous(memory_format=torch.channels_last):
+            mkl = lambda: _pointwise_mm(x, conv.weight, conv.bias)  # noqa: E731
+            alternatives += (("mkl, gelu", lambda: F.gelu(mkl())) if gelu else ("mkl", mkl),)
         if len(alternatives) == 1:
             return onednn(False)
         return _fastest(("conv_gelu" if gelu else "conv",) + _conv_key(x, conv), _conv_macs(x, conv), alternatives)
@@ -382,7 +399,7 @@ def conv_add(x: torch.Tensor, conv: nn.Conv2d, other: torch.Tensor) -> torch.Ten
                 x, other, w, b, pad, stride, dil, groups, "add", 1.0, None, [], None)),
             ("onednn, add", lambda: torch.ops.mkldnn._convolution_pointwise(
                 x, w, b, pad, stride, dil, groups, "none", [], "").add_(other)),
-        ))
+        ) + ((("mkl, add", lambda: _pointwise_mm(x, w, b).add_(other)),) if _pointwise(w, stride, pad, groups) else ()))
     return conv(x) + other
 
 
