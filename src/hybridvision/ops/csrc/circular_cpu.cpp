@@ -183,43 +183,39 @@ template <typename T> inline void transpose_block(typename Vec<T>::type* v) {
   for (int64_t i = 0; i < L; ++i)
     for (int64_t j = 0; j < L; ++j) v[i][j] = a[j][i];
 }
-#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
-typedef int vi16 __attribute__((vector_size(64)));
-template <int S> __attribute__((always_inline)) inline void transpose_stage(vf16* v, const vi16 lo, const vi16 hi) {
+#if defined(__GNUC__) && !defined(__clang__)
+// One stage on L rows of L floats (VF) with the index vectors VI: lo[c] = c & S ? L + c - S : c, hi[c] = c & S ?
+// L + c : c + S.
+template <typename VF, typename VI, int L, int S>
+__attribute__((always_inline)) inline void transpose_stage(VF* v, const VI lo, const VI hi) {
 #pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i)
+  for (int i = 0; i < L; ++i)
     if (!(i & S)) {
-      const vf16 a = v[i], b = v[i + S];
-      v[i] = __builtin_shuffle(a, b, lo);  // lo[c] = c & S ? 16 + c - S : c
-      v[i + S] = __builtin_shuffle(a, b, hi);  // hi[c] = c & S ? 16 + c : c + S
+      const VF a = v[i], b = v[i + S];
+      v[i] = __builtin_shuffle(a, b, lo);
+      v[i + S] = __builtin_shuffle(a, b, hi);
     }
 }
+#if defined(__AVX512F__)
+typedef int vi16 __attribute__((vector_size(64)));
 template <> __attribute__((always_inline)) inline void transpose_block<float>(vf16* v) {
-  transpose_stage<8>(v, vi16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
-                     vi16{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
-  transpose_stage<4>(v, vi16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
-                     vi16{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
-  transpose_stage<2>(v, vi16{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
-                     vi16{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
-  transpose_stage<1>(v, vi16{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
-                     vi16{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+  transpose_stage<vf16, vi16, 16, 8>(v, vi16{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                                     vi16{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+  transpose_stage<vf16, vi16, 16, 4>(v, vi16{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                                     vi16{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+  transpose_stage<vf16, vi16, 16, 2>(v, vi16{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                                     vi16{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+  transpose_stage<vf16, vi16, 16, 1>(v, vi16{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+                                     vi16{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
 }
-#elif defined(__GNUC__) && !defined(__clang__)
+#else
 typedef int vi8 __attribute__((vector_size(32)));
-template <int S> __attribute__((always_inline)) inline void transpose_stage(vf8* v, const vi8 lo, const vi8 hi) {
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i)
-    if (!(i & S)) {
-      const vf8 a = v[i], b = v[i + S];
-      v[i] = __builtin_shuffle(a, b, lo);  // lo[c] = c & S ? 8 + c - S : c
-      v[i + S] = __builtin_shuffle(a, b, hi);  // hi[c] = c & S ? 8 + c : c + S
-    }
-}
 template <> __attribute__((always_inline)) inline void transpose_block<float>(vf8* v) {
-  transpose_stage<4>(v, vi8{0, 1, 2, 3, 8, 9, 10, 11}, vi8{4, 5, 6, 7, 12, 13, 14, 15});
-  transpose_stage<2>(v, vi8{0, 1, 8, 9, 4, 5, 12, 13}, vi8{2, 3, 10, 11, 6, 7, 14, 15});
-  transpose_stage<1>(v, vi8{0, 8, 2, 10, 4, 12, 6, 14}, vi8{1, 9, 3, 11, 5, 13, 7, 15});
+  transpose_stage<vf8, vi8, 8, 4>(v, vi8{0, 1, 2, 3, 8, 9, 10, 11}, vi8{4, 5, 6, 7, 12, 13, 14, 15});
+  transpose_stage<vf8, vi8, 8, 2>(v, vi8{0, 1, 8, 9, 4, 5, 12, 13}, vi8{2, 3, 10, 11, 6, 7, 14, 15});
+  transpose_stage<vf8, vi8, 8, 1>(v, vi8{0, 8, 2, 10, 4, 12, 6, 14}, vi8{1, 9, 3, 11, 5, 13, 7, 15});
 }
+#endif
 #endif
 
 // Tiles: an (n x m) block of rows, row i at row(i) (a pointer), n, m <= L, moved to / from lanes.
