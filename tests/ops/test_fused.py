@@ -133,7 +133,7 @@ def test_onednn_linear_autograd_matches_eager(lead, cin, cout, alternative):
 
 @pytest.fixture
 def fresh_choices(monkeypatch):
-    """An empty choice cache, autotuning on whatever the environment says, restored afterwards."""
+    """An empty choice cache and autotuning switched on (HYBRIDVISION_AUTOTUNE unset), restored afterwards."""
     monkeypatch.setattr(fused, "_CHOICES", {})
     monkeypatch.setattr(fused, "_AUTOTUNE", True)
     monkeypatch.delenv("HYBRIDVISION_AUTOTUNE", raising=False)

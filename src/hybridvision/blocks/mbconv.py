@@ -53,7 +53,7 @@ class Downsample2d(nn.Module):
         if self.stride > 1:
             pool = nn.functional.max_pool2d if self.pool == "max" else nn.functional.avg_pool2d
             x = pool(x, self.stride, self.stride)
-        return conv2d(x, self.proj) if isinstance(self.proj, nn.Conv2d) else self.proj(x)
+        return conv2d(x, self.proj)
 
 
 class _SqueezeExciteFn(torch.autograd.Function):

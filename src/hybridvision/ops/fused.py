@@ -18,7 +18,7 @@ Everywhere else the same functions compute the identical eager expression (``F.g
 never branch. ``fast_path_enabled(False)`` turns the oneDNN path off globally (e.g. to compare).
 
 Which kernel is fastest depends on the CPU: on AVX-512 machines oneDNN's GEMM ran up to ~2x MKL's ``torch.mm``
-(MKL takes its AVX2 code on AMD CPUs), on an AVX2-only EPYC MKL ran 1.2-1.7x oneDNN's on the backward's transposed
+(MKL takes its AVX2 code on AMD CPUs), on an AVX2-only EPYC MKL ran 1.1-1.7x oneDNN's on the backward's transposed
 operands and oneDNN's GELU post-op cost more than a separate GELU. So each fused op has its plain form as an
 alternative and, the first time a shape is seen in a process, every alternative is timed (3 alternating rounds,
 best of each) and the fastest is used from then on for that shape and thread count (:func:`tuned_choices` lists
@@ -41,8 +41,9 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from hybridvision.ops import native
 
-__all__ = ["use_onednn", "fast_path_enabled", "autotune", "tuned_choices", "MIN_TUNED_MACS", "plain_eager", "in_func_transform", "hooked", "has_own_hooks",
-           "grads_of_plain", "conv2d", "conv_act", "conv_add", "linear_act", "linear_add"]
+__all__ = ["use_onednn", "fast_path_enabled", "autotune", "tuned_choices", "MIN_TUNED_MACS", "plain_eager",
+           "in_func_transform", "hooked", "has_own_hooks", "grads_of_plain", "conv2d", "conv_act", "conv_add",
+           "linear_act", "linear_add"]
 
 _ENABLED = True
 
@@ -204,11 +205,10 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ge
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """``F.linear`` with every GEMM (forward, grad input, grad weight) run by oneDNN (fp32 CPU).
-
-    On the CPUs we measured, oneDNN's GEMM ran ~2.5x the FLOP/s of ``torch.mm`` (benchmarks/bench_models.py
-    prints both peaks), so training steps gain too.
-    """
+    """``F.linear`` (fp32 CPU) with each GEMM (forward, grad input, grad weight) by oneDNN or MKL, the faster for
+    its shape (module docstring): on AVX-512 CPUs oneDNN's GEMM ran up to ~2x ``torch.mm``'s, on an AVX2-only
+    EPYC MKL ran the transposed-operand GEMMs of the backward 1.1-1.7x faster (benchmarks/bench_models.py prints
+    both peaks)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -238,9 +238,22 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def _conv_args(conv: nn.Conv2d) -> tuple:
+    """(padding, stride, dilation, groups) of ``conv``, the first three as tuples of two ints."""
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise ValueError(f"fused conv needs numeric zero padding, got {conv.padding!r} / {conv.padding_mode!r}")
-    return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
+    return tuple(conv.padding), tuple(conv.stride), tuple(conv.dilation), conv.groups
+
+
+def _conv_key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple, stride: tuple,
+              dilation: tuple, groups: int) -> tuple:
+    """What decides a conv kernel's speed: shapes, bias, padding, stride, dilation, groups."""
+    return tuple(x.shape), tuple(weight.shape), bias is not None, padding, stride, dilation, groups
+
+
+def _conv_macs(x: torch.Tensor, weight: torch.Tensor, stride: tuple) -> int:
+    """Multiply-adds of a conv of x (B, C_in, H, W) by weight (C_out, C_in / groups, kh, kw) (the output size taken
+    as H, W over the strides)."""
+    return x.shape[0] * weight.numel() * (x.shape[2] // stride[0]) * (x.shape[3] // stride[1])
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -265,7 +278,7 @@ def _native_dw3x3(x: torch.Tensor, weight: torch.Tensor, stride: tuple, padding:
 
 def _pointwise(weight: torch.Tensor, stride, padding, groups: int) -> bool:
     """A dense 1x1 conv with stride 1 and no padding: a GEMM on the channels-last rows."""
-    return weight.shape[2:] == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0) and groups == 1
+    return weight.shape[2:] == (1, 1) and stride == (1, 1) and padding == (0, 0) and groups == 1
 
 
 def _pointwise_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -294,8 +307,8 @@ class _TunedConv(torch.autograd.Function):
             alternatives += (("mkl", lambda: _pointwise_mm(x, weight, bias)),)
         if len(alternatives) == 1:
             return alternatives[0][1]()
-        return _fastest(("conv", tuple(x.shape), tuple(weight.shape), bias is not None, stride),
-                        x.shape[0] * weight.numel() * x.shape[2] * x.shape[3] // (stride[0] * stride[1]), alternatives)
+        return _fastest(("conv",) + _conv_key(x, weight, bias, padding, stride, dilation, groups),
+                        _conv_macs(x, weight, stride), alternatives)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -306,8 +319,8 @@ class _TunedConv(torch.autograd.Function):
             conv = lambda x, w, b: F.conv2d(x, w, b, stride, padding, dilation, groups)  # noqa: E731
             return grads_of_plain(conv, (x, weight, bias), needs, (grad,)) + (None,) * 4
         grad = grad.contiguous(memory_format=torch.channels_last)
-        key = (tuple(x.shape), tuple(weight.shape), stride, padding, dilation, groups)
-        macs = grad.numel() * weight[0].numel()
+        key = _conv_key(x, weight, bias, padding, stride, dilation, groups)
+        macs = _conv_macs(x, weight, stride)
         pointwise = _pointwise(weight, stride, padding, groups)
 
         def onednn(g: torch.Tensor, inp: torch.Tensor, which: int) -> torch.Tensor:
@@ -337,28 +350,17 @@ class _TunedConv(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
 
-def conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``conv(x)``; when it trains on the CPU (grad mode, fp32, channels-last input, plain eager, zero numeric
-    padding, no hooks) the backward picks the fastest kernel for each gradient (:class:`_TunedConv`).
-    x: (B, C_in, H, W) -> (B, C_out, H', W')."""
-    if torch.is_grad_enabled() and _onednn_ok(x) and x.is_contiguous(memory_format=torch.channels_last) \
+def conv2d(x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+    """``conv(x)``; when ``conv`` is a plain ``nn.Conv2d`` (its own ``forward``, zero numeric padding, no hooks) that
+    trains on the CPU (grad mode, fp32, channels-last input, plain eager), the forward and each gradient take the
+    fastest kernel (:class:`_TunedConv`). Any other module is called. x: (B, C_in, H, W) -> (B, C_out, H', W')."""
+    if isinstance(conv, nn.Conv2d) and type(conv).forward is nn.Conv2d.forward and torch.is_grad_enabled() \
+            and _onednn_ok(x) and x.is_contiguous(memory_format=torch.channels_last) \
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and not hooked(conv) \
             and (x.requires_grad or conv.weight.requires_grad):
-        return _TunedConv.apply(x, conv.weight, conv.bias, tuple(conv.stride), tuple(conv.padding),
-                                tuple(conv.dilation), conv.groups)
+        pad, stride, dil, groups = _conv_args(conv)
+        return _TunedConv.apply(x, conv.weight, conv.bias, stride, pad, dil, groups)
     return conv(x)
-
-
-def _conv_key(x: torch.Tensor, conv: nn.Conv2d) -> tuple:
-    """What decides the kernel's speed: shapes, bias, padding, stride, dilation, groups."""
-    return (tuple(x.shape), tuple(conv.weight.shape), conv.bias is not None, tuple(conv.padding), tuple(conv.stride),
-            tuple(conv.dilation), conv.groups)
-
-
-def _conv_macs(x: torch.Tensor, conv: nn.Conv2d) -> int:
-    """Multiply-adds of ``conv(x)``, x: (B, C_in, H, W) (the output size taken as H, W over the strides)."""
-    c_out, c_in_group, kh, kw = conv.weight.shape
-    return x.shape[0] * c_out * c_in_group * kh * kw * (x.shape[2] // conv.stride[0]) * (x.shape[3] // conv.stride[1])
 
 
 def conv_act(x: torch.Tensor, conv: nn.Conv2d, gelu: bool = True) -> torch.Tensor:
@@ -375,7 +377,7 @@ def conv_act(x: torch.Tensor, conv: nn.Conv2d, gelu: bool = True) -> torch.Tenso
             alternatives = (("onednn+gelu", lambda: onednn(True)), ("onednn, gelu", lambda: F.gelu(onednn(False))))
         else:
             alternatives = (("onednn", lambda: onednn(False)),)
-        if _native_dw3x3(x, conv.weight, tuple(stride), tuple(pad), tuple(dil), groups):
+        if _native_dw3x3(x, conv.weight, stride, pad, dil, groups):
             alternatives += (("native" + "+gelu" * gelu,
                               lambda: native.dw3x3_forward(x, conv.weight, conv.bias, stride[0], gelu)),)
         if _pointwise(conv.weight, stride, pad, groups) and x.is_contiguous(memory_format=torch.channels_last):
@@ -383,7 +385,8 @@ def conv_act(x: torch.Tensor, conv: nn.Conv2d, gelu: bool = True) -> torch.Tenso
             alternatives += (("mkl, gelu", lambda: F.gelu(mkl())) if gelu else ("mkl", mkl),)
         if len(alternatives) == 1:
             return onednn(False)
-        return _fastest(("conv_gelu" if gelu else "conv",) + _conv_key(x, conv), _conv_macs(x, conv), alternatives)
+        key = _conv_key(x, conv.weight, conv.bias, pad, stride, dil, groups)
+        return _fastest(("conv_gelu" if gelu else "conv",) + key, _conv_macs(x, conv.weight, stride), alternatives)
     y = conv(x)
     return F.gelu(y) if gelu else y
 
@@ -394,7 +397,7 @@ def conv_add(x: torch.Tensor, conv: nn.Conv2d, other: torch.Tensor) -> torch.Ten
             and x.is_contiguous(memory_format=torch.channels_last) and not hooked(conv):
         pad, stride, dil, groups = _conv_args(conv)
         w, b = conv.weight, conv.bias
-        return _fastest(("conv_add",) + _conv_key(x, conv), _conv_macs(x, conv), (
+        return _fastest(("conv_add",) + _conv_key(x, w, b, pad, stride, dil, groups), _conv_macs(x, w, stride), (
             ("onednn+add", lambda: torch.ops.mkldnn._convolution_pointwise.binary(
                 x, other, w, b, pad, stride, dil, groups, "add", 1.0, None, [], None)),
             ("onednn, add", lambda: torch.ops.mkldnn._convolution_pointwise(

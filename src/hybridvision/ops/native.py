@@ -182,7 +182,8 @@ def prebuild() -> None:
     except RuntimeError as exc:
         print(f"[setup] WARNING: {exc}")
         return
-    print(f"[setup] native kernels ready (circular_conv, BatchNorm+GELU, depthwise 3x3; torch.ops.hybridvision, CPU tag {_cpu_tag()})")
+    print("[setup] native kernels ready (circular_conv, BatchNorm+GELU, depthwise 3x3; torch.ops.hybridvision, "
+          f"CPU tag {_cpu_tag()})")
 
 
 def dw3x3_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,

@@ -39,7 +39,7 @@ typedef float vf4 __attribute__((vector_size(16)));
 typedef double vd2 __attribute__((vector_size(16)));
 // The full vector and the half one for narrow tails: one register of the ISA -- 64 bytes with AVX-512, else 32.
 // (64-byte vectors on an AVX2-only CPU take two registers each: the R-row blocks below then spill, and the kernel
-// ran 2-3x slower than the GEMM method on an AVX2 EPYC.)
+// ran 2-5x slower than the GEMM method on an AVX2 EPYC.)
 template <typename T> struct Vec;
 #if defined(__AVX512F__)
 template <> struct Vec<float> { typedef vf16 type; typedef vf8 half; static constexpr int64_t n = 16; };

@@ -22,8 +22,9 @@ namespace hybridvision_native {
 
 // (Phi(z), phi(z)): the standard normal CDF and density, so that gelu(z) = z * Phi(z), gelu'(z) = Phi(z) + z * phi(z).
 // float: erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), the formula of ATen's own vectorised float erf, whose
-// exp(-z^2 / 2) is the density's too: one exp per element, ATen's exp_u20 (a degree-5 polynomial, ~20 ulp; Sleef's
-// 1-ulp exp made GELU cost 2-3x the memory passes on an AVX2 EPYC). gelu(z) stays within 3.7e-7 of the float64
+// exp(-z^2 / 2) is the density's too: one exp per element, ATen's exp_u20 (a degree-5 polynomial, ~20 ulp; with
+// Sleef's 1-ulp exp, BatchNorm + GELU at 384 channels @112, batch 8, took 55.5 / 75.4 ms forward / backward against
+// 27.1 / 38.2 ms without GELU on an AVX2 EPYC, scratch timing). gelu(z) stays within 3.7e-7 of the float64
 // formula over [-12, 12] (torch's fp32 gelu: 3.0e-7). double: ATen's accurate erf and exp.
 template <typename T>
 inline std::pair<at::vec::Vectorized<T>, at::vec::Vectorized<T>> normal_cdf_pdf(const at::vec::Vectorized<T>& z) {
