@@ -133,8 +133,11 @@ def test_onednn_linear_autograd_matches_eager(lead, cin, cout, alternative):
 
 @pytest.fixture
 def fresh_choices(monkeypatch):
-    """An empty choice cache and autotuning switched on (HYBRIDVISION_AUTOTUNE unset), restored afterwards."""
+    """An empty choice cache, no re-timing, autotuning switched on (HYBRIDVISION_AUTOTUNE unset), restored
+    afterwards."""
     monkeypatch.setattr(fused, "_CHOICES", {})
+    monkeypatch.setattr(fused, "_PENDING", {})
+    monkeypatch.setattr(fused, "RETIME_AFTER_S", float("inf"))
     monkeypatch.setattr(fused, "_AUTOTUNE", True)
     monkeypatch.delenv("HYBRIDVISION_AUTOTUNE", raising=False)
 
@@ -160,6 +163,38 @@ def test_autotune_picks_the_fastest_once_per_key(fresh_choices):
     assert calls == ["fast!"] * 3  # cached: no more timing
     fused._fastest(("op", 1, 3), MIN_TUNED_MACS, alts)  # a new shape is timed again
     assert len(tuned_choices()) == 2
+
+
+def test_autotune_times_each_key_again_later_and_keeps_the_best_of_both(fresh_choices, monkeypatch):
+    """A stall during the first timing (here: the fast alternative slept then) is outvoted by the second timing,
+    which runs at the key's first call RETIME_AFTER_S after the first and then never again."""
+    calls, naps = [], {"fast": 0.02, "slow": 0.004}
+    alts = tuple((name, lambda name=name: (calls.append(name), time.sleep(naps[name]), torch.ones(1))[2])
+                 for name in ("slow", "fast"))
+    key = ("op", 7)
+    fused._fastest(key, MIN_TUNED_MACS, alts)
+    assert list(tuned_choices().values()) == ["slow"]  # the stall fooled the first timing
+    naps["fast"] = 0.0
+    calls.clear()
+    fused._fastest(key, MIN_TUNED_MACS, alts)
+    assert calls == ["slow"]  # before RETIME_AFTER_S: the first choice, untimed
+    monkeypatch.setattr(fused, "RETIME_AFTER_S", 0.0)
+    calls.clear()
+    fused._fastest(key, MIN_TUNED_MACS, alts)
+    assert len(calls) == 2 * fused._TUNE_ROUNDS and list(tuned_choices().values()) == ["fast"]
+    naps["fast"] = 0.02  # a stall now changes nothing: the choice is final
+    calls.clear()
+    for _ in range(2):
+        fused._fastest(key, MIN_TUNED_MACS, alts)
+    assert calls == ["fast", "fast"] and list(tuned_choices().values()) == ["fast"]
+    # the best of both timings counts: a key whose second timing alone would pick the other alternative
+    naps["fast"], naps["slow"] = 0.0, 0.006
+    key2 = ("op", 8)
+    fused._fastest(key2, MIN_TUNED_MACS, alts)
+    naps["fast"], naps["slow"] = 0.012, 0.003
+    fused._fastest(key2, MIN_TUNED_MACS, alts)
+    assert tuned_choices()[key2 + (torch.get_num_threads(),)] == "fast"
+    assert not fused._PENDING
 
 
 def test_autotune_off_small_and_deterministic_run_the_first(fresh_choices, monkeypatch):

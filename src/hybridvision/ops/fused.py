@@ -21,8 +21,11 @@ Which kernel is fastest depends on the CPU: on AVX-512 machines oneDNN's GEMM ra
 (MKL takes its AVX2 code on AMD CPUs), on an AVX2-only EPYC MKL ran 1.1-1.7x oneDNN's on the backward's transposed
 operands and oneDNN's GELU post-op cost more than a separate GELU. So each fused op has its plain form as an
 alternative and, the first time a shape is seen in a process, every alternative is timed (3 alternating rounds,
-best of each) and the fastest is used from then on for that shape and thread count (:func:`tuned_choices` lists
-them). Ops below :data:`MIN_TUNED_MACS` multiply-adds are not timed (the first alternative runs). Every alternative
+best of each) and the fastest is used for that shape and thread count (:func:`tuned_choices` lists them). The
+shape is timed once more at its first call :data:`RETIME_AFTER_S` seconds later, and the fastest over both timings
+is kept for good: a process's first steps grow the heap and fault fresh pages in, and in one CoAtNet-0 training
+step on an AVX-512 EPYC the first timing saw whole stretches of calls run 3-40x slow (oneDNN and the alternatives
+alike), which chose MKL GEMMs at half oneDNN's speed for 4 shapes; timed again in the fourth step, none. Ops below :data:`MIN_TUNED_MACS` multiply-adds are not timed (the first alternative runs). Every alternative
 computes the same expression up to fp32 rounding, but two processes may pick different ones: for bitwise-repeatable
 runs, ``torch.use_deterministic_algorithms(True)``, ``HYBRIDVISION_AUTOTUNE=0`` or ``autotune(False)`` fix the
 choice to the first alternative (the oneDNN kernel).
@@ -41,9 +44,9 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from hybridvision.ops import native
 
-__all__ = ["use_onednn", "fast_path_enabled", "autotune", "tuned_choices", "MIN_TUNED_MACS", "plain_eager",
-           "in_func_transform", "hooked", "has_own_hooks", "grads_of_plain", "conv2d", "conv_act", "conv_add",
-           "linear_act", "linear_add"]
+__all__ = ["use_onednn", "fast_path_enabled", "autotune", "tuned_choices", "MIN_TUNED_MACS", "RETIME_AFTER_S",
+           "plain_eager", "in_func_transform", "hooked", "has_own_hooks", "grads_of_plain", "conv2d", "conv_act",
+           "conv_add", "linear_act", "linear_add"]
 
 _ENABLED = True
 
@@ -125,7 +128,10 @@ MIN_TUNED_MACS = 1 << 24
 _AUTOTUNE_ENV = "HYBRIDVISION_AUTOTUNE"
 _AUTOTUNE: bool | None = None  # None: on unless HYBRIDVISION_AUTOTUNE=0
 _TUNE_ROUNDS = 3
+RETIME_AFTER_S = 2.0
+"""A shape's choice is timed again at its first call this many seconds after the first timing (module docstring)."""
 _CHOICES: dict[tuple, tuple[int, str]] = {}  # key -> (index, name) of the fastest alternative
+_PENDING: dict[tuple, tuple[float, list[float]]] = {}  # key -> (when first timed, best s of each alternative)
 Alternatives = tuple[tuple[str, Callable[[], torch.Tensor]], ...]
 
 
@@ -137,6 +143,7 @@ def autotune(enabled: bool | None = None) -> bool:
     if enabled is not None:
         _AUTOTUNE = bool(enabled)
         _CHOICES.clear()
+        _PENDING.clear()
     on = _AUTOTUNE if _AUTOTUNE is not None else os.environ.get(_AUTOTUNE_ENV, "1") != "0"
     return on and not torch.are_deterministic_algorithms_enabled()
 
@@ -148,14 +155,20 @@ def tuned_choices() -> dict[tuple, str]:
 
 def _fastest(key: tuple, macs: int, alternatives: Alternatives) -> torch.Tensor:
     """Run the fastest of ``alternatives`` (``(name, thunk)`` pairs computing the same tensor) for ``key``, timing them
-    all the first time the key is seen (:func:`autotune`); returns the thunk's result."""
+    all the first time the key is seen and once more :data:`RETIME_AFTER_S` later (:func:`autotune`); returns the
+    thunk's result."""
     key = key + (torch.get_num_threads(),)
     choice = _CHOICES.get(key)
     if choice is not None:
-        return alternatives[choice[0]][1]()
-    if macs < MIN_TUNED_MACS or not autotune():
+        pending = _PENDING.get(key)
+        if pending is None or time.perf_counter() - pending[0] < RETIME_AFTER_S:
+            return alternatives[choice[0]][1]()
+        del _PENDING[key]
+        best = pending[1]
+    elif macs < MIN_TUNED_MACS or not autotune():
         return alternatives[0][1]()
-    best = [float("inf")] * len(alternatives)
+    else:
+        best = [float("inf")] * len(alternatives)
     outs: list[torch.Tensor | None] = [None] * len(alternatives)
     for r in range(_TUNE_ROUNDS):
         order = range(len(alternatives)) if r % 2 == 0 else reversed(range(len(alternatives)))
@@ -164,6 +177,8 @@ def _fastest(key: tuple, macs: int, alternatives: Alternatives) -> torch.Tensor:
             outs[i] = alternatives[i][1]()
             best[i] = min(best[i], time.perf_counter() - t0)
     i = min(range(len(alternatives)), key=best.__getitem__)
+    if choice is None:
+        _PENDING[key] = (time.perf_counter(), best)
     _CHOICES[key] = (i, alternatives[i][0])
     return outs[i]
 
