@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hybridvision.ops import fused, native
 from hybridvision.ops.attention import RelAttention2d, RelPosBias2d, relative_index
 
 
@@ -167,6 +168,31 @@ def test_attention_equals_explicit_softmax_float64(dim, out_dim, head_dim, size,
     params = [attn.qkv.weight, attn.qkv.bias, attn.proj.weight]
     for a, b in zip(torch.autograd.grad(out, [xg] + params, gy), torch.autograd.grad(ref, [xg] + params, gy)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel", [0, 1], ids=["sdpa", "native"])
+@pytest.mark.parametrize("grid,head_dim", [((7, 7), 32), ((3, 5), 8), ((4, 6), 12)])
+def test_float_inference_kernels_equal_the_formula(kernel, grid, head_dim, monkeypatch):
+    """CPU fp32 inference runs the attention by the tuner's choice: each alternative against the float64 formula."""
+    if kernel == 1 and not native.available():
+        pytest.skip("native kernels not built")
+    ran = []
+
+    def forced(key, macs, alternatives):
+        ran.append((key[0], alternatives[kernel][0]))  # the linears around it: their alternative of that index
+        return alternatives[kernel][1]()
+
+    monkeypatch.setattr(fused, "_fastest", forced)
+    torch.manual_seed(0)
+    attn = RelAttention2d(24, 2 * head_dim * 2, head_dim=head_dim, size=(5, 5)).eval()
+    with torch.no_grad():
+        attn.rel_pos.table.normal_(0, 1.0)
+    x = torch.randn(3, *grid, 24)
+    with torch.inference_mode():
+        out = attn(x)
+    ref = _explicit_attention(attn.double(), x.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    assert ("attention", ("sdpa", "native")[kernel]) in ran
 
 
 def test_attention_gradcheck_float64():

@@ -205,3 +205,54 @@ def test_depthwise_ops_name_bad_inputs():
         native.dw3x3_backward_input(x, w, 6, 5, 1)
     with pytest.raises(RuntimeError, match="gy must be"):
         native.dw3x3_backward_weight(x, x, 2)
+
+
+# attention (csrc/attention_cpu.cpp): (B, N, heads, d). N below, at and above the 8 / 16 float lanes, with 8-row
+# blocks, a 4-row block and single rows left over; d below a vector, not a multiple of one, 1, and wide enough for
+# several vector pairs of P V; one token.
+ATTN_SHAPES = [(2, 5, 3, 4), (3, 49, 2, 32), (2, 196, 3, 32), (1, 17, 2, 40), (2, 33, 1, 64), (1, 1, 1, 1),
+               (2, 64, 2, 128), (1, 20, 1, 24), (2, 16, 2, 16), (1, 45, 2, 1)]
+
+
+def _attention_formula(qkv: torch.Tensor, bias: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64: P = softmax(scale q k^T + bias), y = P v; qkv (B, N, 3, heads, d) -> (y (B, N, heads, d), P)."""
+    q, k, v = qkv.double().permute(2, 0, 3, 1, 4).unbind(0)
+    p = ((q @ k.transpose(-1, -2)) * scale + bias.double()).softmax(-1)
+    return (p @ v).transpose(1, 2), p
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", ATTN_SHAPES)
+def test_attention_forward_matches_float64(shape, dtype):
+    b, n, heads, d = shape
+    torch.manual_seed(0)
+    qkv, bias = torch.randn(b, n, 3, heads, d, dtype=dtype) * 2, torch.randn(heads, n, n, dtype=dtype) * 3
+    y_ref, p_ref = _attention_formula(qkv, bias, d**-0.5)
+    # float: exp_u20 (~20 ulp) in the softmax
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for keep in (False, True):
+        y, p = native.attention_forward(qkv, bias, heads, d**-0.5, keep)
+        assert y.shape == (b, n, heads, d) and y.dtype == dtype and y.is_contiguous()
+        torch.testing.assert_close(y.double(), y_ref, **tol)
+        if keep:
+            torch.testing.assert_close(p.double(), p_ref, **tol)
+        else:
+            assert p.numel() == 0
+
+
+def test_attention_forward_is_stable_and_names_bad_inputs():
+    # float32 logits far below zero (exp underflows to 0 without the max shift) and far above (overflows): the same
+    # softmax, up to the rounding of logits near 200 (ulp 1.5e-5)
+    qkv, bias = torch.randn(2, 10, 3, 2, 8), torch.randn(2, 10, 10)
+    y, _ = native.attention_forward(qkv, bias, 2, 8**-0.5, False)
+    for shift in (-200.0, 200.0):
+        torch.testing.assert_close(native.attention_forward(qkv, bias + shift, 2, 8**-0.5, False)[0], y,
+                                   rtol=1e-3, atol=2e-4)
+    with pytest.raises(RuntimeError, match=r"qkv must be a \(B, N, 3, heads=3, d\)"):
+        native.attention_forward(qkv, bias, 3, 1.0, False)
+    with pytest.raises(RuntimeError, match="qkv must be contiguous"):
+        native.attention_forward(qkv.transpose(0, 1), bias, 2, 1.0, False)
+    with pytest.raises(RuntimeError, match=r"bias must be a contiguous \(heads, N, N\) = \(2, 10, 10\)"):
+        native.attention_forward(qkv, bias[:, :9, :9], 2, 1.0, False)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        native.attention_forward(qkv.half(), bias.half(), 2, 1.0, False)

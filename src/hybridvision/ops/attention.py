@@ -7,7 +7,9 @@ between query and key. For a grid other than the table's ``size`` the table is r
 (``align_corners=False``, the half-pixel rule of the official ``tf.image.resize``), so one model
 runs at any resolution, square or not.
 
-Torch only (this is ``ops``).
+On the CPU at inference, the attention itself (softmax(q k^T / sqrt(d) + B) v) has two kernels, timed against each
+other per shape by :mod:`hybridvision.ops.fused`'s autotuner: ``F.scaled_dot_product_attention`` and hybridvision's
+own (``ops/csrc/attention_cpu.cpp``, reading q, k and v straight from the projection's output).
 """
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridvision.ops import fused, native
 from hybridvision.ops.fused import hooked, linear_act, linear_add, plain_eager
 from hybridvision.ops.sizes import pair as _pair
 
-__all__ = ["RelPosBias2d", "RelAttention2d", "relative_index"]
+__all__ = ["RelPosBias2d", "RelAttention2d", "relative_index", "attend"]
 
 
 def relative_index(height: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -152,6 +155,31 @@ class RelPosBias2d(nn.Module):
         return super()._apply(fn, recurse)
 
 
+def attend(qkv: torch.Tensor, bias: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim) + bias) v for every image and head, without gradients (CPU fp32: the faster of
+    SDPA and the native kernel for the shape, see the module docstring; elsewhere SDPA).
+
+    Args:
+        qkv: (B, N, 3, heads, head_dim): a q/k/v projection's output, tokens first.
+        bias: (heads, N, N), contiguous.
+
+    Returns:
+        (B, N, heads, head_dim); its (B, N, heads * head_dim) reshape is the output projection's input.
+    """
+    b, n, _, heads, d = qkv.shape
+
+    def sdpa() -> torch.Tensor:
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d) views
+        # a 4-D mask lets SDPA pick the fused CPU flash kernel (a 3-D one falls back to the math path)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0)).transpose(1, 2)
+
+    if not (fused.use_onednn(qkv) and native.available()):
+        return sdpa()
+    qkv, bias = qkv.contiguous(), bias.contiguous()
+    return fused._fastest(("attention", b, n, heads, d), 2 * b * heads * n * n * d, (
+        ("sdpa", sdpa), ("native", lambda: native.attention_forward(qkv, bias, heads, d**-0.5, False)[0])))
+
+
 class RelAttention2d(nn.Module):
     """Multi-head self-attention over a 2-D token grid with a relative position bias (CoAtNet Eq. 3).
 
@@ -212,22 +240,23 @@ class RelAttention2d(nn.Module):
             )
         b, h, w, _ = x.shape
         n = h * w
-        qkv = linear_act(x, self.qkv).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, heads, N, d)
-        # (1, heads, N, N): a 4-D mask lets SDPA pick the fused CPU flash kernel (a 3-D one falls back to
-        # the math path); a trainable bias that needs its gradient takes the branch below on the CPU (elsewhere
-        # SDPA's math / memory-efficient paths return that gradient).
-        bias = self.rel_pos((h, w), dtype=q.dtype).unsqueeze(0)
+        qkv = linear_act(x, self.qkv).reshape(b, n, 3, self.num_heads, self.head_dim)
+        bias = self.rel_pos((h, w), dtype=qkv.dtype)  # (heads, N, N)
         drop = self.attn_drop if self.training else 0.0
-        if torch.is_grad_enabled() and bias.requires_grad and x.device.type == "cpu" and plain_eager():
-            # a mask that needs a gradient sends SDPA on the CPU to its math path, which also scales k and runs a
-            # NaN-safe softmax (extra passes over the (B, heads, N, N) logits): the plain expression is faster
-            attn = (torch.matmul(q * self.head_dim**-0.5, k.transpose(-2, -1)) + bias).softmax(-1)
-            y = (F.dropout(attn, drop) if drop else attn) @ v
+        if not drop and not (torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad)):
+            y = attend(qkv, bias, self.head_dim)  # (B, N, heads, d)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
-        # y: (B, heads, N, d); the flash kernel returns it as a (B, N, heads, d) layout: the reshape is free
-        y = y.transpose(1, 2).reshape(b, h, w, self.out_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d)
+            bias = bias.unsqueeze(0)  # (1, heads, N, N): SDPA's fused CPU kernel takes a 4-D mask, not a 3-D one
+            if torch.is_grad_enabled() and bias.requires_grad and x.device.type == "cpu" and plain_eager():
+                # a mask that needs a gradient sends SDPA on the CPU to its math path, which also scales k and runs
+                # a NaN-safe softmax (extra passes over the (B, heads, N, N) logits): the plain expression is faster
+                attn = (torch.matmul(q * self.head_dim**-0.5, k.transpose(-2, -1)) + bias).softmax(-1)
+                y = (F.dropout(attn, drop) if drop else attn) @ v
+            else:  # elsewhere SDPA's math / memory-efficient paths return the bias gradient
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
+            y = y.transpose(1, 2)  # (B, N, heads, d); the flash kernel's output is laid out so: the reshape is free
+        y = y.reshape(b, h, w, self.out_dim)
         if shortcut is None:
             return self.proj_drop(linear_act(y, self.proj))
         if (self.training and self.proj_drop.p > 0) or hooked(self.proj_drop):  # the fused add skips proj_drop

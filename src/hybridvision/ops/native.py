@@ -1,6 +1,7 @@
 """hybridvision's hand-written CPU kernels: ``circular_conv(..., method="native")`` (``csrc/circular_cpu.cpp``),
-training-mode BatchNorm + GELU (``csrc/batchnorm_act_cpu.cpp``, used by :mod:`hybridvision.ops.norm_act`) and the
-depthwise 3x3 conv (``csrc/depthwise_cpu.cpp``, an alternative in :mod:`hybridvision.ops.fused`).
+training-mode BatchNorm + GELU (``csrc/batchnorm_act_cpu.cpp``, used by :mod:`hybridvision.ops.norm_act`), the
+depthwise 3x3 conv (``csrc/depthwise_cpu.cpp``, an alternative in :mod:`hybridvision.ops.fused`) and relative
+self-attention (``csrc/attention_cpu.cpp``, an alternative in :mod:`hybridvision.ops.attention`).
 
 They are compiled, as one extension, on first use with ``torch.utils.cpp_extension`` (a C++17 compiler and ninja
 are needed; 49 s on the 2-core development machine of 2026-12-02, see the README) into torch's extension cache,
@@ -28,6 +29,9 @@ factor above 7), 1 forces the direct sum, 2 the FFT.
         (``csrc/depthwise_cpu.cpp``; ``hybridvision.ops.fused`` times it against oneDNN)
     dw3x3_backward_input(gy (B, C, Ho, Wo), weight, H, W, stride) -> gx (B, C, H, W) channels-last
     dw3x3_backward_weight(gy, x, stride) -> gweight (C, 1, 3, 3)
+    attention_forward(qkv (B, N, 3, heads, d), bias (heads, N, N), heads, scale, keep_probs) -> (y (B, N, heads, d),
+        P (B, heads, N, N), or an empty tensor unless keep_probs): P = softmax(scale q k^T + bias) per image and head,
+        y = P v (``csrc/attention_cpu.cpp``)
 """
 from __future__ import annotations
 
@@ -42,12 +46,13 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "batch_norm_act_backward", "batch_norm_act_forward", "build", "compile_and_load", "disabled",
-           "dw3x3_backward_input", "dw3x3_backward_weight", "dw3x3_forward", "forward", "prebuild", "wgrad"]
+__all__ = ["attention_forward", "available", "batch_norm_act_backward", "batch_norm_act_forward", "build",
+           "compile_and_load", "disabled", "dw3x3_backward_input", "dw3x3_backward_weight", "dw3x3_forward", "forward", "prebuild", "wgrad"]
 
 _ENV_VAR = "HYBRIDVISION_NATIVE"
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / name for name in ("circular_cpu.cpp", "batchnorm_act_cpu.cpp", "depthwise_cpu.cpp")]
+_SOURCES = [_CSRC / name for name in ("circular_cpu.cpp", "batchnorm_act_cpu.cpp", "depthwise_cpu.cpp",
+                                       "attention_cpu.cpp")]
 _HEADERS = [_CSRC / "vec_gelu.h"]
 _lock = threading.Lock()
 _state: dict[str, Optional[str]] = {}  # "error": None once loaded, else the build error
@@ -203,3 +208,11 @@ def dw3x3_backward_weight(gy: torch.Tensor, x: torch.Tensor, stride: int) -> tor
     """``torch.ops.hybridvision.dw3x3_backward_weight``: gy (B, C, Ho, Wo), x (B, C, H, W) -> gw (C, 1, 3, 3)."""
     build()
     return torch.ops.hybridvision.dw3x3_backward_weight(gy, x, stride)
+
+
+def attention_forward(qkv: torch.Tensor, bias: torch.Tensor, heads: int, scale: float,
+                      keep_probs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.hybridvision.attention_forward``: qkv (B, N, 3, heads, d) contiguous, bias (heads, N, N) ->
+    (y (B, N, heads, d), P (B, heads, N, N) or an empty tensor)."""
+    build()
+    return torch.ops.hybridvision.attention_forward(qkv, bias, heads, scale, keep_probs)
