@@ -195,6 +195,48 @@ def test_float_inference_kernels_equal_the_formula(kernel, grid, head_dim, monke
     assert ("attention", ("sdpa", "native")[kernel]) in ran
 
 
+@pytest.mark.parametrize("grid,head_dim", [((7, 7), 32), ((3, 5), 8), ((4, 6), 12)])
+def test_float_training_native_gradients_equal_the_formula(grid, head_dim):
+    """CPU fp32 training runs the native forward and backward: outputs and the gradients of the input, the
+    projections and the relative-bias table against the same module in float64 (autograd through the written-out
+    formula, itself checked against the explicit one in test_attention_equals_explicit_softmax_float64)."""
+    if not native.available():
+        pytest.skip("native kernels not built")
+    torch.manual_seed(0)
+    attn = RelAttention2d(24, 2 * head_dim * 2, head_dim=head_dim, size=(5, 5)).train()
+    with torch.no_grad():
+        attn.rel_pos.table.normal_(0, 1.0)
+    ref = RelAttention2d(24, 2 * head_dim * 2, head_dim=head_dim, size=(5, 5)).double().train()
+    ref.load_state_dict(attn.state_dict())
+    x = torch.randn(3, *grid, 24, requires_grad=True)
+    xd = x.detach().double().requires_grad_()
+    out, expect = attn(x), ref(xd)
+    assert "NativeAttention" in str(out.grad_fn.next_functions[0][0].next_functions)  # through the native Function
+    torch.testing.assert_close(out.double(), expect, rtol=1e-4, atol=1e-5)
+    gy = torch.randn_like(out)
+    ours = torch.autograd.grad(out, [x, attn.qkv.weight, attn.proj.weight, attn.rel_pos.table], gy)
+    theirs = torch.autograd.grad(expect, [xd, ref.qkv.weight, ref.proj.weight, ref.rel_pos.table], gy.double())
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+def test_native_attention_double_backward_matches_the_formula():
+    """create_graph=True through the native Function differentiates the written-out formula."""
+    if not native.available():
+        pytest.skip("native kernels not built")
+    from hybridvision.ops.attention import _NativeAttention, _formula
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 6, 3, 2, 4, requires_grad=True)
+    bias = torch.randn(2, 6, 6, requires_grad=True)
+    gy = torch.randn(2, 6, 2, 4)
+    results = []
+    for fn in (lambda q, b: _NativeAttention.apply(q, b, 4), lambda q, b: _formula(q, b, 4)):
+        g_qkv, g_bias = torch.autograd.grad(fn(qkv, bias), (qkv, bias), gy, create_graph=True)
+        results.append(torch.autograd.grad((g_qkv**2).sum() + (g_bias**2).sum(), (qkv, bias)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_attention_gradcheck_float64():
     torch.manual_seed(0)
     attn = RelAttention2d(8, 8, head_dim=4, size=(3, 2)).double()

@@ -256,3 +256,31 @@ def test_attention_forward_is_stable_and_names_bad_inputs():
         native.attention_forward(qkv, bias[:, :9, :9], 2, 1.0, False)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         native.attention_forward(qkv.half(), bias.half(), 2, 1.0, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", ATTN_SHAPES)
+def test_attention_backward_matches_float64_autograd(shape, dtype):
+    b, n, heads, d = shape
+    torch.manual_seed(1)
+    qkv, bias = torch.randn(b, n, 3, heads, d, dtype=dtype), torch.randn(heads, n, n, dtype=dtype) * 2
+    y, p = native.attention_forward(qkv, bias, heads, d**-0.5, True)
+    gy = torch.randn_like(y)
+    gqkv, gbias = native.attention_backward(gy, qkv, p, d**-0.5)
+    qd, bd = qkv.double().requires_grad_(), bias.double().requires_grad_()
+    ref_q, ref_b = torch.autograd.grad(_attention_formula(qd, bd, d**-0.5)[0], (qd, bd), gy.double())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    assert gqkv.shape == qkv.shape and gbias.shape == bias.shape and gqkv.dtype == gbias.dtype == dtype
+    torch.testing.assert_close(gqkv.double(), ref_q, **tol)
+    torch.testing.assert_close(gbias.double(), ref_b, **tol)
+
+
+def test_attention_backward_names_bad_inputs():
+    qkv, bias = torch.randn(2, 10, 3, 2, 8), torch.randn(2, 10, 10)
+    y, p = native.attention_forward(qkv, bias, 2, 1.0, True)
+    with pytest.raises(RuntimeError, match=r"gy must be a contiguous \(B, N, heads, d\) = \(2, 10, 2, 8\)"):
+        native.attention_backward(y[:, :5], qkv, p, 1.0)
+    with pytest.raises(RuntimeError, match=r"probs must be the forward's contiguous"):
+        native.attention_backward(y, qkv, p.transpose(-1, -2), 1.0)
+    with pytest.raises(RuntimeError, match=r"qkv must be a contiguous \(B, N, 3, heads, d\)"):
+        native.attention_backward(y, qkv[:, :, :2], p, 1.0)

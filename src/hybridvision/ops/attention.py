@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridvision.ops import fused, native
-from hybridvision.ops.fused import hooked, linear_act, linear_add, plain_eager
+from hybridvision.ops.fused import grads_of_plain, hooked, linear_act, linear_add, plain_eager
 from hybridvision.ops.sizes import pair as _pair
 
 __all__ = ["RelPosBias2d", "RelAttention2d", "relative_index", "attend"]
@@ -155,13 +155,49 @@ class RelPosBias2d(nn.Module):
         return super()._apply(fn, recurse)
 
 
-def attend(qkv: torch.Tensor, bias: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """softmax(q k^T / sqrt(head_dim) + bias) v for every image and head, without gradients (CPU fp32: the faster of
-    SDPA and the native kernel for the shape, see the module docstring; elsewhere SDPA).
+def _formula(qkv: torch.Tensor, bias: torch.Tensor, head_dim: int, dropout: float = 0.0) -> torch.Tensor:
+    """The attention written out (dropout on the probabilities): qkv (B, N, 3, heads, d), bias (heads, N, N) ->
+    (B, N, heads, d)."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d)
+    attn = (torch.matmul(q * head_dim**-0.5, k.transpose(-2, -1)) + bias).softmax(-1)
+    return ((F.dropout(attn, dropout) if dropout else attn) @ v).transpose(1, 2)
+
+
+class _NativeAttention(torch.autograd.Function):
+    """The native kernels with gradients: the forward keeps P (B, heads, N, N) for the backward, which returns the
+    gradients of qkv and of the bias (summed over the images). Double backward: through :func:`_formula`."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, bias: torch.Tensor, head_dim: int) -> torch.Tensor:
+        y, probs = native.attention_forward(qkv, bias, qkv.shape[3], head_dim**-0.5, True)
+        ctx.save_for_backward(qkv, bias, probs)
+        ctx.head_dim = head_dim
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        qkv, bias, probs = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph: a backward that can be differentiated again
+            plain = lambda q, b: _formula(q, b, ctx.head_dim)  # noqa: E731
+            return grads_of_plain(plain, (qkv, bias), needs, (grad,)) + (None,)
+        gqkv, gbias = native.attention_backward(grad.contiguous(), qkv, probs, ctx.head_dim**-0.5)
+        return gqkv if needs[0] else None, gbias if needs[1] else None, None
+
+
+def attend(qkv: torch.Tensor, bias: torch.Tensor, head_dim: int, dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim) + bias) v for every image and head (``dropout`` on the probabilities).
+
+    CPU fp32 without dropout, where the native kernels are built: with gradients, the native forward and backward
+    (``_NativeAttention``: 2.8x the written-out expression's forward + backward at CoAtNet-0's stage-3 shape, batch 8,
+    scratch timing); without, the faster of SDPA and the native forward for the shape (module docstring). Elsewhere:
+    SDPA, or, on the CPU when the bias needs a gradient, the written-out expression (a mask that needs a gradient
+    sends SDPA on the CPU to its math path, which also scales k and runs a NaN-safe softmax: extra passes over the
+    (B, heads, N, N) logits).
 
     Args:
         qkv: (B, N, 3, heads, head_dim): a q/k/v projection's output, tokens first.
-        bias: (heads, N, N), contiguous.
+        bias: (heads, N, N).
 
     Returns:
         (B, N, heads, head_dim); its (B, N, heads * head_dim) reshape is the output projection's input.
@@ -170,14 +206,20 @@ def attend(qkv: torch.Tensor, bias: torch.Tensor, head_dim: int) -> torch.Tensor
 
     def sdpa() -> torch.Tensor:
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d) views
-        # a 4-D mask lets SDPA pick the fused CPU flash kernel (a 3-D one falls back to the math path)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0)).transpose(1, 2)
+        # a 4-D mask lets SDPA pick the fused CPU flash kernel (a 3-D one falls back to the math path); the flash
+        # kernel's output is laid out as (B, N, heads, d): the transpose back is free
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0), dropout_p=dropout).transpose(1, 2)
 
-    if not (fused.use_onednn(qkv) and native.available()):
-        return sdpa()
-    qkv, bias = qkv.contiguous(), bias.contiguous()
-    return fused._fastest(("attention", b, n, heads, d), 2 * b * heads * n * n * d, (
-        ("sdpa", sdpa), ("native", lambda: native.attention_forward(qkv, bias, heads, d**-0.5, False)[0])))
+    grad = torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad)
+    if not dropout and fused._onednn_ok(qkv) and native.available():
+        qkv, bias = qkv.contiguous(), bias.contiguous()
+        if grad:
+            return _NativeAttention.apply(qkv, bias, head_dim)
+        return fused._fastest(("attention", b, n, heads, d), 2 * b * heads * n * n * d, (
+            ("sdpa", sdpa), ("native", lambda: native.attention_forward(qkv, bias, heads, d**-0.5, False)[0])))
+    if grad and bias.requires_grad and qkv.device.type == "cpu" and plain_eager():
+        return _formula(qkv, bias, head_dim, dropout)
+    return sdpa()
 
 
 class RelAttention2d(nn.Module):
@@ -192,9 +234,9 @@ class RelAttention2d(nn.Module):
         attn_drop: dropout on the attention probabilities (training only).
         proj_drop: dropout after the output projection.
 
-    The logits ``q k^T / sqrt(head_dim) + B`` go through ``F.scaled_dot_product_attention`` with ``B`` as the
-    additive float mask, so the fused CPU/GPU kernels do the work; CPU training (the bias needs a gradient, which
-    SDPA's fused CPU kernel does not give) runs the written-out expression instead of SDPA's slower math path.
+    The attention itself is :func:`attend`: on the CPU in fp32 hybridvision's native kernels (inference: or SDPA,
+    whichever is faster for the shape), elsewhere ``F.scaled_dot_product_attention`` with ``B`` as the additive
+    float mask.
     """
 
     def __init__(
@@ -242,20 +284,7 @@ class RelAttention2d(nn.Module):
         n = h * w
         qkv = linear_act(x, self.qkv).reshape(b, n, 3, self.num_heads, self.head_dim)
         bias = self.rel_pos((h, w), dtype=qkv.dtype)  # (heads, N, N)
-        drop = self.attn_drop if self.training else 0.0
-        if not drop and not (torch.is_grad_enabled() and (qkv.requires_grad or bias.requires_grad)):
-            y = attend(qkv, bias, self.head_dim)  # (B, N, heads, d)
-        else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d)
-            bias = bias.unsqueeze(0)  # (1, heads, N, N): SDPA's fused CPU kernel takes a 4-D mask, not a 3-D one
-            if torch.is_grad_enabled() and bias.requires_grad and x.device.type == "cpu" and plain_eager():
-                # a mask that needs a gradient sends SDPA on the CPU to its math path, which also scales k and runs
-                # a NaN-safe softmax (extra passes over the (B, heads, N, N) logits): the plain expression is faster
-                attn = (torch.matmul(q * self.head_dim**-0.5, k.transpose(-2, -1)) + bias).softmax(-1)
-                y = (F.dropout(attn, drop) if drop else attn) @ v
-            else:  # elsewhere SDPA's math / memory-efficient paths return the bias gradient
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
-            y = y.transpose(1, 2)  # (B, N, heads, d); the flash kernel's output is laid out so: the reshape is free
+        y = attend(qkv, bias, self.head_dim, self.attn_drop if self.training else 0.0)  # (B, N, heads, d)
         y = y.reshape(b, h, w, self.out_dim)
         if shortcut is None:
             return self.proj_drop(linear_act(y, self.proj))

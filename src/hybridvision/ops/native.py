@@ -32,6 +32,7 @@ factor above 7), 1 forces the direct sum, 2 the FFT.
     attention_forward(qkv (B, N, 3, heads, d), bias (heads, N, N), heads, scale, keep_probs) -> (y (B, N, heads, d),
         P (B, heads, N, N), or an empty tensor unless keep_probs): P = softmax(scale q k^T + bias) per image and head,
         y = P v (``csrc/attention_cpu.cpp``)
+    attention_backward(gy (B, N, heads, d), qkv, P, scale) -> (gqkv (B, N, 3, heads, d), gbias (heads, N, N))
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["attention_forward", "available", "batch_norm_act_backward", "batch_norm_act_forward", "build",
+__all__ = ["attention_backward", "attention_forward", "available", "batch_norm_act_backward", "batch_norm_act_forward", "build",
            "compile_and_load", "disabled", "dw3x3_backward_input", "dw3x3_backward_weight", "dw3x3_forward", "forward", "prebuild", "wgrad"]
 
 _ENV_VAR = "HYBRIDVISION_NATIVE"
@@ -216,3 +217,11 @@ def attention_forward(qkv: torch.Tensor, bias: torch.Tensor, heads: int, scale: 
     (y (B, N, heads, d), P (B, heads, N, N) or an empty tensor)."""
     build()
     return torch.ops.hybridvision.attention_forward(qkv, bias, heads, scale, keep_probs)
+
+
+def attention_backward(gy: torch.Tensor, qkv: torch.Tensor, probs: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.hybridvision.attention_backward``: the gradients of :func:`attention_forward`'s y for the output
+    gradient gy (B, N, heads, d), given its qkv and P -> (gqkv (B, N, 3, heads, d), gbias (heads, N, N))."""
+    build()
+    return torch.ops.hybridvision.attention_backward(gy, qkv, probs, scale)

@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -45,6 +46,16 @@ constexpr int kRows = 4;
 #endif
 constexpr int kVecs = 2;
 constexpr int64_t kAhead = 8;  // tokens prefetched ahead when copying q, k, v out of qkv
+
+// f(i0, std::integral_constant<int, R>()) over rows [0, N) in blocks of R = kRows, then 4, then 1.
+template <typename F> void row_blocks(int64_t N, F&& f) {
+  int64_t i = 0;
+  for (; i + kRows <= N; i += kRows) f(i, std::integral_constant<int, kRows>());
+  if constexpr (kRows > 4) {
+    for (; i + 4 <= N; i += 4) f(i, std::integral_constant<int, 4>());
+  }
+  for (; i < N; ++i) f(i, std::integral_constant<int, 1>());
+}
 
 // The block kernels stay functions of their own: inlined into the work loop, GCC 12 kept their accumulator arrays in
 // memory and stored all of them on every pass of the inner loop.
@@ -83,10 +94,10 @@ template <typename T> struct Problem {
   int64_t row() const { return 3 * H * d; }  // elements between the q (or k, v) rows of consecutive tokens
 };
 
-// s[r * Np + j] = sum_k q[r, k] * kt[k * Np + j] + bias_rows[r * N + j] for R rows and the CV vectors of columns
-// starting at column c0 (columns N..Np-1: -inf); q already scaled, bias_rows (R, N); rmax[r] = max(rmax[r], those
-// logits) lane by lane.
-template <typename T, int R, int CV>
+// s[r * Np + j] = sum_k q[r, k] * kt[k * Np + j] for R rows and the CV vectors of columns starting at column c0. As
+// logits (kLogits): plus bias_rows[r * N + j] (bias_rows (R, N)), columns N..Np-1 set to -inf, and rmax[r] =
+// max(rmax[r], those logits) lane by lane.
+template <typename T, int R, int CV, bool kLogits>
 NOINLINE void logits_block(const T* q, int64_t d, const T* kt, int64_t Np, int64_t N, const T* bias_rows, int64_t c0,
                            T* s, Vectorized<T>* rmax) {
   using V = Vectorized<T>;
@@ -105,6 +116,10 @@ NOINLINE void logits_block(const T* q, int64_t d, const T* kt, int64_t Np, int64
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < CV; ++v) {
       const int64_t j = c0 + v * L;
+      if constexpr (!kLogits) {
+        acc[r][v].store(s + r * Np + j);
+        continue;
+      }
       const int64_t n = std::min<int64_t>(L, N - j);  // >= 1: vectors start below N (Np - L < N)
       V z = acc[r][v] + V::loadu(bias_rows + r * N + j, n);
       if (n < L) z = V::set(V(-std::numeric_limits<T>::infinity()), z, n);
@@ -113,11 +128,12 @@ NOINLINE void logits_block(const T* q, int64_t d, const T* kt, int64_t Np, int64
     }
 }
 
-// y[r * yrow + c0 + ...] = inv[r] * sum_j e[r * Np + j] * v[j * dp + c0 + ...] for R rows and the DV vectors of
-// head channels starting at c0; v's rows are zero-padded to dp (whole vectors), y gets the d real channels.
+// y[r * yrow + c0 + ...] = f[r] * sum_{j < N} e[r * er + j * ej] * v[j * dp + c0 + ...] for R rows and the DV
+// vectors of head channels starting at c0; v's rows are zero-padded to dp (whole vectors), y gets the d real
+// channels. (er, ej) = (row stride, 1) reads e's rows, (1, row stride) its columns (a transposed product).
 template <typename T, int R, int DV>
-NOINLINE void values_block(const T* e, int64_t Np, int64_t N, const T* v, int64_t dp, int64_t d, int64_t c0,
-                           const T* inv, T* y, int64_t yrow) {
+NOINLINE void values_block(const T* e, int64_t er, int64_t ej, int64_t N, const T* v, int64_t dp, int64_t d,
+                           int64_t c0, const T* f, T* y, int64_t yrow) {
   using V = Vectorized<T>;
   constexpr int L = V::size();
   int cnt[DV];
@@ -129,12 +145,12 @@ NOINLINE void values_block(const T* e, int64_t Np, int64_t N, const T* v, int64_
     V vv[DV];
     for (int u = 0; u < DV; ++u) vv[u] = V::loadu(v + j * dp + c0 + u * L);
     for (int r = 0; r < R; ++r) {
-      const V p(e[r * Np + j]);
+      const V p(e[r * er + j * ej]);
       for (int u = 0; u < DV; ++u) acc[r][u] = at::vec::fmadd(p, vv[u], acc[r][u]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int u = 0; u < DV; ++u) (acc[r][u] * V(inv[r])).store(y + r * yrow + c0 + u * L, cnt[u]);
+    for (int u = 0; u < DV; ++u) (acc[r][u] * V(f[r])).store(y + r * yrow + c0 + u * L, cnt[u]);
 }
 
 // The logits of R rows (logits_block), their maxima in m.
@@ -146,22 +162,36 @@ void logits(const T* q, int64_t d, const T* kt, int64_t Np, int64_t N, const T* 
   for (int r = 0; r < R; ++r) rmax[r] = V(-std::numeric_limits<T>::infinity());
   for (int64_t c0 = 0; c0 < Np; c0 += kVecs * L) {
     if (Np - c0 >= kVecs * L) {
-      logits_block<T, R, kVecs>(q, d, kt, Np, N, bias_rows, c0, s, rmax);
+      logits_block<T, R, kVecs, true>(q, d, kt, Np, N, bias_rows, c0, s, rmax);
     } else {
-      logits_block<T, R, 1>(q, d, kt, Np, N, bias_rows, c0, s, rmax);
+      logits_block<T, R, 1, true>(q, d, kt, Np, N, bias_rows, c0, s, rmax);
     }
   }
   for (int r = 0; r < R; ++r) m[r] = at::vec::vec_reduce_all<T>([](V& a, V& b) { return vmax(a, b); }, rmax[r]);
 }
 
+// s[r * Np + j] = sum_k a[r, k] * kt[k * Np + j] for R rows, all Np columns (the padding ones 0 when kt's are).
+template <typename T, int R> void products(const T* a, int64_t d, const T* kt, int64_t Np, T* s) {
+  constexpr int L = Vectorized<T>::size();
+  for (int64_t c0 = 0; c0 < Np; c0 += kVecs * L) {
+    if (Np - c0 >= kVecs * L) {
+      logits_block<T, R, kVecs, false>(a, d, kt, Np, Np, nullptr, c0, s, nullptr);
+    } else {
+      logits_block<T, R, 1, false>(a, d, kt, Np, Np, nullptr, c0, s, nullptr);
+    }
+  }
+}
+
+// values_block over all d channels.
 template <typename T, int R>
-void values(const T* e, int64_t Np, int64_t N, const T* v, int64_t dp, int64_t d, const T* inv, T* y, int64_t yrow) {
+void values(const T* e, int64_t er, int64_t ej, int64_t N, const T* v, int64_t dp, int64_t d, const T* f, T* y,
+            int64_t yrow) {
   constexpr int L = Vectorized<T>::size();
   for (int64_t c0 = 0; c0 < d; c0 += kVecs * L) {
     if (d - c0 > (kVecs - 1) * L) {
-      values_block<T, R, kVecs>(e, Np, N, v, dp, d, c0, inv, y, yrow);
+      values_block<T, R, kVecs>(e, er, ej, N, v, dp, d, c0, f, y, yrow);
     } else {
-      values_block<T, R, 1>(e, Np, N, v, dp, d, c0, inv, y, yrow);
+      values_block<T, R, 1>(e, er, ej, N, v, dp, d, c0, f, y, yrow);
     }
   }
 }
@@ -232,7 +262,7 @@ void rows(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, const Packed<T>
       for (int64_t j = 0; j < p.N; ++j) out[j] = s[r * p.Np + j] * inv[r];
     }
   }
-  values<T, R>(s, p.Np, p.N, in.v.data(), in.dp, d, inv, p.y + ((b * p.N + i0) * p.H + h) * d, p.H * d);
+  values<T, R>(s, p.Np, 1, p.N, in.v.data(), in.dp, d, inv, p.y + ((b * p.N + i0) * p.H + h) * d, p.H * d);
 }
 
 template <typename T> void forward_kernel(const Problem<T>& p) {
@@ -242,14 +272,116 @@ template <typename T> void forward_kernel(const Problem<T>& p) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t h = t / p.B, b = t % p.B;
       in.load(p, b, h);
-      int64_t i = 0;
-      for (; i + kRows <= p.N; i += kRows) rows<T, kRows>(p, b, h, i, in, s.data());
-      if constexpr (kRows > 4) {
-        for (; i + 4 <= p.N; i += 4) rows<T, 4>(p, b, h, i, in, s.data());
-      }
-      for (; i < p.N; ++i) rows<T, 1>(p, b, h, i, in, s.data());
+      row_blocks(p.N, [&](int64_t i, auto r) { rows<T, decltype(r)::value>(p, b, h, i, in, s.data()); });
     }
   });
+}
+
+// Shapes and pointers of one backward call.
+template <typename T> struct Grads {
+  const T* gy;
+  const T* qkv;
+  const T* probs;
+  T* gqkv;
+  T* gbias;  // zeroed by the caller
+  int64_t B, N, H, d, Np;
+  T scale;
+  int64_t row() const { return 3 * H * d; }
+};
+
+// One row of the softmax's backward: ds (in: dP = dY V^T, out: dS = P * (dP - sum_j P dP)) and gb += dS.
+template <typename T> void softmax_grad_row(const T* P, T* ds, T* gb, int64_t N) {
+  using V = Vectorized<T>;
+  constexpr int L = V::size();
+  V acc(T(0));
+  for (int64_t j = 0; j < N; j += L) {
+    const int64_t n = std::min<int64_t>(L, N - j);
+    acc = at::vec::fmadd(V::loadu(P + j, n), V::loadu(ds + j, n), acc);
+  }
+  const V dot(at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, acc));
+  for (int64_t j = 0; j < N; j += L) {
+    const int64_t n = std::min<int64_t>(L, N - j);
+    const V g = V::loadu(P + j, n) * (V::loadu(ds + j, n) - dot);
+    g.store(ds + j, n);
+    (V::loadu(gb + j, n) + g).store(gb + j, n);
+  }
+}
+
+// The gradients, one head per work item (every image of it in turn, so that its bias gradient has one writer): with
+// dY the head's output gradient, qs = s Q, dP = dY V^T, dS = P * (dP - rowsum(P * dP)):
+//   dQ = s dS K,  dK = dS^T qs,  dV = P^T dY,  dbias[h] = sum over images of dS
+// every product by the forward's block kernels (the transposed ones reading dS and P by columns).
+template <typename T> void backward_kernel(const Grads<T>& g) {
+  using V = Vectorized<T>;
+  constexpr int L = V::size();
+  const int64_t N = g.N, d = g.d, Np = g.Np, H = g.H, row = g.row(), dp = (d + L - 1) / L * L;
+  at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
+    // dY as rows of d (broadcast) and of dp (zero-padded vectors); V as read and transposed (d, Np); K, s Q padded;
+    // dP / dS of every query row (N, Np)
+    std::vector<T> go(N * d), gop(N * dp), vr(N * d), vt(d * Np, T(0)), kp(N * dp), qs(N * dp), ds(N * Np);
+    const std::vector<T> one(kRows, T(1)), sc(kRows, g.scale);
+    const V scale(g.scale);
+    for (int64_t h = begin; h < end; ++h) {
+      T* gb = g.gbias + h * N * N;
+      for (int64_t b = 0; b < g.B; ++b) {
+        const T* src = g.qkv + b * N * row + h * d;
+        const T* gsrc = g.gy + b * N * H * d + h * d;
+        for (int64_t j = 0; j < N; ++j)
+          for (int64_t c = 0; c < d; c += L) {
+            const int64_t n = std::min<int64_t>(L, d - c);
+            const V o = V::loadu(gsrc + j * H * d + c, n);
+            o.store(go.data() + j * d + c, n);
+            o.store(gop.data() + j * dp + c);  // zeros past n
+            (V::loadu(src + j * row + c, n) * scale).store(qs.data() + j * dp + c);
+            V::loadu(src + j * row + H * d + c, n).store(kp.data() + j * dp + c);
+            V::loadu(src + j * row + 2 * H * d + c, n).store(vr.data() + j * d + c, n);
+          }
+        for (int64_t j = 0; j < N; ++j)
+          for (int64_t c = 0; c < d; ++c) vt[c * Np + j] = vr[j * d + c];
+        const T* P = g.probs + (b * H + h) * N * N;
+        T* gq = g.gqkv + b * N * row + h * d;  // (N, 3, H, d) rows: dQ at +0, dK at +H d, dV at +2 H d
+        row_blocks(N, [&](int64_t i0, auto rr) {
+          constexpr int R = decltype(rr)::value;
+          T* dsr = ds.data() + i0 * Np;
+          products<T, R>(go.data() + i0 * d, d, vt.data(), Np, dsr);
+          for (int r = 0; r < R; ++r) softmax_grad_row(P + (i0 + r) * N, dsr + r * Np, gb + (i0 + r) * N, N);
+          values<T, R>(dsr, Np, 1, N, kp.data(), dp, d, sc.data(), gq + i0 * row, row);
+        });
+        row_blocks(N, [&](int64_t j0, auto rr) {
+          constexpr int R = decltype(rr)::value;
+          values<T, R>(ds.data() + j0, 1, Np, N, qs.data(), dp, d, one.data(), gq + j0 * row + H * d, row);
+          values<T, R>(P + j0, 1, N, N, gop.data(), dp, d, one.data(), gq + j0 * row + 2 * H * d, row);
+        });
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_backward(const at::Tensor& gy, const at::Tensor& qkv,
+                                                      const at::Tensor& probs, double scale) {
+  TORCH_CHECK(qkv.device().is_cpu() && qkv.dim() == 5 && qkv.size(2) == 3 && qkv.is_contiguous() &&
+                  (qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kDouble),
+              "qkv must be a contiguous (B, N, 3, heads, d) float32 / float64 CPU tensor, got ", qkv.sizes(), " ",
+              qkv.scalar_type());
+  const int64_t B = qkv.size(0), N = qkv.size(1), H = qkv.size(3), d = qkv.size(4);
+  TORCH_CHECK(gy.sizes() == at::IntArrayRef({B, N, H, d}) && gy.is_contiguous() && gy.scalar_type() == qkv.scalar_type()
+                  && gy.device().is_cpu(),
+              "gy must be a contiguous (B, N, heads, d) = (", B, ", ", N, ", ", H, ", ", d, ") CPU tensor of qkv's "
+              "dtype, got ", gy.sizes(), " ", gy.scalar_type());
+  TORCH_CHECK(probs.sizes() == at::IntArrayRef({B, H, N, N}) && probs.is_contiguous() &&
+                  probs.scalar_type() == qkv.scalar_type() && probs.device().is_cpu(),
+              "probs must be the forward's contiguous (B, heads, N, N) = (", B, ", ", H, ", ", N, ", ", N,
+              ") softmax, got ", probs.sizes(), " ", probs.scalar_type());
+  at::Tensor gqkv = at::empty_like(qkv);
+  at::Tensor gbias = at::zeros({H, N, N}, qkv.options());
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "attention_backward", [&] {
+    const int64_t L = Vectorized<scalar_t>::size();
+    Grads<scalar_t> g{gy.const_data_ptr<scalar_t>(), qkv.const_data_ptr<scalar_t>(), probs.const_data_ptr<scalar_t>(),
+                      gqkv.data_ptr<scalar_t>(), gbias.data_ptr<scalar_t>(), B, N, H, d, (N + L - 1) / L * L,
+                      static_cast<scalar_t>(scale)};
+    backward_kernel(g);
+  });
+  return {gqkv, gbias};
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& qkv, const at::Tensor& bias, int64_t heads,
@@ -281,6 +413,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& qkv, cons
 
 TORCH_LIBRARY_FRAGMENT(hybridvision, m) {
   m.def("attention_forward(Tensor qkv, Tensor bias, int heads, float scale, bool keep_probs) -> (Tensor, Tensor)");
+  m.def("attention_backward(Tensor gy, Tensor qkv, Tensor probs, float scale) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(hybridvision, CPU, m) { m.impl("attention_forward", &attention_forward); }
+TORCH_LIBRARY_IMPL(hybridvision, CPU, m) {
+  m.impl("attention_forward", &attention_forward);
+  m.impl("attention_backward", &attention_backward);
+}
