@@ -240,3 +240,31 @@ def test_benchmark_quick_runs(tmp_path):
     subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)], check=True, timeout=600)
     text = (tmp_path / "circular_quick.md").read_text()
     assert "| 56 | 48 | 3 | fwd |" in text and (tmp_path / "circular_quick.png").stat().st_size > 0
+
+
+def test_native_algorithm_is_timed_per_shape(monkeypatch):
+    """Where K has an FFT, the native kernel's forward and weight gradient go through the autotuner (the crossover,
+    the direct sum, the FFT), and every alternative gives the same result; other K run the crossover untimed."""
+    from hybridvision.ops import fused, native
+    if not native.available():
+        pytest.skip("native kernels not built")
+    ran = []
+    for pick in (0, 1, 2):
+        def forced(key, macs, alternatives, pick=pick):
+            ran.append((key[0], alternatives[pick][0]))
+            return alternatives[pick][1]()
+        monkeypatch.setattr(fused, "_fastest", forced)
+        torch.manual_seed(0)
+        x = torch.randn(2, 3, 6, 56, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(3, 1, 56, dtype=torch.float64, requires_grad=True)
+        y = circular_conv(x, w, 3, method="native")
+        gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+        ref = circular_conv(x, w, 3, method="direct")
+        rgx, rgw = torch.autograd.grad(ref, (x, w), torch.ones_like(ref))
+        for a, b in ((y, ref), (gx, rgx), (gw, rgw)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    name = ("auto", "direct", "fft")
+    assert ran == [(op, name[p]) for p in (0, 1, 2) for op in ("circular_forward", "circular_forward", "circular_wgrad")]
+    ran.clear()
+    circular_conv(torch.randn(1, 2, 4, 11), torch.randn(2, 1, 11), 3, method="native")  # 11: no FFT, untimed
+    assert ran == []

@@ -32,12 +32,9 @@ def formula(x: torch.Tensor, w: torch.Tensor, dim: int, add=None) -> torch.Tenso
     return y
 
 
-def smooth(k: int) -> bool:
-    """True when the FFT path takes K: K >= 2 without prime factors above 7."""
-    for p in (2, 3, 5, 7):
-        while k > 1 and k % p == 0:
-            k //= p
-    return k == 1
+def test_fft_length_is_k_of_2_3_5_7_factors():
+    assert [k for k in range(40) if native.fft_length(k)] == [2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 15, 16, 18, 20, 21,
+                                                                24, 25, 27, 28, 30, 32, 35, 36]
 
 
 @pytest.mark.parametrize("algo", [0, 1, 2], ids=["choose", "direct", "fft"])
@@ -45,7 +42,7 @@ def smooth(k: int) -> bool:
 @pytest.mark.parametrize("dim", [2, 3])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_ops_match_float64_formula(shape, dim, dtype, algo):
-    if algo == 2 and not (shape[dim] >= 2 and smooth(shape[dim])):
+    if algo == 2 and not native.fft_length(shape[dim]):
         x, w = torch.randn(shape), torch.randn(shape[1], shape[dim])
         with pytest.raises(RuntimeError, match="prime factors above 7"):
             native.forward(x, w, None, dim, algo)

@@ -39,8 +39,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from hybridvision.ops import native
-from hybridvision.ops.fused import grads_of_plain, in_func_transform
+from hybridvision.ops import fused, native
+from hybridvision.ops.fused import grads_of_plain, in_func_transform, plain_eager
 
 __all__ = ["METHODS", "choose_method", "circular_conv", "get_default_method", "set_default_method"]
 
@@ -544,7 +544,8 @@ class _DepthwiseNative(torch.autograd.Function):
         if bias is not None:
             b = bias.to(x.dtype).unsqueeze(-1).expand_as(w)
             addend = b if addend is None else addend + b
-        return native.forward(x, w, None if addend is None else addend.contiguous(), dim)
+        addend = None if addend is None else addend.contiguous()
+        return _native_algo("forward", x, dim, lambda algo: native.forward(x, w, addend, dim, algo))
 
     @staticmethod
     @_twice_differentiable("direct")
@@ -553,12 +554,14 @@ class _DepthwiseNative(torch.autograd.Function):
         gy = gy.contiguous()  # once, for both kernels
         w = weight[:, 0].to(x.dtype)
         w_flip = torch.roll(w.flip(-1), 1, dims=-1)  # w'[k] = w[(K - k) mod K]
-        gx = native.forward(gy, w_flip, None, dim) if need_x else None
+        gx = None
+        if need_x:
+            gx = _native_algo("forward", gy, dim, lambda algo: native.forward(gy, w_flip, None, dim, algo))
         need_sum = need_b or need_pe or (need_w and pe is not None)
         g_sum = gy.sum(dim=(0, 3 if dim == 2 else 2)) if need_sum else None  # (C, K)
         gw = gpe = gb = None
         if need_w:
-            gw = native.wgrad(gy, x, dim)
+            gw = _native_algo("wgrad", x, dim, lambda algo: native.wgrad(gy, x, dim, algo))
             if pe is not None:
                 gw = gw + _circular_mv(g_sum, pe.to(x.dtype))
             gw = gw.unsqueeze(1).to(weight.dtype)
@@ -567,6 +570,19 @@ class _DepthwiseNative(torch.autograd.Function):
         if need_b:
             gb = g_sum.sum(dim=1).to(gy.dtype)
         return gx, gw, gb, gpe, None
+
+
+def _native_algo(op: str, x: torch.Tensor, dim: int, run) -> torch.Tensor:
+    """``run(algo)`` for the native kernel's ``op`` ("forward" / "wgrad") on x (B, C, H, W) along ``dim``: where K has
+    an FFT (K >= 2, no prime factor above 7), the fastest of the kernel's own crossover (``algo=0``, from
+    ``benchmarks/bench_native_crossover.py`` on an earlier machine), the direct sum (1) and the FFT (2), timed per
+    shape by :mod:`hybridvision.ops.fused`'s autotuner (on a Zen 5 VM the direct sum at K=56 along W ran 1.26 ms
+    against the FFT's 1.93 ms that the crossover picked, B=16, C=48, scratch); else ``algo=0``."""
+    k = x.size(dim)
+    if not plain_eager() or not native.fft_length(k):
+        return run(0)
+    return fused._fastest(("circular_" + op, tuple(x.shape), dim, x.dtype), x.numel() * k,
+                          (("auto", lambda: run(0)), ("direct", lambda: run(1)), ("fft", lambda: run(2))))
 
 
 def _circular_mv(kernel: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -47,8 +47,9 @@ from typing import Optional
 
 import torch
 
-__all__ = ["attention_backward", "attention_forward", "available", "batch_norm_act_backward", "batch_norm_act_forward", "build",
-           "compile_and_load", "disabled", "dw3x3_backward_input", "dw3x3_backward_weight", "dw3x3_forward", "forward", "prebuild", "wgrad"]
+__all__ = ["attention_backward", "attention_forward", "available", "batch_norm_act_backward", "batch_norm_act_forward",
+           "build", "compile_and_load", "disabled", "dw3x3_backward_input", "dw3x3_backward_weight", "dw3x3_forward",
+           "fft_length", "forward", "prebuild", "wgrad"]
 
 _ENV_VAR = "HYBRIDVISION_NATIVE"
 _CSRC = Path(__file__).with_name("csrc")
@@ -148,6 +149,16 @@ def available() -> bool:
         except RuntimeError as exc:
             warnings.warn(f"{exc} Falling back to the other methods.", RuntimeWarning, stacklevel=2)
     return _state.get("error", "") is None
+
+
+def fft_length(k: int) -> bool:
+    """Whether the circular kernels have an FFT of length ``k`` (``algo=2``): k >= 2 without prime factors above 7."""
+    if k < 2:
+        return False
+    for p in (2, 3, 5, 7):
+        while k % p == 0:
+            k //= p
+    return k == 1
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, add: Optional[torch.Tensor], dim: int, algo: int = 0) -> torch.Tensor:
