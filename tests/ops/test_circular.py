@@ -264,7 +264,8 @@ def test_native_algorithm_is_timed_per_shape(monkeypatch):
         for a, b in ((y, ref), (gx, rgx), (gw, rgw)):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     name = ("auto", "direct", "fft")
-    assert ran == [(op, name[p]) for p in (0, 1, 2) for op in ("circular_forward", "circular_forward", "circular_wgrad")]
+    ops = ("circular_forward", "circular_forward", "circular_wgrad")  # y, then the input and weight gradients
+    assert ran == [(op, name[p]) for p in (0, 1, 2) for op in ops]
     ran.clear()
     circular_conv(torch.randn(1, 2, 4, 11), torch.randn(2, 1, 11), 3, method="native")  # 11: no FFT, untimed
     assert ran == []

@@ -212,6 +212,14 @@ def test_autotune_off_small_and_deterministic_run_the_first(fresh_choices, monke
     assert not autotune()
     fused._fastest(("op",), MIN_TUNED_MACS, alts)
     assert calls == ["slow"] * 3 and tuned_choices() == {}
+    # a key chosen while tuning was on runs the first alternative once determinism is switched on
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    fused._fastest(("op", 2), MIN_TUNED_MACS, alts)
+    assert tuned_choices()[("op", 2, torch.get_num_threads())] == "fast"
+    calls.clear()
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    fused._fastest(("op", 2), MIN_TUNED_MACS, alts)
+    assert calls == ["slow"]
 
 
 def test_autotune_records_the_models_shapes(fresh_choices):

@@ -23,12 +23,14 @@ operands and oneDNN's GELU post-op cost more than a separate GELU. So each fused
 alternative and, the first time a shape is seen in a process, every alternative is timed (3 alternating rounds,
 best of each) and the fastest is used for that shape and thread count (:func:`tuned_choices` lists them). The
 shape is timed once more at its first call :data:`RETIME_AFTER_S` seconds later, and the fastest over both timings
-is kept for good: a process's first steps grow the heap and fault fresh pages in, and in one CoAtNet-0 training
-step on an AVX-512 EPYC the first timing saw whole stretches of calls run 3-40x slow (oneDNN and the alternatives
-alike), which chose MKL GEMMs at half oneDNN's speed for 4 shapes; timed again in the fourth step, none. Ops below :data:`MIN_TUNED_MACS` multiply-adds are not timed (the first alternative runs). Every alternative
-computes the same expression up to fp32 rounding, but two processes may pick different ones: for bitwise-repeatable
-runs, ``torch.use_deterministic_algorithms(True)``, ``HYBRIDVISION_AUTOTUNE=0`` or ``autotune(False)`` fix the
-choice to the first alternative (the oneDNN kernel).
+is kept for good: a process's first steps grow the heap and fault fresh pages in, and in the first CoAtNet-0
+training step on an AVX-512 EPYC whole stretches of calls ran 3-40x slow (oneDNN and the alternatives alike), so
+the one timing chose MKL GEMMs at half oneDNN's speed for up to 4 of 75 shapes; re-timed, every changed choice went
+to the faster kernel (scratch runs). Ops below :data:`MIN_TUNED_MACS` multiply-adds are not timed (the first
+alternative runs). Every alternative computes the same expression up to fp32 rounding, but two processes may pick
+different ones: for bitwise-repeatable runs, ``torch.use_deterministic_algorithms(True)``,
+``HYBRIDVISION_AUTOTUNE=0`` or ``autotune(False)`` fix the choice to the first alternative (the oneDNN kernel), also
+for shapes chosen before they were set.
 """
 from __future__ import annotations
 
@@ -157,6 +159,8 @@ def _fastest(key: tuple, macs: int, alternatives: Alternatives) -> torch.Tensor:
     """Run the fastest of ``alternatives`` (``(name, thunk)`` pairs computing the same tensor) for ``key``, timing them
     all the first time the key is seen and once more :data:`RETIME_AFTER_S` later (:func:`autotune`); returns the
     thunk's result."""
+    if not autotune():  # also for keys chosen before tuning was switched off or determinism on
+        return alternatives[0][1]()
     key = key + (torch.get_num_threads(),)
     choice = _CHOICES.get(key)
     if choice is not None:
@@ -165,7 +169,7 @@ def _fastest(key: tuple, macs: int, alternatives: Alternatives) -> torch.Tensor:
             return alternatives[choice[0]][1]()
         del _PENDING[key]
         best = pending[1]
-    elif macs < MIN_TUNED_MACS or not autotune():
+    elif macs < MIN_TUNED_MACS:
         return alternatives[0][1]()
     else:
         best = [float("inf")] * len(alternatives)
