@@ -1,6 +1,7 @@
-// Multi-head self-attention with an additive bias (CoAtNet's relative attention, Eq. 3) on the CPU, forward, read
-// straight from the q/k/v projection's output (built with the other kernels by hybridvision/ops/native.py;
-// hybridvision/ops/attention.py times it against F.scaled_dot_product_attention and uses the faster).
+// Multi-head self-attention with an additive bias (CoAtNet's relative attention, Eq. 3) on the CPU, forward and
+// backward, read straight from the q/k/v projection's output (built with the other kernels by
+// hybridvision/ops/native.py; hybridvision/ops/attention.py times the forward against
+// F.scaled_dot_product_attention at inference and trains through both).
 //
 // qkv (B, N, 3, H, d) contiguous: token i of image b holds q, k, v of every head (the layout of a Linear(C, 3 H d)
 // output reshaped); bias (H, N, N); s the scale (1 / sqrt(d) in CoAtNet):
@@ -13,7 +14,7 @@
 // prefetched ahead), k transposed into a (d, Np) panel (Np: N rounded up to whole vectors); then kRows query rows at
 // a time: their logits in a row buffer (blocks of kRows x 2 vectors of accumulators over the d products; the bias
 // added, the padding columns set to -inf and each row's running maximum taken as they are stored), the softmax
-// numerators in place (exp_u20 for float, as in vec_gelu.h), and those rows times V (kRows x 2 vectors of head
+// numerators in place (vec_gelu.h's fast_exp), and those rows times V (kRows x 2 vectors of head
 // channels per pass over the N keys), divided by the softmax sums at the end. With CoAtNet-0's shapes (N = 196,
 // d = 32) on a 2-core Zen 5 this ran 2.1x F.scaled_dot_product_attention (5.5 vs 11.6 ms at batch 16, 12 heads,
 // scratch timing).
@@ -34,6 +35,7 @@
 namespace {
 
 using at::vec::Vectorized;
+using hybridvision_native::fast_exp;
 
 // Blocks of accumulators: kRows query rows x kVecs vectors (of keys for the logits, of head channels for P V), each
 // step loading kVecs vectors and broadcasting kRows scalars. 8 x 2 with AVX-512's 32 registers, 4 x 2 with AVX2's
@@ -46,6 +48,11 @@ constexpr int kRows = 4;
 #endif
 constexpr int kVecs = 2;
 constexpr int64_t kAhead = 8;  // tokens prefetched ahead when copying q, k, v out of qkv
+
+// n rounded up to whole vectors of T.
+template <typename T> constexpr int64_t round_up(int64_t n) {
+  return (n + Vectorized<T>::size() - 1) / Vectorized<T>::size() * Vectorized<T>::size();
+}
 
 // f(i0, std::integral_constant<int, R>()) over rows [0, N) in blocks of R = kRows, then 4, then 1.
 template <typename F> void row_blocks(int64_t N, F&& f) {
@@ -62,28 +69,6 @@ template <typename F> void row_blocks(int64_t N, F&& f) {
 // loop; one micro-kernel returning its accumulators to two epilogues ran 8-15% slower (attention forward, forward +
 // backward; scratch, three runs each way), so each keeps its own.
 #define NOINLINE __attribute__((noinline))
-
-template <typename T> inline Vectorized<T> fast_exp(const Vectorized<T>& x) {
-  if constexpr (std::is_same<T, float>::value) {
-    return x.exp_u20();
-  } else {
-    return x.exp();
-  }
-}
-
-// max(a, b) lane by lane in one instruction (at::vec::maximum also propagates NaN: three more per vector). A NaN
-// logit still makes its row NaN: its exp is NaN.
-#if defined(CPU_CAPABILITY_AVX512)
-inline Vectorized<float> vmax(const Vectorized<float>& a, const Vectorized<float>& b) { return _mm512_max_ps(a, b); }
-inline Vectorized<double> vmax(const Vectorized<double>& a, const Vectorized<double>& b) { return _mm512_max_pd(a, b); }
-#elif defined(CPU_CAPABILITY_AVX2)
-inline Vectorized<float> vmax(const Vectorized<float>& a, const Vectorized<float>& b) { return _mm256_max_ps(a, b); }
-inline Vectorized<double> vmax(const Vectorized<double>& a, const Vectorized<double>& b) { return _mm256_max_pd(a, b); }
-#else
-template <typename T> inline Vectorized<T> vmax(const Vectorized<T>& a, const Vectorized<T>& b) {
-  return at::vec::maximum(a, b);
-}
-#endif
 
 // Shapes and pointers of one forward call.
 template <typename T> struct Problem {
@@ -126,7 +111,7 @@ NOINLINE void logits_block(const T* q, int64_t d, const T* kt, int64_t Np, int64
       V z = acc[r][v] + V::loadu(bias_rows + r * N + j, n);
       if (n < L) z = V::set(V(-std::numeric_limits<T>::infinity()), z, n);
       z.store(s + r * Np + j);
-      rmax[r] = vmax(rmax[r], z);
+      rmax[r] = at::vec::clamp_min(z, rmax[r]);  // one max instruction, no NaN handling: a NaN's exp is NaN
     }
 }
 
@@ -155,32 +140,23 @@ NOINLINE void values_block(const T* e, int64_t er, int64_t ej, int64_t N, const 
     for (int u = 0; u < DV; ++u) (acc[r][u] * V(f[r])).store(y + r * yrow + c0 + u * L, cnt[u]);
 }
 
-// The logits of R rows (logits_block), their maxima in m.
-template <typename T, int R>
-void logits(const T* q, int64_t d, const T* kt, int64_t Np, int64_t N, const T* bias_rows, T* s, T* m) {
+// logits_block over all Np columns of R rows; as logits (kLogits), their maxima in m.
+template <typename T, int R, bool kLogits>
+void products(const T* q, int64_t d, const T* kt, int64_t Np, int64_t N, const T* bias_rows, T* s, T* m) {
   using V = Vectorized<T>;
   constexpr int L = V::size();
   V rmax[R];
   for (int r = 0; r < R; ++r) rmax[r] = V(-std::numeric_limits<T>::infinity());
   for (int64_t c0 = 0; c0 < Np; c0 += kVecs * L) {
     if (Np - c0 >= kVecs * L) {
-      logits_block<T, R, kVecs, true>(q, d, kt, Np, N, bias_rows, c0, s, rmax);
+      logits_block<T, R, kVecs, kLogits>(q, d, kt, Np, N, bias_rows, c0, s, rmax);
     } else {
-      logits_block<T, R, 1, true>(q, d, kt, Np, N, bias_rows, c0, s, rmax);
+      logits_block<T, R, 1, kLogits>(q, d, kt, Np, N, bias_rows, c0, s, rmax);
     }
   }
-  for (int r = 0; r < R; ++r) m[r] = at::vec::vec_reduce_all<T>([](V& a, V& b) { return vmax(a, b); }, rmax[r]);
-}
-
-// s[r * Np + j] = sum_k a[r, k] * kt[k * Np + j] for R rows, all Np columns (the padding ones 0 when kt's are).
-template <typename T, int R> void products(const T* a, int64_t d, const T* kt, int64_t Np, T* s) {
-  constexpr int L = Vectorized<T>::size();
-  for (int64_t c0 = 0; c0 < Np; c0 += kVecs * L) {
-    if (Np - c0 >= kVecs * L) {
-      logits_block<T, R, kVecs, false>(a, d, kt, Np, Np, nullptr, c0, s, nullptr);
-    } else {
-      logits_block<T, R, 1, false>(a, d, kt, Np, Np, nullptr, c0, s, nullptr);
-    }
+  if constexpr (kLogits) {
+    for (int r = 0; r < R; ++r)
+      m[r] = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::clamp_min(a, b); }, rmax[r]);
   }
 }
 
@@ -215,38 +191,44 @@ template <typename T, int R> void softmax_rows(T* s, int64_t Np, const T* m, T* 
   }
 }
 
+// dst[j * ld + c] = scale * src[j * stride + c] for rows j < N and c < d, and zeros for d <= c < ld when ld is d
+// rounded up to whole vectors: one head's q, k or v (or output gradient) out of rows stride apart. Whole-vector loads,
+// the rows kAhead tokens on prefetched (their addresses are too far apart for the hardware prefetcher): reading them
+// in place, the scalar transpose and the row loops stalled on cache misses, 20% and 14% of the forward's samples in
+// perf.
+template <typename T> void copy_rows(const T* src, int64_t stride, int64_t N, int64_t d, T scale, T* dst, int64_t ld) {
+  using V = Vectorized<T>;
+  constexpr int L = V::size();
+  const V sc(scale);
+  for (int64_t j = 0; j < N; ++j, src += stride, dst += ld) {
+    if (j + kAhead < N) {
+      for (int64_t c = 0; c < d; c += 64 / sizeof(T)) __builtin_prefetch(src + kAhead * stride + c);
+    }
+    for (int64_t c = 0; c < d; c += L)
+      (V::loadu(src + c, std::min<int64_t>(L, d - c)) * sc).store(dst + c, std::min<int64_t>(L, ld - c));
+  }
+}
+
+// dst[c * Np + j] = src[j * d + c]: N rows of d values transposed into a (d, Np) panel (columns N..Np-1 untouched).
+template <typename T> void transpose_rows(const T* src, int64_t N, int64_t d, T* dst, int64_t Np) {
+  for (int64_t j = 0; j < N; ++j)
+    for (int64_t c = 0; c < d; ++c) dst[c * Np + j] = src[j * d + c];
+}
+
 // One head of one image, packed: q (N, d) already scaled, kt (d, Np) the transposed keys (padding columns zero),
 // v (N, dp), its rows zero-padded to whole vectors.
 template <typename T> struct Packed {
   int64_t dp;
   std::vector<T> q, kt, v, k;  // k: the keys as read, before the transpose
-  Packed(int64_t N, int64_t Np, int64_t d)
-      : dp((d + Vectorized<T>::size() - 1) / Vectorized<T>::size() * Vectorized<T>::size()), q(N * d),
-        kt(d * Np, T(0)), v(N * dp), k(N * d) {}
+  Packed(int64_t N, int64_t Np, int64_t d) : dp(round_up<T>(d)), q(N * d), kt(d * Np, T(0)), v(N * dp), k(N * d) {}
 
-  // Copies head h of image b out of qkv: one pass over the tokens with whole-vector loads (the q, k and v of one
-  // head sit 3 H d elements apart from token to token; reading them in place, the scalar transpose and the row loops
-  // stalled on cache misses: 20% and 14% of the kernel's samples in perf), then the transpose within the buffers.
   void load(const Problem<T>& p, int64_t b, int64_t h) {
-    using V = Vectorized<T>;
-    constexpr int L = V::size();
     const int64_t d = p.d, row = p.row();
     const T* src = p.qkv + b * p.N * row + h * d;
-    const V scale(p.scale);
-    for (int64_t j = 0; j < p.N; ++j, src += row) {
-      if (j + kAhead < p.N) {  // the rows kAhead tokens on: their addresses are too far apart for the prefetcher
-        for (int64_t part = 0; part < 3; ++part)
-          for (int64_t c = 0; c < d; c += 64 / sizeof(T)) __builtin_prefetch(src + kAhead * row + part * p.H * d + c);
-      }
-      for (int64_t c = 0; c < d; c += L) {
-        const int64_t n = std::min<int64_t>(L, d - c);
-        (V::loadu(src + c, n) * scale).store(q.data() + j * d + c, n);
-        V::loadu(src + p.H * d + c, n).store(k.data() + j * d + c, n);
-        V::loadu(src + 2 * p.H * d + c, n).store(v.data() + j * dp + c);  // zeros past n
-      }
-    }
-    for (int64_t j = 0; j < p.N; ++j)
-      for (int64_t c = 0; c < d; ++c) kt[c * p.Np + j] = k[j * d + c];
+    copy_rows(src, row, p.N, d, p.scale, q.data(), d);
+    copy_rows(src + p.H * d, row, p.N, d, T(1), k.data(), d);
+    copy_rows(src + 2 * p.H * d, row, p.N, d, T(1), v.data(), dp);
+    transpose_rows(k.data(), p.N, d, kt.data(), p.Np);
   }
 };
 
@@ -255,7 +237,7 @@ template <typename T, int R>
 void rows(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, const Packed<T>& in, T* s) {
   const int64_t d = p.d;
   T m[R];
-  logits<T, R>(in.q.data() + i0 * d, d, in.kt.data(), p.Np, p.N, p.bias + (h * p.N + i0) * p.N, s, m);
+  products<T, R, true>(in.q.data() + i0 * d, d, in.kt.data(), p.Np, p.N, p.bias + (h * p.N + i0) * p.N, s, m);
   T inv[R];
   softmax_rows<T, R>(s, p.Np, m, inv);
   if (p.probs != nullptr) {
@@ -314,38 +296,29 @@ template <typename T> void softmax_grad_row(const T* P, T* ds, T* gb, int64_t N)
 //   dQ = s dS K,  dK = dS^T qs,  dV = P^T dY,  dbias[h] = sum over images of dS
 // every product by the forward's block kernels (the transposed ones reading dS and P by columns).
 template <typename T> void backward_kernel(const Grads<T>& g) {
-  using V = Vectorized<T>;
-  constexpr int L = V::size();
-  const int64_t N = g.N, d = g.d, Np = g.Np, H = g.H, row = g.row(), dp = (d + L - 1) / L * L;
+  const int64_t N = g.N, d = g.d, Np = g.Np, H = g.H, row = g.row(), dp = round_up<T>(d);
   at::parallel_for(0, H, 1, [&](int64_t begin, int64_t end) {
     // dY as rows of d (broadcast) and of dp (zero-padded vectors); V as read and transposed (d, Np); K, s Q padded;
     // dP / dS of every query row (N, Np)
     std::vector<T> go(N * d), gop(N * dp), vr(N * d), vt(d * Np, T(0)), kp(N * dp), qs(N * dp), ds(N * Np);
     const std::vector<T> one(kRows, T(1)), sc(kRows, g.scale);
-    const V scale(g.scale);
     for (int64_t h = begin; h < end; ++h) {
       T* gb = g.gbias + h * N * N;
       for (int64_t b = 0; b < g.B; ++b) {
         const T* src = g.qkv + b * N * row + h * d;
         const T* gsrc = g.gy + b * N * H * d + h * d;
-        for (int64_t j = 0; j < N; ++j)
-          for (int64_t c = 0; c < d; c += L) {
-            const int64_t n = std::min<int64_t>(L, d - c);
-            const V o = V::loadu(gsrc + j * H * d + c, n);
-            o.store(go.data() + j * d + c, n);
-            o.store(gop.data() + j * dp + c);  // zeros past n
-            (V::loadu(src + j * row + c, n) * scale).store(qs.data() + j * dp + c);
-            V::loadu(src + j * row + H * d + c, n).store(kp.data() + j * dp + c);
-            V::loadu(src + j * row + 2 * H * d + c, n).store(vr.data() + j * d + c, n);
-          }
-        for (int64_t j = 0; j < N; ++j)
-          for (int64_t c = 0; c < d; ++c) vt[c * Np + j] = vr[j * d + c];
+        copy_rows(gsrc, H * d, N, d, T(1), go.data(), d);
+        copy_rows(gsrc, H * d, N, d, T(1), gop.data(), dp);
+        copy_rows(src, row, N, d, g.scale, qs.data(), dp);
+        copy_rows(src + H * d, row, N, d, T(1), kp.data(), dp);
+        copy_rows(src + 2 * H * d, row, N, d, T(1), vr.data(), d);
+        transpose_rows(vr.data(), N, d, vt.data(), Np);
         const T* P = g.probs + (b * H + h) * N * N;
         T* gq = g.gqkv + b * N * row + h * d;  // (N, 3, H, d) rows: dQ at +0, dK at +H d, dV at +2 H d
         row_blocks(N, [&](int64_t i0, auto rr) {
           constexpr int R = decltype(rr)::value;
           T* dsr = ds.data() + i0 * Np;
-          products<T, R>(go.data() + i0 * d, d, vt.data(), Np, dsr);
+          products<T, R, false>(go.data() + i0 * d, d, vt.data(), Np, Np, nullptr, dsr, nullptr);
           for (int r = 0; r < R; ++r) softmax_grad_row(P + (i0 + r) * N, dsr + r * Np, gb + (i0 + r) * N, N);
           values<T, R>(dsr, Np, 1, N, kp.data(), dp, d, sc.data(), gq + i0 * row, row);
         });
@@ -377,9 +350,8 @@ std::tuple<at::Tensor, at::Tensor> attention_backward(const at::Tensor& gy, cons
   at::Tensor gqkv = at::empty_like(qkv);
   at::Tensor gbias = at::zeros({H, N, N}, qkv.options());
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "attention_backward", [&] {
-    const int64_t L = Vectorized<scalar_t>::size();
     Grads<scalar_t> g{gy.const_data_ptr<scalar_t>(), qkv.const_data_ptr<scalar_t>(), probs.const_data_ptr<scalar_t>(),
-                      gqkv.data_ptr<scalar_t>(), gbias.data_ptr<scalar_t>(), B, N, H, d, (N + L - 1) / L * L,
+                      gqkv.data_ptr<scalar_t>(), gbias.data_ptr<scalar_t>(), B, N, H, d, round_up<scalar_t>(N),
                       static_cast<scalar_t>(scale)};
     backward_kernel(g);
   });
@@ -402,9 +374,8 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& qkv, cons
   at::Tensor y = at::empty({B, N, heads, d}, qkv.options());
   at::Tensor probs = keep_probs ? at::empty({B, heads, N, N}, qkv.options()) : at::empty({0}, qkv.options());
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "attention_forward", [&] {
-    const int64_t L = Vectorized<scalar_t>::size();
     Problem<scalar_t> p{qkv.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                        keep_probs ? probs.data_ptr<scalar_t>() : nullptr, B, N, heads, d, (N + L - 1) / L * L,
+                        keep_probs ? probs.data_ptr<scalar_t>() : nullptr, B, N, heads, d, round_up<scalar_t>(N),
                         static_cast<scalar_t>(scale)};
     forward_kernel(p);
   });
