@@ -16,10 +16,11 @@ SHAPES = [(2, 3, 7, 5), (3, 4, 17, 18), (2, 5, 33, 40), (1, 2, 56, 56), (2, 3, 9
           # small planes with batches that fill the lanes (the batch-lane path): partial and several groups
           (9, 2, 7, 7), (16, 3, 5, 6), (17, 2, 6, 3), (33, 1, 14, 9), (9, 2, 19, 30),
           # the FFT path: chosen by algo=0 from K=48 (the weight gradient from 32 / 40 along dim 2 / 3);
-          # radices 4, 2, 3, 5, 7; full strips of 2 x 16 lanes, and the lines past the last full strip pooled over
-          # the batch (runs of lines that cross planes, one line per plane, a last strip partly empty)
+          # radices 4, 2, 3, 5, 7 (two odd levels: 21, 45, 49); full strips of 2 x 16 lanes; along dim 2 the columns
+          # past the last full strip as one partial strip per plane (more than 16 left) or two planes' in one
+          # strip (at most 16; an odd batch leaves one alone), along dim 3 the rows past it pooled over the batch
           (2, 3, 112, 20), (1, 2, 30, 120), (2, 2, 45, 27), (1, 2, 96, 64), (3, 2, 56, 56), (5, 1, 64, 35),
-          (40, 1, 64, 33)]
+          (40, 1, 64, 33), (3, 1, 21, 49)]
 
 
 def formula(x: torch.Tensor, w: torch.Tensor, dim: int, add=None) -> torch.Tensor:

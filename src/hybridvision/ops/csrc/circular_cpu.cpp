@@ -324,15 +324,20 @@ void fwd_batch(const T* x, T* y, int64_t ps, int64_t nb, const T* wb, const T* a
 // ---- The FFT path (large K) --------------------------------------------------------------------------------------
 // The same forward through the DFT, O(K log K) per line instead of O(K^2). Two sets of L real lines ride as the real
 // and imaginary parts of one complex signal z = x1 + i x2 (the kernel is real, so the correlation acts on each part
-// alone); with F the DFT and S = F(w) / K,
-//   y1 + i y2 = conj(F(conj(F z) * S))
-// (the correlation's spectrum is F(x) conj(F(w)), and the inverse DFT is conj(F(conj(.))) / K). F is a Stockham
-// (self-sorting) mixed-radix FFT with radices 4, 2, 3, 5, 7 over K complex vectors whose lanes are independent
-// lines. The first stage reads the input where it lies (rows of x along H), the last stage of the first FFT applies
-// conj(.) * S, and the last stage of the second writes y (+ the addend), so a strip makes one pass per stage over
-// scratch that stays in cache; the next strip is prefetched while one is transformed, and large outputs are written
-// with non-temporal stores (STREAM_MIN_BYTES). (A radix-8 variant, 8 x 7 for K=56, measured slower than 4 x 2 x 7 in an exploratory
-// A/B run, and was dropped.) K with a prime factor above 7 keeps the direct sum.
+// alone): y1 + i y2 = F^-1(F(z) S) with S = conj(F(w)) / K (F the DFT; the correlation's spectrum is F(x) conj(F(w))).
+// Each strip of K complex vectors (lanes = independent lines) goes through
+//   * the forward levels: K = P_0 P_1 ... P_{n-1} (radices 4, 2, 3, 5, 7; fft_radices), level k splits blocks
+//     of len_k = P_k M elements: for m < M the P elements m + M t go through the DFT and are multiplied by the
+//     twiddles w^(m t), w = exp(-2 pi i / len_k), in place (decimation in frequency, no reordering: the spectrum
+//     comes out in a digit-reversed order, and S is computed by the same passes, so the order cancels);
+//   * the middle level, blocks of P_{n-1} contiguous elements: DFT, times S, DFT again on the real and imaginary
+//     parts swapped (swap(z) = i conj(z): the inverse DFT is swap(DFT(swap(.))) and swap(conj(w) z) = w swap(z), so
+//     the inverse levels are forward DFTs with the same twiddles on swapped data);
+//   * the inverse levels n-2 .. 0 (twiddles, then the DFT; decimation in time), the last one writing y (+ the addend)
+//     with the parts swapped back.
+// That is 2 n - 1 passes over a strip, each a load and a store of every element; the first reads the input where it
+// lies (rows of x along H, partial strips by masked loads) and prefetches the next strip, the last writes y (large
+// outputs with non-temporal stores, STREAM_MIN_BYTES). K with a prime factor above 7 keeps the direct sum.
 
 // Smallest K for which algo=0 takes the FFT path (when K has no prime factor above 7): [forward, wgrad][dim 2, dim 3].
 // From `python benchmarks/bench_native_crossover.py`: the first K of its sweep from which the FFT is faster at every
@@ -344,8 +349,10 @@ void fwd_batch(const T* x, T* y, int64_t ps, int64_t nb, const T* wb, const T* a
 // (3, 5, 7) cost more per point than 4 and 2, so lengths between the sweep's may cross a little later.
 constexpr int64_t FFT_MIN_K[2][2] = {{48, 48}, {32, 40}};
 
-// The radices of an FFT of length n (4s, 2, then odd, the largest last: the last stage has no twiddles), or
-// none when n has a prime factor above 7 or n < 2.
+// The radices of an FFT of length n, outer levels first: 4s, a 2, then the odd ones, the largest last (the middle
+// level has no twiddles); none when n has a prime factor above 7 or n < 2. (A radix-8 codelet, 8 x 7 for K=56 and
+// 8 x 2 x 7 for 112, measured slower than 4 x 2 x 7 and 4 x 4 x 7 in interleaved runs, as it did in the Stockham
+// kernel before: its 16 data and 14 twiddle vectors crowd the 32 registers.)
 inline std::vector<int> fft_radices(int64_t n) {
   std::vector<int> r;
   if (n < 2) return r;
@@ -368,13 +375,14 @@ inline bool use_fft(int64_t algo, int64_t K, int64_t dim, int op) {
 
 template <typename T> struct FftPlan {
   int64_t n;
-  std::vector<int> radix;
-  std::vector<int64_t> offset;  // stage k's twiddles start at tw[offset[k]]
-  std::vector<T> tw;  // per stage, pp < m, t = 1 .. p - 1: cos(phi), -sin(phi), phi = 2 pi pp t / (p m)
+  std::vector<int> radix;  // level k's radix; the last level is the middle one
+  std::vector<int64_t> M, offset;  // level k: M = len_k / P_k, its twiddles from tw[offset[k]]
+  std::vector<T> tw;  // per level, m < M, t = 1 .. P - 1: cos(phi), -sin(phi), phi = 2 pi m t / len
   explicit FftPlan(int64_t n_) : n(n_), radix(fft_radices(n_)) {
     int64_t len = n;
     for (int p : radix) {
       const int64_t m = len / p;
+      M.push_back(m);
       offset.push_back(static_cast<int64_t>(tw.size()));
       for (int64_t pp = 0; pp < m; ++pp)
         for (int t = 1; t < p; ++t) {
@@ -387,21 +395,31 @@ template <typename T> struct FftPlan {
   }
 };
 
-// cos and sin of 2 pi r t / P for r, t = 0 .. P / 2 (odd P).
-template <int P, typename T> struct OddRoots {
-  T c[P / 2 + 1][P / 2 + 1], s[P / 2 + 1][P / 2 + 1];
-  OddRoots() {
-    for (int r = 0; r <= P / 2; ++r)
-      for (int t = 0; t <= P / 2; ++t) {
-        c[r][t] = static_cast<T>(std::cos(2.0 * M_PI * r * t / P));
-        s[r][t] = static_cast<T>(std::sin(2.0 * M_PI * r * t / P));
-      }
-  }
+// cos and sin of 2 pi k / P for the odd radices, k = 0 .. P - 1; compile-time, so that they stay constants.
+template <int P> struct Unit;
+template <> struct Unit<3> {
+  static constexpr double c[3] = {1, -0.5, -0.5};
+  static constexpr double s[3] = {0, 0.866025403784438646763723170752936183, -0.866025403784438646763723170752936183};
+};
+template <> struct Unit<5> {
+  static constexpr double c1 = 0.309016994374947424102293417182819059, c2 = -0.809016994374947424102293417182819059;
+  static constexpr double s1 = 0.951056516295153572116439333379382143, s2 = 0.587785252292473129168705954639072769;
+  static constexpr double c[5] = {1, c1, c2, c2, c1};
+  static constexpr double s[5] = {0, s1, s2, -s2, -s1};
+};
+template <> struct Unit<7> {
+  static constexpr double c1 = 0.623489801858733530525004884004239810, c2 = -0.222520933956314404288902564496794759,
+                          c3 = -0.900968867902419126236102319507445051;
+  static constexpr double s1 = 0.781831482468029808708444526674057750, s2 = 0.974927912181823607018131682993931217,
+                          s3 = 0.433883739117558120475768332848358754;
+  static constexpr double c[7] = {1, c1, c2, c3, c3, c2, c1};
+  static constexpr double s[7] = {0, s1, s2, s3, -s3, -s2, -s1};
 };
 
-// In-place DFT of P complex vectors, b_t = sum_r a_r exp(-2 pi i r t / P). cr, sr: OddRoots broadcast (odd P).
+// In-place DFT of P complex vectors, b_t = sum_r a_r exp(-2 pi i r t / P).
 template <int P, typename V>
-__attribute__((always_inline)) inline void dft(V* xr, V* xi, const V (*cr)[P / 2 + 1], const V (*sr)[P / 2 + 1]) {
+__attribute__((always_inline)) inline void dft(V* xr, V* xi) {
+  using T = std::remove_reference_t<decltype(xr[0][0])>;
   if constexpr (P == 2) {
     const V tr = xr[0] - xr[1], ti = xi[0] - xi[1];
     xr[0] += xr[1];
@@ -421,23 +439,26 @@ __attribute__((always_inline)) inline void dft(V* xr, V* xi, const V (*cr)[P / 2
     xi[3] = t1i + t3r;
   } else {  // odd P: pairs r, P - r share cos (sums) and sin (differences)
     constexpr int H = P / 2;
-    V sr_[H + 1], si_[H + 1], dr[H + 1], di[H + 1];
+    V sr[H + 1], si[H + 1], dr[H + 1], di[H + 1];
     V b0r = xr[0], b0i = xi[0];
     for (int r = 1; r <= H; ++r) {
-      sr_[r] = xr[r] + xr[P - r];
-      si_[r] = xi[r] + xi[P - r];
+      sr[r] = xr[r] + xr[P - r];
+      si[r] = xi[r] + xi[P - r];
       dr[r] = xr[r] - xr[P - r];
       di[r] = xi[r] - xi[P - r];
-      b0r += sr_[r];
-      b0i += si_[r];
+      b0r += sr[r];
+      b0i += si[r];
     }
+#pragma GCC unroll 4
     for (int t = 1; t <= H; ++t) {
       V ar = xr[0], ai = xi[0], br = V{}, bi = V{};
+#pragma GCC unroll 4
       for (int r = 1; r <= H; ++r) {
-        ar += sr_[r] * cr[r][t];
-        ai += si_[r] * cr[r][t];
-        br += dr[r] * sr[r][t];
-        bi += di[r] * sr[r][t];
+        const T c = static_cast<T>(Unit<P>::c[r * t % P]), s = static_cast<T>(Unit<P>::s[r * t % P]);
+        ar += sr[r] * c;
+        ai += si[r] * c;
+        br += dr[r] * s;
+        bi += di[r] * s;
       }
       xr[t] = ar + bi;  // A - i B
       xi[t] = ai - br;
@@ -449,287 +470,320 @@ __attribute__((always_inline)) inline void dft(V* xr, V* xi, const V (*cr)[P / 2
   }
 }
 
-// Where a stage reads or writes: element e (a vector of L lanes) has its real part at re + e * stride and its
-// imaginary part at im + e * stride.
+// Where a pass reads or writes: element e (a vector of L lanes) has its real part at re + e * stride and its
+// imaginary part at im + e * stride. Lines of the caller's tensors (the first pass's input, the last one's output)
+// may be partial: only the first nre / nim lanes are read (the rest as zero) or written.
 template <typename T> struct Lines {
   T* re;
   T* im;
   int64_t stride;
-  int64_t prefetch = 0;  // reading: when non-zero, also prefetch each element at this offset (the next strip)
+  int64_t nre = Vec<std::remove_const_t<T>>::n, nim = Vec<std::remove_const_t<T>>::n;
+  int64_t prefetch = 0;  // when non-zero, also prefetch each element at this offset (the next strip), to read / write
+  bool stream = false;  // writing: non-temporal stores (full lanes, 64-byte aligned rows only)
+  Lines<T> swapped() const { return Lines<T>{im, re, stride, nim, nre, prefetch, stream}; }
 };
-
-// What the last stage does with its outputs: store them (PLAIN), store conj(b_e) * S[e] (SPECTRUM: the end of the
-// first FFT), or store re(b_e) + add[e] and add[e] - im(b_e) (OUTPUT: the end of the second FFT; add may be null;
-// OUTPUT_STREAM: the same with non-temporal stores, for 64-byte aligned rows of y).
-enum Epilogue { PLAIN, SPECTRUM, OUTPUT, OUTPUT_STREAM };
-
-
-// One Stockham stage of radix P: for pp < m, q < s the P elements q + s (pp + r m) (r < P) go through the DFT, are
-// multiplied by the twiddles exp(-2 pi i pp t / (P m)) and land at q + s (P pp + t). E applies to the last stage
-// (m = 1) only.
-template <int P, Epilogue E, typename T>
-void fft_stage(Lines<const T> in, Lines<T> out, int64_t m, int64_t s, const T* tw, const T* S, const T* add) {
-  using V = typename Vec<T>::type;
-  constexpr int H = P / 2 + 1;
-  V cr[H][H] = {}, sr[H][H] = {};
-  if constexpr (P % 2 == 1) {
-    static const OddRoots<P, T> roots;
-    for (int r = 0; r < H; ++r)
-      for (int t = 0; t < H; ++t) {
-        cr[r][t] = V{} + roots.c[r][t];
-        sr[r][t] = V{} + roots.s[r][t];
-      }
+template <typename T> Lines<const T> as_const(const Lines<T>& l) {
+  return Lines<const T>{l.re, l.im, l.stride, l.nre, l.nim, l.prefetch, l.stream};
+}
+// The first n lanes of a vector, n <= lanes: on AVX-512 one masked move whatever n is (no branch in the passes'
+// loops), else a full move when n is all the lanes.
+template <typename V, typename T> inline V load_n(const T* p, int64_t n) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64) return load_part<V>(p, n);
+#endif
+  return n == lanes<V, T>() ? load<V>(p) : load_part<V>(p, n);
+}
+template <typename V, typename T> inline void store_n(T* p, const V& v, int64_t n) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64 && std::is_same<T, float>::value) {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), (__m512)v);
+    return;
+  } else if constexpr (sizeof(V) == 64 && std::is_same<T, double>::value) {
+    _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), (__m512d)v);
+    return;
   }
-  for (int64_t pp = 0; pp < m; ++pp) {
+#endif
+  store(p, v, n);
+}
+
+// The kinds of pass: a forward level (DFT, then twiddles), an inverse one (twiddles, then DFT), the middle level
+// alone (DFT) and the middle level of the correlation (DFT, times S, swap, DFT).
+enum Pass { DIF, DIT, MID, MID_S };
+// Where a pass reads / writes: a strip buffer (full lanes; TILE: the last pass, with the addend), or the caller's
+// lines (partial lanes, prefetch of the next strip; on the way out the addend, and EXT_STREAM with non-temporal
+// stores).
+enum Io { BUF, TILE, EXT, EXT_STREAM };
+
+// One pass of radix P over a strip of K elements: for each block of P M elements and m < M, the P elements m + M t.
+// tw: the level's twiddles; S: the spectrum (MID_S: K complex, interleaved); add: K addends (Out != BUF).
+template <int P, Pass Kind, Io In, Io Out, typename T>
+void fft_pass(Lines<const T> in, Lines<T> out, int64_t K, int64_t M, const T* tw, const T* S, const T* add) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t LN = Vec<T>::n;
+  // one base pointer per side and pass-constant offsets: the P elements M strides apart, the imaginary parts a
+  // fixed distance from the real ones
+  const int64_t len = P * M, is = in.stride, os = out.stride, ie = M * is, oe = M * os;
+  const int64_t iim = in.im - in.re, oim = out.im - out.re, ipf = in.prefetch, opf = out.prefetch;
+  const bool split_in = (is * sizeof(T)) % 64 != 0, split_out = (os * sizeof(T)) % 64 != 0;  // vectors may straddle lines
+  for (int64_t m = 0; m < M; ++m) {
     V wr[P], wi[P];
-    for (int t = 1; t < P; ++t) {
-      wr[t] = V{} + tw[(pp * (P - 1) + t - 1) * 2];
-      wi[t] = V{} + tw[(pp * (P - 1) + t - 1) * 2 + 1];
-    }
-    // one base pointer per side and stage-constant offsets: the P inputs r m s apart, the P outputs s apart, the
-    // imaginary parts a fixed distance from the real ones (keeps the odd radices' 4 P streams out of the registers)
-    const int64_t irs = s * m * in.stride, iim = in.im - in.re, ors = s * out.stride, oim = out.im - out.re;
-    for (int64_t q = 0; q < s; ++q) {
-      V xr[P], xi[P];
-      const T* ib = in.re + (q + s * pp) * in.stride;
-      for (int r = 0; r < P; ++r) {
-        if (in.prefetch) {
-          __builtin_prefetch(ib + r * irs + in.prefetch);
-          __builtin_prefetch(ib + r * irs + iim + in.prefetch);
-        }
-        xr[r] = load<V>(ib + r * irs);
-        xi[r] = load<V>(ib + r * irs + iim);
+    if constexpr (Kind == DIF || Kind == DIT)
+      for (int t = 1; t < P; ++t) {
+        wr[t] = V{} + tw[(m * (P - 1) + t - 1) * 2];
+        wi[t] = V{} + tw[(m * (P - 1) + t - 1) * 2 + 1];
       }
-      dft<P>(xr, xi, cr, sr);
-      if (pp > 0)
+    const auto twiddle = [&](V* xr, V* xi) {
+      if (m > 0)
         for (int t = 1; t < P; ++t) {
           const V r = xr[t] * wr[t] - xi[t] * wi[t];
           xi[t] = xr[t] * wi[t] + xi[t] * wr[t];
           xr[t] = r;
         }
-      T* ob = out.re + (q + s * P * pp) * out.stride;
+    };
+    for (int64_t b = m; b < K; b += len) {
+      V xr[P], xi[P];
+      const T* ib = in.re + b * is;
       for (int t = 0; t < P; ++t) {
-        const int64_t e = q + s * (P * pp + t);
-        T* o = ob + t * ors;
-        if constexpr (E == SPECTRUM) {
-          const V a = V{} + S[2 * e], b = V{} + S[2 * e + 1];
-          store(o, xr[t] * a + xi[t] * b);
-          store(o + oim, xr[t] * b - xi[t] * a);
-        } else if constexpr (E == OUTPUT) {
-          const V ad = V{} + (add ? add[e] : T(0));
-          store(o, xr[t] + ad);
-          store(o + oim, ad - xi[t]);
-        } else if constexpr (E == OUTPUT_STREAM) {
-          const V ad = V{} + (add ? add[e] : T(0));
-          store_stream(o, xr[t] + ad);
-          store_stream(o + oim, ad - xi[t]);
-        } else {
+        const T* p = ib + t * ie;
+        if constexpr (In == BUF) {
+          xr[t] = load<V>(p);
+          xi[t] = load<V>(p + iim);
+        } else {  // the next strip's element into L2 (both ends where rows are not line-aligned)
+          __builtin_prefetch(p + ipf, 0, 2);
+          __builtin_prefetch(p + iim + ipf, 0, 2);
+          if (split_in) {
+            __builtin_prefetch(p + ipf + LN - 1, 0, 2);
+            __builtin_prefetch(p + iim + ipf + LN - 1, 0, 2);
+          }
+          xr[t] = load_n<V>(p, in.nre);
+          xi[t] = load_n<V>(p + iim, in.nim);
+        }
+      }
+      if constexpr (Kind == DIT) twiddle(xr, xi);
+      dft<P>(xr, xi);
+      if constexpr (Kind == DIF) twiddle(xr, xi);
+      if constexpr (Kind == MID_S) {  // times S, then the parts swapped: DFT again
+        for (int t = 0; t < P; ++t) {
+          const V a = V{} + S[2 * (b + t)], c = V{} + S[2 * (b + t) + 1];
+          const V r = xr[t] * a - xi[t] * c;
+          xr[t] = xr[t] * c + xi[t] * a;  // the imaginary part, now real
+          xi[t] = r;
+        }
+        dft<P>(xr, xi);
+      }
+      T* ob = out.re + b * os;
+      for (int t = 0; t < P; ++t) {
+        T* o = ob + t * oe;
+        if constexpr (Out == BUF) {
           store(o, xr[t]);
           store(o + oim, xi[t]);
+        } else {
+          const V ad = V{} + add[b + t * M];
+          if constexpr (Out == TILE) {
+            store(o, xr[t] + ad);
+            store(o + oim, xi[t] + ad);
+          } else if constexpr (Out == EXT_STREAM) {
+            store_stream(o, xr[t] + ad);
+            store_stream(o + oim, xi[t] + ad);
+          } else {  // the next strip's lines, for writing
+            __builtin_prefetch(o + opf, 1, 2);
+            __builtin_prefetch(o + oim + opf, 1, 2);
+            if (split_out) {
+              __builtin_prefetch(o + opf + LN - 1, 1, 2);
+              __builtin_prefetch(o + oim + opf + LN - 1, 1, 2);
+            }
+            store_n(o, xr[t] + ad, out.nre);
+            store_n(o + oim, xi[t] + ad, out.nim);
+          }
         }
       }
     }
   }
 }
 
-template <int P, typename T>
-void fft_stage_e(Epilogue e, Lines<const T> in, Lines<T> out, int64_t m, int64_t s, const T* tw, const T* S,
-                 const T* add) {
-  if (e == SPECTRUM)
-    fft_stage<P, SPECTRUM>(in, out, m, s, tw, S, add);
-  else if (e == OUTPUT)
-    fft_stage<P, OUTPUT>(in, out, m, s, tw, S, add);
-  else if (e == OUTPUT_STREAM)
-    fft_stage<P, OUTPUT_STREAM>(in, out, m, s, tw, S, add);
-  else
-    fft_stage<P, PLAIN>(in, out, m, s, tw, S, add);
-}
-
-// F of the pl.n elements at in, stage k writing buf[(first + k) % 2] (vectors of L lanes, imaginary parts at + io),
-// the last stage writing out with epilogue e instead. Returns nothing: the result is at out.
-template <typename T>
-void fft_run(const FftPlan<T>& pl, Lines<const T> in, T* const buf[2], int first, int64_t io, Lines<T> out, Epilogue e,
-             const T* S, const T* add) {
-  constexpr int64_t L = Vec<T>::n;
-  int64_t len = pl.n, s = 1;
-  const int nst = static_cast<int>(pl.radix.size());
-  for (int k = 0; k < nst; ++k) {
-    const int p = pl.radix[k];
-    const int64_t m = len / p;
-    const T* tw = pl.tw.data() + pl.offset[k];
-    T* b = buf[(first + k) % 2];
-    const bool last = k == nst - 1;
-    const Lines<T> o = last ? out : Lines<T>{b, b + io, L};
-    const Epilogue ek = last ? e : PLAIN;
-    switch (p) {
-      case 2: fft_stage_e<2>(ek, in, o, m, s, tw, S, add); break;
-      case 3: fft_stage_e<3>(ek, in, o, m, s, tw, S, add); break;
-      case 4: fft_stage_e<4>(ek, in, o, m, s, tw, S, add); break;
-      case 5: fft_stage_e<5>(ek, in, o, m, s, tw, S, add); break;
-      default: fft_stage_e<7>(ek, in, o, m, s, tw, S, add); break;
-    }
-    in = Lines<const T>{b, b + io, L};
-    len = m;
-    s *= p;
+template <Pass Kind, Io In, Io Out, typename T>
+void fft_pass_p(int p, Lines<const T> in, Lines<T> out, int64_t K, int64_t M, const T* tw, const T* S,
+                const T* add) {
+  switch (p) {
+    case 2: fft_pass<2, Kind, In, Out>(in, out, K, M, tw, S, add); break;
+    case 3: fft_pass<3, Kind, In, Out>(in, out, K, M, tw, S, add); break;
+    case 4: fft_pass<4, Kind, In, Out>(in, out, K, M, tw, S, add); break;
+    case 5: fft_pass<5, Kind, In, Out>(in, out, K, M, tw, S, add); break;
+    default: fft_pass<7, Kind, In, Out>(in, out, K, M, tw, S, add); break;
   }
 }
 
-// The correlation of the complex lines at in with the kernel whose spectrum is S (K complex numbers, real and
-// imaginary interleaved, F(w) / K), plus add: y1 lands at out.re, y2 at out.im (stream: non-temporal stores where
-// out is 64-byte aligned). buf: two buffers of 2 io scalars.
-template <typename T>
-void fft_correlate(const FftPlan<T>& pl, const T* S, const T* add, Lines<const T> in, Lines<T> out, T* const buf[2],
-                   int64_t io, bool stream) {
+// The forward levels of the lines at in (the caller's lines, or b itself), into b (L lanes, imaginary parts io after
+// the real ones): F(in) in the passes' order when the middle level is included (mid), else up to it.
+template <typename T> void fft_forward_levels(const FftPlan<T>& pl, Lines<const T> in, T* b, int64_t io, bool mid) {
   constexpr int64_t L = Vec<T>::n;
-  const int nst = static_cast<int>(pl.radix.size());
-  T* mid = buf[(nst - 1) % 2];  // where the first FFT's last stage leaves conj(F z) * S
-  fft_run(pl, in, buf, 0, io, Lines<T>{mid, mid + io, L}, SPECTRUM, S, add);
-  const bool nt = stream && out.stride % L == 0 && reinterpret_cast<uintptr_t>(out.re) % 64 == 0 &&
-                  reinterpret_cast<uintptr_t>(out.im) % 64 == 0;
-  fft_run(pl, Lines<const T>{mid, mid + io, L}, buf, nst, io, out, nt ? OUTPUT_STREAM : OUTPUT, S, add);
+  const int n = static_cast<int>(pl.radix.size());
+  const Lines<T> bl{b, b + io, L};
+  const bool ext = in.re != b;
+  const T* none = nullptr;
+  for (int k = 0; k < n - 1 + mid; ++k) {
+    const T* tw = pl.tw.data() + pl.offset[k];
+    const Pass kind = k == n - 1 ? MID : DIF;
+    const int64_t M = pl.M[k];
+    if (k == 0 && ext && kind == MID)
+      fft_pass_p<MID, EXT, BUF>(pl.radix[k], in, bl, pl.n, M, tw, none, none);
+    else if (k == 0 && ext)
+      fft_pass_p<DIF, EXT, BUF>(pl.radix[k], in, bl, pl.n, M, tw, none, none);
+    else if (kind == MID)
+      fft_pass_p<MID, BUF, BUF>(pl.radix[k], as_const(bl), bl, pl.n, M, tw, none, none);
+    else
+      fft_pass_p<DIF, BUF, BUF>(pl.radix[k], as_const(bl), bl, pl.n, M, tw, none, none);
+  }
 }
 
-// F(w[c]) / K for every channel of the (C, K) weights, L channels per FFT: (C, K, 2) scalars.
+// The inverse levels n - 2 .. 0 on b (swapped representation, in place), the last one writing out (+ add, unless
+// last is BUF).
+template <typename T>
+void fft_inverse_levels(const FftPlan<T>& pl, T* b, int64_t io, Lines<T> out, const T* add, Io last) {
+  constexpr int64_t L = Vec<T>::n;
+  const int n = static_cast<int>(pl.radix.size());
+  const Lines<T> bl{b, b + io, L};
+  const T* none = nullptr;
+  for (int k = n - 2; k >= 0; --k) {
+    const T* tw = pl.tw.data() + pl.offset[k];
+    const int p = pl.radix[k];
+    const int64_t M = pl.M[k];
+    if (k > 0 || last == BUF)
+      fft_pass_p<DIT, BUF, BUF>(p, as_const(bl), k > 0 ? bl : out, pl.n, M, tw, none, none);
+    else if (last == TILE)
+      fft_pass_p<DIT, BUF, TILE>(p, as_const(bl), out, pl.n, M, tw, none, add);
+    else if (last == EXT)
+      fft_pass_p<DIT, BUF, EXT>(p, as_const(bl), out, pl.n, M, tw, none, add);
+    else
+      fft_pass_p<DIT, BUF, EXT_STREAM>(p, as_const(bl), out, pl.n, M, tw, none, add);
+  }
+}
+
+// The correlation of the complex lines at in with the kernel whose spectrum is S (K complex numbers in the passes'
+// order, real and imaginary interleaved, conj(F(w)) / K), plus add (K values): y1 lands at out.re, y2 at out.im.
+// in and out: the caller's lines (out.stream: non-temporal stores), or both the buffer b itself (a tile); b: 2 io
+// scalars.
+template <typename T>
+void fft_correlate(const FftPlan<T>& pl, const T* S, const T* add, Lines<const T> in, Lines<T> out, T* b, int64_t io) {
+  constexpr int64_t L = Vec<T>::n;
+  const int n = static_cast<int>(pl.radix.size());
+  const int p = pl.radix[n - 1];
+  const bool tile = in.re == b;
+  const T* none = nullptr;
+  if (n == 1) {  // K = 2 .. 8, one pass from in to out
+    if (tile)
+      fft_pass_p<MID_S, BUF, TILE>(p, in, out.swapped(), pl.n, 1, none, S, add);
+    else
+      fft_pass_p<MID_S, EXT, EXT>(p, in, out.swapped(), pl.n, 1, none, S, add);
+    return;
+  }
+  fft_forward_levels(pl, in, b, io, false);
+  const Lines<T> bl{b, b + io, L};
+  fft_pass_p<MID_S, BUF, BUF>(p, as_const(bl), bl, pl.n, 1, none, S, none);
+  fft_inverse_levels(pl, b, io, out.swapped(), add, tile ? TILE : out.stream ? EXT_STREAM : EXT);
+}
+
+// conj(F(w[c])) / K for every channel of the (C, K) weights in the passes' order, L channels per transform: (C, K, 2).
 template <typename T> std::vector<T> weight_spectra(const FftPlan<T>& pl, const T* w, int64_t C) {
   constexpr int64_t L = Vec<T>::n;
   const int64_t K = pl.n, KP = (K + L - 1) / L * L, io = KP * L;
-  std::vector<T> S(C * K * 2), a(2 * io), b(2 * io), z(2 * io);
-  T* const buf[2] = {b.data(), z.data()};
+  std::vector<T> S(C * K * 2), a(2 * io);
   for (int64_t c0 = 0; c0 < C; c0 += L) {
     rows_to_tile(w, C, K, c0, a.data());
     std::fill(a.begin() + io, a.begin() + io + K * L, T(0));
-    fft_run(pl, Lines<const T>{a.data(), a.data() + io, L}, buf, 0, io, Lines<T>{a.data(), a.data() + io, L}, PLAIN,
-            static_cast<const T*>(nullptr), static_cast<const T*>(nullptr));
+    fft_forward_levels(pl, Lines<const T>{a.data(), a.data() + io, L}, a.data(), io, true);
     for (int64_t l = 0; l < std::min(L, C - c0); ++l)
       for (int64_t f = 0; f < K; ++f) {
         S[((c0 + l) * K + f) * 2] = a[f * L + l] / static_cast<T>(K);
-        S[((c0 + l) * K + f) * 2 + 1] = a[io + f * L + l] / static_cast<T>(K);
+        S[((c0 + l) * K + f) * 2 + 1] = -a[io + f * L + l] / static_cast<T>(K);
       }
   }
   return S;
 }
 
-// The complex input lines of the pair strip at o0 of one plane: dim 2, columns o0 .. o0 + L - 1 (real parts) and
-// the next L (imaginary parts) of a (K x W) plane, read in place; dim 3, rows o0 .. o0 + 2 L - 1 of an (H x K)
-// plane transposed into t. Full strips only (the lines past a plane's last full strip go through a Pool). t: 2 io
-// scalars.
-template <typename T>
-Lines<const T> strip_lines(const T* x, int64_t dim, int64_t K, int64_t other, int64_t o0, T* t, int64_t io) {
-  constexpr int64_t L = Vec<T>::n;
-  if (dim == 2) return Lines<const T>{x + o0, x + o0 + L, other};
-  rows_to_tile(x, other, K, o0, t, 2 * L);
-  rows_to_tile(x, other, K, o0 + L, t + io, 2 * L);
-  return Lines<const T>{t, t + io, L};
+// A pair strip of lines along dim 2: the offsets of the real and imaginary lines' first elements from the
+// channel's first plane, and how many lanes of each are lines.
+struct Strip {
+  int64_t re, im, nre, nim;
+};
+// The strips of planes b0 .. b1 - 1 (ps scalars apart) of one channel along dim 2, W lines (columns) each: the full
+// strips of 2 L columns, then the last r = W mod 2 L: for r <= L those of two planes as one strip, else one
+// (partial) strip per plane. Lanes past the lines are zero, so no lines are copied anywhere.
+inline std::vector<Strip> dim2_strips(int64_t b0, int64_t b1, int64_t ps, int64_t W, int64_t L) {
+  std::vector<Strip> s;
+  const int64_t r = W % (2 * L), o = W - r;
+  for (int64_t b = b0; b < b1; ++b)
+    for (int64_t o0 = 0; o0 < o; o0 += 2 * L) s.push_back(Strip{b * ps + o0, b * ps + o0 + L, L, L});
+  if (r == 0) return s;
+  for (int64_t b = b0; b < b1; ++b) {
+    if (r > L) {
+      s.push_back(Strip{b * ps + o, b * ps + o + L, L, r - L});
+    } else if (b + 1 < b1) {
+      s.push_back(Strip{b * ps + o, (b + 1) * ps + o, r, r});
+      ++b;
+    } else {
+      s.push_back(Strip{b * ps + o, b * ps + o, r, 0});
+    }
+  }
+  return s;
+}
+template <typename T> Lines<T> strip_lines(T* base, const Strip& s, int64_t W) {
+  return Lines<T>{base + s.re, base + s.im, W, s.nre, s.nim};
 }
 
-// The lines left over after a plane's last full pair strip (r = other mod 2 L of them: the last columns along dim 2,
-// the last rows along dim 3) are pooled over the B planes of a channel, so that they fill whole strips instead of
-// one part-empty strip per plane: pooled line g (g < n = B r) is line other - r + g mod r of plane g / r (planes ps
-// scalars apart). A pair strip of the pool, lines g0 .. g0 + 2 L - 1, is gathered into t (lane l of half h = line
-// g0 + h L + l; lanes past n zero) and scattered back from it: along dim 2 by masked moves of the runs of columns
-// that share a plane, along dim 3 by L x L transposes of rows found one by one.
+// Along dim 3 the lines are rows: the rows left over after a plane's last full pair strip (r = other mod 2 L of them)
+// are pooled over the B planes of a channel, so that they fill whole strips instead of one part-empty strip per
+// plane: pooled row g (g < n = B r) is row other - r + g mod r of plane g / r (planes ps scalars apart). A pair
+// strip of the pool, rows g0 .. g0 + 2 L - 1, is transposed into a tile (lane l of half h = row g0 + h L + l; lanes
+// past n zero) and back from it.
 struct Pool {
-  int64_t ps, other, r, n, dim, K;  // plane stride, lines per plane, pooled per plane, pooled lines (B r), dim, K
-  static Pool of(int64_t dim, int64_t B, int64_t ps, int64_t other, int64_t K, int64_t L) {
+  int64_t ps, other, r, n, K;  // plane stride, rows per plane, pooled per plane, pooled rows (B r), K
+  static Pool of(int64_t B, int64_t ps, int64_t other, int64_t K, int64_t L) {
     const int64_t r = other % (2 * L);
-    return Pool{ps, other, r, B * r, dim, K};
+    return Pool{ps, other, r, B * r, K};
   }
-  // offset of pooled line g's first element from the first plane's
-  int64_t line(int64_t g) const { return g / r * ps + (other - r + g % r) * (dim == 2 ? 1 : K); }
-  // dim 3: rows[i] = the row of lane i of half h of strip g0 (planes at base); returns how many lanes have one
+  // rows[i] = the row of lane i of half h of strip g0 (planes at base); returns how many lanes have one
   template <typename Ptr> int64_t half_rows(Ptr base, int64_t g0, int64_t h, int64_t L, Ptr* rows) const {
     const int64_t nr = std::clamp<int64_t>(n - g0 - h * L, 0, L);
-    for (int64_t i = 0; i < nr; ++i) rows[i] = base + line(g0 + h * L + i);
-    return nr;
-  }
-  // dim 2: fn(offset of the run's first column, offset in t, lines) per run of strip g0's lines within one plane
-  template <typename F> void runs(int64_t g0, int64_t L, int64_t io, F fn) const {
-    for (int64_t l = 0; l < 2 * L && g0 + l < n;) {
-      const int64_t g = g0 + l, run = std::min({L - l % L, r - g % r, n - g});
-      fn(line(g), l / L * io + l % L, run);
-      l += run;
+    for (int64_t i = 0; i < nr; ++i) {
+      const int64_t g = g0 + h * L + i;
+      rows[i] = base + g / r * ps + (other - r + g % r) * K;
     }
+    return nr;
   }
 };
 template <typename T> void pool_gather(const Pool& p, const T* x, int64_t g0, T* t, int64_t io) {
-  using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
-  if (p.dim == 3) {
-    for (int64_t h = 0; h < 2; ++h) {
-      const T* rows[L];
-      const int64_t nr = p.half_rows(x, g0, h, L, rows);
-      for (int64_t k0 = 0; k0 < p.K; k0 += L)
-        to_tile([&](int64_t i) { return rows[i] + k0; }, nr, std::min(L, p.K - k0), t + h * io + k0 * L);
-    }
-    return;
+  for (int64_t h = 0; h < 2; ++h) {
+    const T* rows[L];
+    const int64_t nr = p.half_rows(x, g0, h, L, rows);
+    for (int64_t k0 = 0; k0 < p.K; k0 += L)
+      to_tile([&](int64_t i) { return rows[i] + k0; }, nr, std::min(L, p.K - k0), t + h * io + k0 * L);
   }
-  if (g0 + 2 * L > p.n) std::fill(t, t + 2 * io, T(0));
-  p.runs(g0, L, io, [&](int64_t xo, int64_t to, int64_t n) {
-    for (int64_t j = 0; j < p.K; ++j) store(t + to + j * L, load_part<V>(x + xo + j * p.other, n), n);
-  });
 }
 template <typename T> void pool_scatter(const Pool& p, const T* t, int64_t g0, T* y, int64_t io) {
-  using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
-  if (p.dim == 3) {
-    for (int64_t h = 0; h < 2; ++h) {
-      T* rows[L];
-      const int64_t nr = p.half_rows(y, g0, h, L, rows);
-      for (int64_t k0 = 0; k0 < p.K; k0 += L)
-        from_tile(t + h * io + k0 * L, [&](int64_t i) { return rows[i] + k0; }, nr, std::min(L, p.K - k0));
-    }
-    return;
-  }
-  p.runs(g0, L, io, [&](int64_t yo, int64_t to, int64_t n) {
-    for (int64_t j = 0; j < p.K; ++j) store(y + yo + j * p.other, load_part<V>(t + to + j * L, n), n);
-  });
-}
-
-// Forward by the FFT, one plane ((K x W) along dim 2, (H x K) along dim 3), a pair strip of 2 L lines at a time, of
-// the first `lines` lines (the full strips; the rest goes through a Pool). Along dim 2 the result goes
-// straight to y (stream: non-temporal stores where rows are 64-byte aligned) and the first pass over a strip
-// prefetches the next one (after the last strip, the first of the plane at x + next, when next is not 0); along dim 3
-// it goes through t. scratch: 6 KP L.
-template <typename T>
-void fft_plane(const FftPlan<T>& pl, const T* S, const T* x, T* y, const T* add, int64_t dim, int64_t other,
-               int64_t lines, bool stream, int64_t next, T* scratch) {
-  constexpr int64_t L = Vec<T>::n;
-  const int64_t K = pl.n, io = (K + L - 1) / L * L * L;
-  T* t = scratch;
-  T* const buf[2] = {scratch + 2 * io, scratch + 4 * io};
-  for (int64_t o0 = 0; o0 < lines; o0 += 2 * L) {
-    Lines<const T> in = strip_lines(x, dim, K, other, o0, t, io);
-    if (dim == 2) {
-      // the next strip of the plane, or the first of the next plane: its rows are 2 L apart from this strip's
-      if (o0 + 2 * L < lines)
-        in.prefetch = 2 * L;
-      else if (next)
-        in.prefetch = next - o0;
-      fft_correlate(pl, S, add, in, Lines<T>{y + o0, y + o0 + L, other}, buf, io, stream);
-      continue;
-    }
-    fft_correlate(pl, S, add, in, Lines<T>{t, t + io, L}, buf, io, false);
-    tile_to_rows(t, y, lines, K, o0, stream);  // rows past `lines` are the pool's
-    tile_to_rows(t + io, y, lines, K, o0 + L, stream);
+  for (int64_t h = 0; h < 2; ++h) {
+    T* rows[L];
+    const int64_t nr = p.half_rows(y, g0, h, L, rows);
+    for (int64_t k0 = 0; k0 < p.K; k0 += L)
+      from_tile(t + h * io + k0 * L, [&](int64_t i) { return rows[i] + k0; }, nr, std::min(L, p.K - k0));
   }
 }
 
 // Weight gradient of one channel by the FFT: dw = Re(F^-1(sum over lines of conj(F g) * F x)) (two real lines per
 // complex one: the cross terms of the packing are imaginary in the result), the sum kept per lane and the inverse
-// transform done once, before the lanes are summed. Planes at gy / x + b * bstride. scratch: 12 KP L.
+// transform done once, before the lanes are summed. Planes at gy / x + b * bstride. scratch: 6 KP L.
 template <typename T>
 void fft_wgrad_channel(const FftPlan<T>& pl, const T* gy, const T* x, int64_t B, int64_t bstride, int64_t dim,
                        int64_t other, T* dw, T* scratch) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
   const int64_t K = pl.n, io = (K + L - 1) / L * L * L;
-  T* t = scratch;
-  T* const buf[2] = {scratch + 2 * io, scratch + 4 * io};
-  T* zx = scratch + 6 * io;
-  T* zg = scratch + 8 * io;
-  T* acc = scratch + 10 * io;
+  T* zx = scratch;
+  T* zg = scratch + 2 * io;
+  T* acc = scratch + 4 * io;
   std::fill(acc, acc + 2 * io, T(0));
-  const T* none = nullptr;
   const auto accumulate = [&]() {  // acc += conj(G) X
     for (int64_t f = 0; f < K; ++f) {
       const V gr = load<V>(zg + f * L), gi = load<V>(zg + io + f * L);
@@ -738,27 +792,41 @@ void fft_wgrad_channel(const FftPlan<T>& pl, const T* gy, const T* x, int64_t B,
       store(acc + io + f * L, load<V>(acc + io + f * L) + gr * xi - gi * xr);
     }
   };
-  const Pool pool = Pool::of(dim, B, bstride, other, K, L);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t o0 = 0; o0 < other - pool.r; o0 += 2 * L) {
-      fft_run(pl, strip_lines(x + b * bstride, dim, K, other, o0, t, io), buf, 0, io, Lines<T>{zx, zx + io, L},
-              PLAIN, none, none);
-      fft_run(pl, strip_lines(gy + b * bstride, dim, K, other, o0, t, io), buf, 0, io, Lines<T>{zg, zg + io, L},
-              PLAIN, none, none);
+  const auto tile = [&](T* z) { return Lines<const T>{z, z + io, L}; };
+  if (dim == 2) {
+    for (const Strip& s : dim2_strips(0, B, bstride, other, L)) {
+      fft_forward_levels(pl, strip_lines(x, s, other), zx, io, true);
+      fft_forward_levels(pl, strip_lines(gy, s, other), zg, io, true);
       accumulate();
     }
-  for (int64_t g0 = 0; g0 < pool.n; g0 += 2 * L) {
-    pool_gather(pool, x, g0, t, io);
-    fft_run(pl, Lines<const T>{t, t + io, L}, buf, 0, io, Lines<T>{zx, zx + io, L}, PLAIN, none, none);
-    pool_gather(pool, gy, g0, t, io);
-    fft_run(pl, Lines<const T>{t, t + io, L}, buf, 0, io, Lines<T>{zg, zg + io, L}, PLAIN, none, none);
-    accumulate();
+  } else {
+    const Pool pool = Pool::of(B, bstride, other, K, L);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t o0 = 0; o0 < other - pool.r; o0 += 2 * L) {
+        rows_to_tile(x + b * bstride, other, K, o0, zx, 2 * L);
+        rows_to_tile(x + b * bstride, other, K, o0 + L, zx + io, 2 * L);
+        fft_forward_levels(pl, tile(zx), zx, io, true);
+        rows_to_tile(gy + b * bstride, other, K, o0, zg, 2 * L);
+        rows_to_tile(gy + b * bstride, other, K, o0 + L, zg + io, 2 * L);
+        fft_forward_levels(pl, tile(zg), zg, io, true);
+        accumulate();
+      }
+    for (int64_t g0 = 0; g0 < pool.n; g0 += 2 * L) {
+      pool_gather(pool, x, g0, zx, io);
+      fft_forward_levels(pl, tile(zx), zx, io, true);
+      pool_gather(pool, gy, g0, zg, io);
+      fft_forward_levels(pl, tile(zg), zg, io, true);
+      accumulate();
+    }
   }
-  // Re(F^-1(A)) = Re(conj(F(conj(A)))) / K = Re(F(conj(A))) / K
-  for (int64_t f = 0; f < K; ++f) store(acc + io + f * L, -load<V>(acc + io + f * L));
-  fft_run(pl, Lines<const T>{acc, acc + io, L}, buf, 0, io, Lines<T>{zx, zx + io, L}, PLAIN,
-          static_cast<const T*>(nullptr), static_cast<const T*>(nullptr));
-  for (int64_t k = 0; k < K; ++k) dw[k] = hsum<T>(load<V>(zx + k * L)) / static_cast<T>(K);
+  // Re(F^-1(A)) K: the middle level's DFT of swap(A), the inverse levels, and the imaginary part (swapped back)
+  const int n = static_cast<int>(pl.radix.size());
+  const Lines<T> zl{zx, zx + io, L};
+  const T* none = nullptr;
+  fft_pass_p<MID, BUF, BUF>(pl.radix[n - 1], as_const(Lines<T>{acc, acc + io, L}.swapped()), zl, K, 1, none, none,
+                            none);
+  fft_inverse_levels(pl, zx, io, zl, none, BUF);
+  for (int64_t k = 0; k < K; ++k) dw[k] = hsum<T>(load<V>(zx + io + k * L)) / static_cast<T>(K);
 }
 
 // Weight gradient of one (K x L) tile pair: acc[k] += sum_i G[i] * X2[i + k] (lanes summed later by the caller),
@@ -834,36 +902,74 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
     const scalar_t* ap = add ? add->data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t plane = H * W;
-    if (fft) {  // work items: the full strips of one plane, or one pair strip of a channel's pool
+    if (fft) {
       const FftPlan<scalar_t> pl(K);
-      const std::vector<scalar_t> S = weight_spectra(pl, wp, C);
+      const std::vector<scalar_t> S = weight_spectra(pl, wp, C), zeros(add ? 0 : K);
+      const auto addend = [&](int64_t c) { return ap ? ap + c * K : zeros.data(); };  // the passes add K values
       const bool stream = static_cast<int64_t>(y.nbytes()) >= STREAM_MIN_BYTES;
-      const int64_t other = dim == 2 ? W : H;
-      const Pool pool = Pool::of(dim, B, C * plane, other, K, L);
+      const int64_t io = KP * L;
+      const auto aligned = [](const scalar_t* p) { return reinterpret_cast<uintptr_t>(p) % 64 == 0; };
+      if (dim == 2) {  // work items: the strips of two planes of a channel (dim2_strips), read and written in place
+        const int64_t pairs = (B + 1) / 2;
+        const auto item = [&](int64_t q) {
+          return dim2_strips(q / C * 2, std::min(B, q / C * 2 + 2), C * plane, W, L);
+        };
+        at::parallel_for(0, C * pairs, 1, [&](int64_t begin, int64_t end) {
+          std::vector<scalar_t> buf(2 * io);
+          std::vector<Strip> strips = item(begin);
+          for (int64_t q = begin; q < end; ++q) {
+            const int64_t c = q % C;
+            const scalar_t* xc = xp + c * plane;
+            scalar_t* yc = yp + c * plane;
+            const std::vector<Strip> next = q + 1 < end ? item(q + 1) : std::vector<Strip>{};
+            for (size_t i = 0; i < strips.size(); ++i) {
+              const Strip& s = strips[i];
+              Lines<const scalar_t> in = strip_lines(xc, s, W);
+              if (i + 1 < strips.size())  // prefetch the next strip while this one is transformed
+                in.prefetch = strips[i + 1].re - s.re;
+              else if (!next.empty())  // the next item's first, one channel on
+                in.prefetch = plane * ((q + 1) % C - c) + next[0].re - s.re;
+              Lines<scalar_t> out = strip_lines(yc, s, W);
+              out.stream = stream && s.nre == L && s.nim == L && W % L == 0 && aligned(out.re) && aligned(out.im);
+              if (!out.stream) out.prefetch = in.prefetch;  // (streamed lines bypass the caches)
+              fft_correlate(pl, S.data() + c * K * 2, addend(c), in, out, buf.data(), io);
+            }
+            strips = next;
+          }
+          stream_fence();
+        });
+        return;
+      }
+      // dim 3, work items: the full strips of one plane (transposed into a tile and back), or one pair strip of a
+      // channel's pool. In memory order when nothing is pooled; else channel-major, a channel's pool after its planes
+      // (the pooled rows are then still in cache)
+      const Pool pool = Pool::of(B, C * plane, H, K, L);
       const int64_t r = pool.r;
-      // In memory order when nothing is pooled; else channel-major, a channel's pool after its planes (the pooled
-      // columns are then still in cache)
-      const int64_t planes = other > r ? B : 0, pooled = (pool.n + 2 * L - 1) / (2 * L), per = planes + pooled;
+      const int64_t planes = H > r ? B : 0, pooled = (pool.n + 2 * L - 1) / (2 * L), per = planes + pooled;
       at::parallel_for(0, C * per, 1, [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> scratch(6 * KP * L);
-        scalar_t* t = scratch.data();
-        const int64_t io = KP * L;
+        std::vector<scalar_t> buf(2 * io);
+        scalar_t* t = buf.data();
+        const Lines<scalar_t> tl{t, t + io, L};
         for (int64_t q = begin; q < end; ++q) {
           const int64_t c = pooled ? q / per : q % C, i = pooled ? q % per : q / C;
-          const scalar_t* a = ap ? ap + c * K : nullptr;
+          const scalar_t* a = addend(c);
+          const scalar_t* s = S.data() + c * K * 2;
           if (i < planes) {
             const int64_t p = i * C + c;
-            int64_t next = 0;  // the next item's plane, for the prefetch: C planes on, or the adjacent one
-            if (q + 1 < end && (!pooled || i + 1 < planes)) next = (pooled ? C : 1) * plane;
-            fft_plane(pl, S.data() + c * K * 2, xp + p * plane, yp + p * plane, a, dim, other, other - r, stream,
-                      next, t);
+            const scalar_t* x = xp + p * plane;
+            scalar_t* yy = yp + p * plane;
+            for (int64_t o0 = 0; o0 < H - r; o0 += 2 * L) {
+              rows_to_tile(x, H, K, o0, t, 2 * L);
+              rows_to_tile(x, H, K, o0 + L, t + io, 2 * L);
+              fft_correlate(pl, s, a, as_const(tl), tl, t, io);
+              tile_to_rows(t, yy, H - r, K, o0, stream);  // rows past H - r are the pool's
+              tile_to_rows(t + io, yy, H - r, K, o0 + L, stream);
+            }
             continue;
           }
           const int64_t g0 = (i - planes) * 2 * L;
           pool_gather(pool, xp + c * plane, g0, t, io);
-          scalar_t* const buf[2] = {t + 2 * io, t + 4 * io};
-          fft_correlate(pl, S.data() + c * K * 2, a, Lines<const scalar_t>{t, t + io, L},
-                        Lines<scalar_t>{t, t + io, L}, buf, io, false);
+          fft_correlate(pl, s, a, as_const(tl), tl, t, io);
           pool_scatter(pool, t, g0, yp + c * plane, io);
         }
         stream_fence();
@@ -921,7 +1027,7 @@ at::Tensor circular_dw_wgrad(const at::Tensor& gy, const at::Tensor& x, int64_t 
     if (fft) {
       const FftPlan<scalar_t> pl(K);
       at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> scratch(12 * ((K + L - 1) / L * L) * L);
+        std::vector<scalar_t> scratch(6 * ((K + L - 1) / L * L) * L);
         for (int64_t c = begin; c < end; ++c)
           fft_wgrad_channel(pl, gp + c * plane, xp + c * plane, B, bstride, dim, dim == 2 ? W : H, dp + c * K,
                             scratch.data());
