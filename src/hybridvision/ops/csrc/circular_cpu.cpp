@@ -485,6 +485,9 @@ template <typename T> struct Lines {
 template <typename T> Lines<const T> as_const(const Lines<T>& l) {
   return Lines<const T>{l.re, l.im, l.stride, l.nre, l.nim, l.prefetch, l.stream};
 }
+// s in every lane. (s - 0 folds to a plain broadcast; V{} + s does not, since -0 + 0 is +0: GCC adds in a scalar
+// register first.)
+template <typename V, typename T> inline V bcast(T s) { return s - V{}; }
 // The first n lanes of a vector, n <= lanes: on AVX-512 one masked move whatever n is (no branch in the passes'
 // loops), else a full move when n is all the lanes.
 template <typename V, typename T> inline V load_n(const T* p, int64_t n) {
@@ -519,18 +522,16 @@ enum Io { BUF, TILE, EXT, EXT_STREAM };
 template <int P, Pass Kind, Io In, Io Out, typename T>
 void fft_pass(Lines<const T> in, Lines<T> out, int64_t K, int64_t M, const T* tw, const T* S, const T* add) {
   using V = typename Vec<T>::type;
-  constexpr int64_t LN = Vec<T>::n;
   // one base pointer per side and pass-constant offsets: the P elements M strides apart, the imaginary parts a
   // fixed distance from the real ones
   const int64_t len = P * M, is = in.stride, os = out.stride, ie = M * is, oe = M * os;
   const int64_t iim = in.im - in.re, oim = out.im - out.re, ipf = in.prefetch, opf = out.prefetch;
-  const bool split_in = (is * sizeof(T)) % 64 != 0, split_out = (os * sizeof(T)) % 64 != 0;  // vectors may straddle lines
   for (int64_t m = 0; m < M; ++m) {
     V wr[P], wi[P];
     if constexpr (Kind == DIF || Kind == DIT)
       for (int t = 1; t < P; ++t) {
-        wr[t] = V{} + tw[(m * (P - 1) + t - 1) * 2];
-        wi[t] = V{} + tw[(m * (P - 1) + t - 1) * 2 + 1];
+        wr[t] = bcast<V>(tw[(m * (P - 1) + t - 1) * 2]);
+        wi[t] = bcast<V>(tw[(m * (P - 1) + t - 1) * 2 + 1]);
       }
     const auto twiddle = [&](V* xr, V* xi) {
       if (m > 0)
@@ -548,13 +549,9 @@ void fft_pass(Lines<const T> in, Lines<T> out, int64_t K, int64_t M, const T* tw
         if constexpr (In == BUF) {
           xr[t] = load<V>(p);
           xi[t] = load<V>(p + iim);
-        } else {  // the next strip's element into L2 (both ends where rows are not line-aligned)
+        } else {  // the next strip's element into L2
           __builtin_prefetch(p + ipf, 0, 2);
           __builtin_prefetch(p + iim + ipf, 0, 2);
-          if (split_in) {
-            __builtin_prefetch(p + ipf + LN - 1, 0, 2);
-            __builtin_prefetch(p + iim + ipf + LN - 1, 0, 2);
-          }
           xr[t] = load_n<V>(p, in.nre);
           xi[t] = load_n<V>(p + iim, in.nim);
         }
@@ -564,7 +561,7 @@ void fft_pass(Lines<const T> in, Lines<T> out, int64_t K, int64_t M, const T* tw
       if constexpr (Kind == DIF) twiddle(xr, xi);
       if constexpr (Kind == MID_S) {  // times S, then the parts swapped: DFT again
         for (int t = 0; t < P; ++t) {
-          const V a = V{} + S[2 * (b + t)], c = V{} + S[2 * (b + t) + 1];
+          const V a = bcast<V>(S[2 * (b + t)]), c = bcast<V>(S[2 * (b + t) + 1]);
           const V r = xr[t] * a - xi[t] * c;
           xr[t] = xr[t] * c + xi[t] * a;  // the imaginary part, now real
           xi[t] = r;
@@ -578,7 +575,7 @@ void fft_pass(Lines<const T> in, Lines<T> out, int64_t K, int64_t M, const T* tw
           store(o, xr[t]);
           store(o + oim, xi[t]);
         } else {
-          const V ad = V{} + add[b + t * M];
+          const V ad = bcast<V>(add[b + t * M]);
           if constexpr (Out == TILE) {
             store(o, xr[t] + ad);
             store(o + oim, xi[t] + ad);
@@ -588,10 +585,6 @@ void fft_pass(Lines<const T> in, Lines<T> out, int64_t K, int64_t M, const T* tw
           } else {  // the next strip's lines, for writing
             __builtin_prefetch(o + opf, 1, 2);
             __builtin_prefetch(o + oim + opf, 1, 2);
-            if (split_out) {
-              __builtin_prefetch(o + opf + LN - 1, 1, 2);
-              __builtin_prefetch(o + oim + opf + LN - 1, 1, 2);
-            }
             store_n(o, xr[t] + ad, out.nre);
             store_n(o + oim, xi[t] + ad, out.nim);
           }
@@ -961,6 +954,9 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
             for (int64_t o0 = 0; o0 < H - r; o0 += 2 * L) {
               rows_to_tile(x, H, K, o0, t, 2 * L);
               rows_to_tile(x, H, K, o0 + L, t + io, 2 * L);
+              if (!stream)  // this strip's rows of y, for writing (contiguous)
+                for (int64_t e = 0; e < std::min(2 * L, H - r - o0) * K; e += 64 / sizeof(scalar_t))
+                  __builtin_prefetch(yy + o0 * K + e, 1, 2);
               fft_correlate(pl, s, a, as_const(tl), tl, t, io);
               tile_to_rows(t, yy, H - r, K, o0, stream);  // rows past H - r are the pool's
               tile_to_rows(t + io, yy, H - r, K, o0 + L, stream);
