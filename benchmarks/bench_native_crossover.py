@@ -21,7 +21,7 @@ from bench_circular import BATCH, C_TIMES_L, RESULTS, best_of
 from hybridvision.engine.runtime import cpu_state, tune_cpu
 from hybridvision.ops import native
 
-SWEEP = (28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 224)  # all without prime factors above 7
+SWEEP = (12, 14, 16, 20, 21, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 224)  # no prime factors above 7
 
 
 def main() -> None:

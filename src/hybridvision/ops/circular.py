@@ -20,11 +20,12 @@ Five methods compute the same thing (all differentiable; all tested against a fl
   folded into the spectrum, 1/K folded into the kernel spectrum, rfft(x) recomputed in backward instead of stored).
 * ``"native"``: depthwise only, float32/64 on the CPU: hand-vectorised C++ (``csrc/circular_cpu.cpp``, built on
   first use by :mod:`hybridvision.ops.native`), no padded copy, the position embedding and bias folded into one
-  addend. Below K=48 the direct sum (``2 K`` FLOPs per output; SIMD lanes over the batch for small planes, else
+  addend. Below K=28 the direct sum (``2 K`` FLOPs per output; SIMD lanes over the batch for small planes, else
   over the contiguous axis or in-register transposed 16-row tiles); from there on (K without prime factors above 7)
-  its own FFT: two real lines per complex one, a Stockham FFT whose SIMD lanes are lines, the kernel spectrum,
-  the inverse and the addend fused into the passes, all in cache. Backward: the same forward with the flipped
-  kernel for dx, and a weight-gradient kernel (direct, or the FFT from K=32 / 40 along dim 2 / 3).
+  its own FFT: two real lines per complex one, SIMD lanes over lines, in-place radix passes with the kernel
+  spectrum product fused between the forward and the inverse transform and the addend into the last pass, on a
+  cache-resident strip. Backward: the same forward with the flipped kernel for dx, and a weight-gradient kernel
+  (direct, or the FFT from K=28 / 20 along dim 2 / 3).
 * ``"auto"``: picks one of them by the measured cost model in :func:`choose_method`.
 
 Which method ``"auto"`` means can be overridden globally with :func:`set_default_method` (or the environment
@@ -574,10 +575,11 @@ class _DepthwiseNative(torch.autograd.Function):
 
 def _native_algo(op: str, x: torch.Tensor, dim: int, run) -> torch.Tensor:
     """``run(algo)`` for the native kernel's ``op`` ("forward" / "wgrad") on x (B, C, H, W) along ``dim``: where K has
-    an FFT (K >= 2, no prime factor above 7), the fastest of the kernel's own crossover (``algo=0``, from
-    ``benchmarks/bench_native_crossover.py`` on an earlier machine), the direct sum (1) and the FFT (2), timed per
-    shape by :mod:`hybridvision.ops.fused`'s autotuner (on a Zen 5 VM the direct sum at K=56 along W ran 1.26 ms
-    against the FFT's 1.93 ms that the crossover picked, B=16, C=48, scratch); else ``algo=0``."""
+    an FFT (K >= 2, no prime factor above 7), the fastest of the kernel's own crossover (``algo=0``, measured by
+    ``benchmarks/bench_native_crossover.py`` on one machine at one shape per K), the direct sum (1) and the FFT (2),
+    timed per shape by :mod:`hybridvision.ops.fused`'s autotuner (with the earlier Stockham FFT, the direct sum at
+    K=56 along W ran 1.26 ms against the 1.93 ms of the FFT that the crossover picked, B=16, C=48, Zen 5 VM,
+    scratch); else ``algo=0``."""
     k = x.size(dim)
     if not plain_eager() or not native.fft_length(k):
         return run(0)

@@ -11,8 +11,8 @@
 //     (in registers, 16 x 16 blocks) into one tile whose rows are the positions;
 //   * else along dim 2 over W (the contiguous axis; no copies), and along dim 3 over 16 rows transposed into a tile.
 // Nothing but x, y and a few KB to a few hundred KB of per-thread scratch is touched. Types: float and double.
-// From K=48 on (the weight gradient from K=32 along H / 40 along W; K without prime factors above 7) both ops
-// run an FFT instead (the FFT path below; the ops' algo argument overrides the choice).
+// From K=28 on (the weight gradient along W from K=20; K without prime factors above 7) both ops run an FFT instead
+// (the FFT path below; the ops' algo argument overrides the choice).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -341,13 +341,12 @@ void fwd_batch(const T* x, T* y, int64_t ps, int64_t nb, const T* wb, const T* a
 
 // Smallest K for which algo=0 takes the FFT path (when K has no prime factor above 7): [forward, wgrad][dim 2, dim 3].
 // From `python benchmarks/bench_native_crossover.py`: the first K of its sweep from which the FFT is faster at every
-// larger K. Three runs at the current kernel (2026-12-02): forward along dim 2 28, 40, 28 (K=28-40 0.93-1.10x, ties;
-// K=48 1.21-1.43x), along dim 3 28, 48, 28 (K=40 0.89-1.06x; K=48 1.20-1.38x, K=56 1.06-1.16x); weight gradient
-// along dim 2 28 three times (K=28-32 1.00-1.09x: 32 kept), along dim 3 40, 28, 40 (K=32 0.93-1.02x; K=40
-// 1.31-1.44x). So 48 / 48 and 32 / 40. (Before the partial-strip, pool and addressing changes of that day the
-// forward crossed at 64 on both axes.) benchmarks/results/native_crossover.md holds the last run. Odd radices
-// (3, 5, 7) cost more per point than 4 and 2, so lengths between the sweep's may cross a little later.
-constexpr int64_t FFT_MIN_K[2][2] = {{48, 48}, {32, 40}};
+// larger K. Three runs after the pass rewrite (2026-12-02; the first with the sweep from 28, the others from 12):
+// forward along dim 2 28, 48, 28 (K=40 1.03x, 0.97x, 1.30x: a tie; K=24 0.79-0.87x, where the direct sum's batch lanes
+// are at their best), along dim 3 28, 28, 24 (K=24 0.93x, 1.04x); weight gradient along dim 2 28, 28, 28 (K=21-24
+// 0.89-1.01x), along dim 3 28 (sweep start), 20, 20 (K=16 0.66-0.74x). So 28 / 28 and 28 / 20. (The Stockham kernel
+// before crossed at 48 / 48 and 32 / 40.) benchmarks/results/native_crossover.md holds the last run.
+constexpr int64_t FFT_MIN_K[2][2] = {{28, 28}, {28, 20}};
 
 // The radices of an FFT of length n, outer levels first: 4s, a 2, then the odd ones, the largest last (the middle
 // level has no twiddles); none when n has a prime factor above 7 or n < 2. (A radix-8 codelet, 8 x 7 for K=56 and
