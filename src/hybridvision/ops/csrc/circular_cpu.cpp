@@ -69,21 +69,25 @@ template <typename V, typename T> inline V load_part(const T* p, int64_t n) {
   std::memcpy(&v, p, n * sizeof(T));
   return v;
 }
+// The first n lanes of v to p by one masked move; false (nothing written) where the ISA has none for V.
+template <typename V, typename T> inline bool store_masked(T* p, const V& v, int64_t n) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64 && std::is_same<T, float>::value) {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), (__m512)v);
+    return true;
+  } else if constexpr (sizeof(V) == 64 && std::is_same<T, double>::value) {
+    _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), (__m512d)v);
+    return true;
+  }
+#endif
+  return false;
+}
 template <typename V, typename T> inline void store(T* p, const V& v, int64_t n = lanes<V, T>()) {
   if (n == lanes<V, T>()) {
     std::memcpy(p, &v, sizeof(v));
     return;
   }
-#if defined(__AVX512F__)
-  if constexpr (sizeof(V) == 64 && std::is_same<T, float>::value) {
-    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), (__m512)v);
-    return;
-  } else if constexpr (sizeof(V) == 64 && std::is_same<T, double>::value) {
-    _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), (__m512d)v);
-    return;
-  }
-#endif
-  std::memcpy(p, &v, n * sizeof(T));
+  if (!store_masked(p, v, n)) std::memcpy(p, &v, n * sizeof(T));
 }
 // A full vector to 64-byte aligned memory, bypassing the caches (AVX-512 and AVX): saves the
 // read-for-ownership of every line of a large output that is written once and not read back soon (see
@@ -496,16 +500,7 @@ template <typename V, typename T> inline V load_n(const T* p, int64_t n) {
   return n == lanes<V, T>() ? load<V>(p) : load_part<V>(p, n);
 }
 template <typename V, typename T> inline void store_n(T* p, const V& v, int64_t n) {
-#if defined(__AVX512F__)
-  if constexpr (sizeof(V) == 64 && std::is_same<T, float>::value) {
-    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), (__m512)v);
-    return;
-  } else if constexpr (sizeof(V) == 64 && std::is_same<T, double>::value) {
-    _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), (__m512d)v);
-    return;
-  }
-#endif
-  store(p, v, n);
+  if (!store_masked(p, v, n)) store(p, v, n);
 }
 
 // The kinds of pass: a forward level (DFT, then twiddles), an inverse one (twiddles, then DFT), the middle level
