@@ -339,9 +339,10 @@ void fwd_batch(const T* x, T* y, int64_t ps, int64_t nb, const T* wb, const T* a
 //     the inverse levels are forward DFTs with the same twiddles on swapped data);
 //   * the inverse levels n-2 .. 0 (twiddles, then the DFT; decimation in time), the last one writing y (+ the addend)
 //     with the parts swapped back.
-// That is 2 n - 1 passes over a strip, each a load and a store of every element; the first reads the input where it
-// lies (rows of x along H, partial strips by masked loads) and prefetches the next strip, the last writes y (large
-// outputs with non-temporal stores, STREAM_MIN_BYTES). K with a prime factor above 7 keeps the direct sum.
+// That is 2 n - 1 passes over a strip, each a load and a store of every element. Along H the first reads x's rows
+// where they lie (partial strips by masked loads) and the last writes y's (large outputs with non-temporal stores,
+// STREAM_MIN_BYTES), both prefetching the next strip; along W the strip is a transposed tile (rows_to_tile) that the
+// passes transform in place. K with a prime factor above 7 keeps the direct sum.
 
 // Smallest K for which algo=0 takes the FFT path (when K has no prime factor above 7): [forward, wgrad][dim 2, dim 3].
 // From `python benchmarks/bench_native_crossover.py`: the first K of its sweep from which the FFT is faster at every
