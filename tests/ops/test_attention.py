@@ -230,7 +230,7 @@ def test_native_attention_double_backward_matches_the_formula():
     bias = torch.randn(2, 6, 6, requires_grad=True)
     gy = torch.randn(2, 6, 2, 4)
     results = []
-    for fn in (lambda q, b: _NativeAttention.apply(q, b, 4), lambda q, b: _formula(q, b, 4)):
+    for fn in (_NativeAttention.apply, _formula):
         g_qkv, g_bias = torch.autograd.grad(fn(qkv, bias), (qkv, bias), gy, create_graph=True)
         results.append(torch.autograd.grad((g_qkv**2).sum() + (g_bias**2).sum(), (qkv, bias)))
     for a, b in zip(*results):

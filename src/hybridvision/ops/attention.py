@@ -155,11 +155,11 @@ class RelPosBias2d(nn.Module):
         return super()._apply(fn, recurse)
 
 
-def _formula(qkv: torch.Tensor, bias: torch.Tensor, head_dim: int, dropout: float = 0.0) -> torch.Tensor:
+def _formula(qkv: torch.Tensor, bias: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
     """The attention written out (dropout on the probabilities): qkv (B, N, 3, heads, d), bias (heads, N, N) ->
     (B, N, heads, d)."""
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, d)
-    attn = (torch.matmul(q * head_dim**-0.5, k.transpose(-2, -1)) + bias).softmax(-1)
+    attn = (torch.matmul(q * qkv.shape[4]**-0.5, k.transpose(-2, -1)) + bias).softmax(-1)
     return ((F.dropout(attn, dropout) if dropout else attn) @ v).transpose(1, 2)
 
 
@@ -168,10 +168,9 @@ class _NativeAttention(torch.autograd.Function):
     gradients of qkv and of the bias (summed over the images). Double backward: through :func:`_formula`."""
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, bias: torch.Tensor, head_dim: int) -> torch.Tensor:
-        y, probs = native.attention_forward(qkv, bias, qkv.shape[3], head_dim**-0.5, True)
+    def forward(ctx, qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        y, probs = native.attention_forward(qkv, bias, qkv.shape[3], qkv.shape[4]**-0.5, True)
         ctx.save_for_backward(qkv, bias, probs)
-        ctx.head_dim = head_dim
         return y
 
     @staticmethod
@@ -179,14 +178,14 @@ class _NativeAttention(torch.autograd.Function):
         qkv, bias, probs = ctx.saved_tensors
         needs = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph: a backward that can be differentiated again
-            plain = lambda q, b: _formula(q, b, ctx.head_dim)  # noqa: E731
-            return grads_of_plain(plain, (qkv, bias), needs, (grad,)) + (None,)
-        gqkv, gbias = native.attention_backward(grad.contiguous(), qkv, probs, ctx.head_dim**-0.5)
-        return gqkv if needs[0] else None, gbias if needs[1] else None, None
+            return grads_of_plain(_formula, (qkv, bias), needs, (grad,))
+        gqkv, gbias = native.attention_backward(grad.contiguous(), qkv, probs, qkv.shape[4]**-0.5)
+        return gqkv if needs[0] else None, gbias if needs[1] else None
 
 
-def attend(qkv: torch.Tensor, bias: torch.Tensor, head_dim: int, dropout: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(head_dim) + bias) v for every image and head (``dropout`` on the probabilities).
+def attend(qkv: torch.Tensor, bias: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim) + bias) v for every image and head (``dropout`` on the probabilities;
+    head_dim = qkv.shape[4]).
 
     CPU fp32 without dropout, where the native kernels are built: with gradients, the native forward and backward
     (``_NativeAttention``: 2.8x the written-out expression's forward + backward at CoAtNet-0's stage-3 shape, batch 8,
@@ -214,11 +213,11 @@ def attend(qkv: torch.Tensor, bias: torch.Tensor, head_dim: int, dropout: float 
     if not dropout and fused._onednn_ok(qkv) and native.available():
         qkv, bias = qkv.contiguous(), bias.contiguous()
         if grad:
-            return _NativeAttention.apply(qkv, bias, head_dim)
+            return _NativeAttention.apply(qkv, bias)
         return fused._fastest(("attention", b, n, heads, d), 2 * b * heads * n * n * d, (
             ("sdpa", sdpa), ("native", lambda: native.attention_forward(qkv, bias, heads, d**-0.5, False)[0])))
     if grad and bias.requires_grad and qkv.device.type == "cpu" and plain_eager():
-        return _formula(qkv, bias, head_dim, dropout)
+        return _formula(qkv, bias, dropout)
     return sdpa()
 
 
@@ -284,7 +283,7 @@ class RelAttention2d(nn.Module):
         n = h * w
         qkv = linear_act(x, self.qkv).reshape(b, n, 3, self.num_heads, self.head_dim)
         bias = self.rel_pos((h, w), dtype=qkv.dtype)  # (heads, N, N)
-        y = attend(qkv, bias, self.head_dim, self.attn_drop if self.training else 0.0)  # (B, N, heads, d)
+        y = attend(qkv, bias, self.attn_drop if self.training else 0.0)  # (B, N, heads, d)
         y = y.reshape(b, h, w, self.out_dim)
         if shortcut is None:
             return self.proj_drop(linear_act(y, self.proj))
