@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <type_traits>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -285,6 +286,14 @@ template <typename T> void tile_to_rows(const T* tile, T* dst, int64_t rows, int
     const bool wide = n == L && (h0 + L - 1) * K + i0 + L <= rows * K;
     from_tile(tile + i0 * L, matrix_rows(dst + h0 * K + i0, K), n, wide ? L : std::min(L, K - i0), stream);
   }
+}
+
+// The pair strip of rows h0 .. h0 + 2 L - 1 of a (rows x K) matrix as one complex tile: the first L rows into t
+// (real parts), the next L into t + io (imaginary parts), each prefetching the rows 2 L further down (the next strip).
+template <typename T> void rows_to_pair_tile(const T* src, int64_t rows, int64_t K, int64_t h0, T* t, int64_t io) {
+  constexpr int64_t L = Vec<T>::n;
+  rows_to_tile(src, rows, K, h0, t, 2 * L);
+  rows_to_tile(src, rows, K, h0 + L, t + io, 2 * L);
 }
 
 // dim 3, one (H x K) plane: L rows at a time are transposed into a (K x L) tile, run through rows_block (the dim 2
@@ -772,7 +781,9 @@ void fft_wgrad_channel(const FftPlan<T>& pl, const T* gy, const T* x, int64_t B,
   T* zg = scratch + 2 * io;
   T* acc = scratch + 4 * io;
   std::fill(acc, acc + 2 * io, T(0));
-  const auto accumulate = [&]() {  // acc += conj(G) X
+  const auto add_strip = [&](Lines<const T> lx, Lines<const T> lg) {  // acc += conj(G) X, G = F g, X = F x
+    fft_forward_levels(pl, lx, zx, io, true);
+    fft_forward_levels(pl, lg, zg, io, true);
     for (int64_t f = 0; f < K; ++f) {
       const V gr = load<V>(zg + f * L), gi = load<V>(zg + io + f * L);
       const V xr = load<V>(zx + f * L), xi = load<V>(zx + io + f * L);
@@ -780,31 +791,22 @@ void fft_wgrad_channel(const FftPlan<T>& pl, const T* gy, const T* x, int64_t B,
       store(acc + io + f * L, load<V>(acc + io + f * L) + gr * xi - gi * xr);
     }
   };
-  const auto tile = [&](T* z) { return Lines<const T>{z, z + io, L}; };
+  const Lines<const T> tx{zx, zx + io, L}, tg{zg, zg + io, L};  // strips transposed into zx / zg (dim 3)
   if (dim == 2) {
-    for (const Strip& s : dim2_strips(0, B, bstride, other, L)) {
-      fft_forward_levels(pl, strip_lines(x, s, other), zx, io, true);
-      fft_forward_levels(pl, strip_lines(gy, s, other), zg, io, true);
-      accumulate();
-    }
+    for (const Strip& s : dim2_strips(0, B, bstride, other, L))
+      add_strip(strip_lines(x, s, other), strip_lines(gy, s, other));
   } else {
     const Pool pool = Pool::of(B, bstride, other, K, L);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t o0 = 0; o0 < other - pool.r; o0 += 2 * L) {
-        rows_to_tile(x + b * bstride, other, K, o0, zx, 2 * L);
-        rows_to_tile(x + b * bstride, other, K, o0 + L, zx + io, 2 * L);
-        fft_forward_levels(pl, tile(zx), zx, io, true);
-        rows_to_tile(gy + b * bstride, other, K, o0, zg, 2 * L);
-        rows_to_tile(gy + b * bstride, other, K, o0 + L, zg + io, 2 * L);
-        fft_forward_levels(pl, tile(zg), zg, io, true);
-        accumulate();
+        rows_to_pair_tile(x + b * bstride, other, K, o0, zx, io);
+        rows_to_pair_tile(gy + b * bstride, other, K, o0, zg, io);
+        add_strip(tx, tg);
       }
     for (int64_t g0 = 0; g0 < pool.n; g0 += 2 * L) {
       pool_gather(pool, x, g0, zx, io);
-      fft_forward_levels(pl, tile(zx), zx, io, true);
       pool_gather(pool, gy, g0, zg, io);
-      fft_forward_levels(pl, tile(zg), zg, io, true);
-      accumulate();
+      add_strip(tx, tg);
     }
   }
   // Re(F^-1(A)) K: the middle level's DFT of swap(A), the inverse levels, and the imaginary part (swapped back)
@@ -909,7 +911,7 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
             const int64_t c = q % C;
             const scalar_t* xc = xp + c * plane;
             scalar_t* yc = yp + c * plane;
-            const std::vector<Strip> next = q + 1 < end ? item(q + 1) : std::vector<Strip>{};
+            std::vector<Strip> next = q + 1 < end ? item(q + 1) : std::vector<Strip>{};
             for (size_t i = 0; i < strips.size(); ++i) {
               const Strip& s = strips[i];
               Lines<const scalar_t> in = strip_lines(xc, s, W);
@@ -922,7 +924,7 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
               if (!out.stream) out.prefetch = in.prefetch;  // (streamed lines bypass the caches)
               fft_correlate(pl, S.data() + c * K * 2, addend(c), in, out, buf.data(), io);
             }
-            strips = next;
+            strips = std::move(next);
           }
           stream_fence();
         });
@@ -947,8 +949,7 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
             const scalar_t* x = xp + p * plane;
             scalar_t* yy = yp + p * plane;
             for (int64_t o0 = 0; o0 < H - r; o0 += 2 * L) {
-              rows_to_tile(x, H, K, o0, t, 2 * L);
-              rows_to_tile(x, H, K, o0 + L, t + io, 2 * L);
+              rows_to_pair_tile(x, H, K, o0, t, io);
               if (!stream)  // this strip's rows of y, for writing (contiguous)
                 for (int64_t e = 0; e < std::min(2 * L, H - r - o0) * K; e += 64 / sizeof(scalar_t))
                   __builtin_prefetch(yy + o0 * K + e, 1, 2);
