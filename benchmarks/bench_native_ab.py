@@ -49,6 +49,13 @@ def build_base(rev: str) -> object:
         text = text.replace(m, m.replace("hybridvision", ns))
     folder = Path(tempfile.gettempdir()) / f"{ns}_{hashlib.sha1(text.encode()).hexdigest()[:8]}"
     folder.mkdir(exist_ok=True)
+    csrc = str(Path(SOURCE).parent)
+    names = subprocess.run(["git", "ls-tree", "--name-only", sha, csrc + "/"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in (n for n in names if n.endswith(".h")):  # the headers it includes, as of that revision
+        header = subprocess.run(["git", "show", f"{sha}:{name}"], cwd=REPO, check=True, capture_output=True,
+                                text=True).stdout
+        (folder / Path(name).name).write_text(header)
     (folder / "circular_cpu.cpp").write_text(text)
     native.compile_and_load(f"{ns}_ext", [str(folder / "circular_cpu.cpp")], build_directory=str(folder))
     return getattr(torch.ops, ns)

@@ -13,6 +13,8 @@
 // Nothing but x, y and a few KB to a few hundred KB of per-thread scratch is touched. Types: float and double.
 // From K=28 on (the weight gradient along W from K=20; K without prime factors above 7) both ops run an FFT instead
 // (the FFT path below; the ops' algo argument overrides the choice).
+#include "aligned.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -31,6 +33,8 @@
 #include <vector>
 
 namespace {
+
+using hybridvision_native::LineVector;  // scratch that the kernels read in whole vectors
 
 typedef float vf16 __attribute__((vector_size(64)));
 typedef float vf8 __attribute__((vector_size(32)));
@@ -89,6 +93,20 @@ template <typename V, typename T> inline void store(T* p, const V& v, int64_t n 
     return;
   }
   if (!store_masked(p, v, n)) std::memcpy(p, &v, n * sizeof(T));
+}
+// The first n lanes of a vector, n <= lanes (n = 0: nothing read, zeros / nothing written): where MASKED_MOVES, one
+// masked move whatever n is (no branch in the loops), else a full move when n is all the lanes.
+#if defined(__AVX512F__)
+constexpr bool MASKED_MOVES = true;
+#else
+constexpr bool MASKED_MOVES = false;
+#endif
+template <typename V, typename T> inline V load_n(const T* p, int64_t n) {
+  if constexpr (MASKED_MOVES && sizeof(V) == 64) return load_part<V>(p, n);
+  return n == lanes<V, T>() ? load<V>(p) : load_part<V>(p, n);
+}
+template <typename V, typename T> inline void store_n(T* p, const V& v, int64_t n) {
+  if (!store_masked(p, v, n)) store(p, v, n);
 }
 // A full vector to 64-byte aligned memory, bypassing the caches (AVX-512 and AVX): saves the
 // read-for-ownership of every line of a large output that is written once and not read back soon (see
@@ -225,30 +243,43 @@ template <> __attribute__((always_inline)) inline void transpose_block<float>(vf
 
 // Tiles: an (n x m) block of rows, row i at row(i) (a pointer), n, m <= L, moved to / from lanes.
 // to_tile: tile[j * L + i] = row(i)[j] (zero where i >= n or j >= m); from_tile: the inverse, n x m written
-// (stream: with non-temporal stores where m = L and every row is 64-byte aligned).
+// (stream: with non-temporal stores where m = L and every row is 64-byte aligned). With MASKED_MOVES row(i) is
+// called for every i < L (rows i >= n move no lanes), so that the block stays in registers: a branch per row kept it
+// on the stack, and GCC turned the tile's stores into a memcpy call unless the loops are unrolled (together: a
+// strip's transposes in and out in L1 1.67x / 1.51x / 1.14x as fast at K=56 / 112 / 224, one thread; scratch).
 template <typename T, typename Row> void to_tile(Row row, int64_t n, int64_t m, T* tile) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
   V v[L];
-  if (n == L && m == L) {
-    for (int64_t i = 0; i < L; ++i) v[i] = load<V>(row(i));
-  } else {
-    for (int64_t i = 0; i < L; ++i) v[i] = i < n ? load_part<V>(row(i), m) : V{};
+#pragma GCC unroll 16
+  for (int64_t i = 0; i < L; ++i) {
+    if constexpr (MASKED_MOVES)
+      v[i] = load_n<V>(row(i), i < n ? m : 0);
+    else
+      v[i] = i < n ? load_n<V>(row(i), m) : V{};
   }
   transpose_block<T>(v);
+#pragma GCC unroll 16
   for (int64_t i = 0; i < L; ++i) store(tile + i * L, v[i]);
 }
 template <typename T, typename Row> void from_tile(const T* tile, Row row, int64_t n, int64_t m, bool stream = false) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
   V v[L];
+#pragma GCC unroll 16
   for (int64_t i = 0; i < L; ++i) v[i] = load<V>(tile + i * L);
   transpose_block<T>(v);
   for (int64_t i = 0; i < n && stream; ++i) stream = reinterpret_cast<uintptr_t>(row(i)) % 64 == 0;
   if (m == L && stream) {
     for (int64_t i = 0; i < n; ++i) store_stream(row(i), v[i]);
-  } else {
-    for (int64_t i = 0; i < n; ++i) store(row(i), v[i], m);
+    return;
+  }
+#pragma GCC unroll 16
+  for (int64_t i = 0; i < L; ++i) {
+    if constexpr (MASKED_MOVES)
+      store_n(row(i), v[i], i < n ? m : 0);
+    else if (i < n)
+      store(row(i), v[i], m);
   }
 }
 // Row accessors of a row-major matrix at src with row stride ld.
@@ -501,17 +532,6 @@ template <typename T> Lines<const T> as_const(const Lines<T>& l) {
 // s in every lane. (s - 0 folds to a plain broadcast; V{} + s does not, since -0 + 0 is +0: GCC adds in a scalar
 // register first.)
 template <typename V, typename T> inline V bcast(T s) { return s - V{}; }
-// The first n lanes of a vector, n <= lanes: on AVX-512 one masked move whatever n is (no branch in the passes'
-// loops), else a full move when n is all the lanes.
-template <typename V, typename T> inline V load_n(const T* p, int64_t n) {
-#if defined(__AVX512F__)
-  if constexpr (sizeof(V) == 64) return load_part<V>(p, n);
-#endif
-  return n == lanes<V, T>() ? load<V>(p) : load_part<V>(p, n);
-}
-template <typename V, typename T> inline void store_n(T* p, const V& v, int64_t n) {
-  if (!store_masked(p, v, n)) store(p, v, n);
-}
 
 // The kinds of pass: a forward level (DFT, then twiddles), an inverse one (twiddles, then DFT), the middle level
 // alone (DFT) and the middle level of the correlation (DFT, times S, swap, DFT).
@@ -684,7 +704,8 @@ void fft_correlate(const FftPlan<T>& pl, const T* S, const T* add, Lines<const T
 template <typename T> std::vector<T> weight_spectra(const FftPlan<T>& pl, const T* w, int64_t C) {
   constexpr int64_t L = Vec<T>::n;
   const int64_t K = pl.n, KP = (K + L - 1) / L * L, io = KP * L;
-  std::vector<T> S(C * K * 2), a(2 * io);
+  std::vector<T> S(C * K * 2);
+  LineVector<T> a(2 * io);
   for (int64_t c0 = 0; c0 < C; c0 += L) {
     rows_to_tile(w, C, K, c0, a.data());
     std::fill(a.begin() + io, a.begin() + io + K * L, T(0));
@@ -739,11 +760,11 @@ struct Pool {
     const int64_t r = other % (2 * L);
     return Pool{ps, other, r, B * r, K};
   }
-  // rows[i] = the row of lane i of half h of strip g0 (planes at base); returns how many lanes have one
+  // rows[i] = the row of lane i of half h of strip g0 (planes at base), i < L; returns how many lanes have one
   template <typename Ptr> int64_t half_rows(Ptr base, int64_t g0, int64_t h, int64_t L, Ptr* rows) const {
     const int64_t nr = std::clamp<int64_t>(n - g0 - h * L, 0, L);
-    for (int64_t i = 0; i < nr; ++i) {
-      const int64_t g = g0 + h * L + i;
+    for (int64_t i = 0; i < L; ++i) {  // lanes past nr: a pooled row's address (to_tile / from_tile move no lane)
+      const int64_t g = i < nr ? g0 + h * L + i : 0;
       rows[i] = base + g / r * ps + (other - r + g % r) * K;
     }
     return nr;
@@ -905,7 +926,7 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
           return dim2_strips(q / C * 2, std::min(B, q / C * 2 + 2), C * plane, W, L);
         };
         at::parallel_for(0, C * pairs, 1, [&](int64_t begin, int64_t end) {
-          std::vector<scalar_t> buf(2 * io);
+          LineVector<scalar_t> buf(2 * io);
           std::vector<Strip> strips = item(begin);
           for (int64_t q = begin; q < end; ++q) {
             const int64_t c = q % C;
@@ -937,7 +958,7 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
       const int64_t r = pool.r;
       const int64_t planes = H > r ? B : 0, pooled = (pool.n + 2 * L - 1) / (2 * L), per = planes + pooled;
       at::parallel_for(0, C * per, 1, [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> buf(2 * io);
+        LineVector<scalar_t> buf(2 * io);
         scalar_t* t = buf.data();
         const Lines<scalar_t> tl{t, t + io, L};
         for (int64_t q = begin; q < end; ++q) {
@@ -975,7 +996,7 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
     const int64_t PP = (plane + L - 1) / L * L;
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane * K * (by_batch ? L : 1) / 16));
     at::parallel_for(0, groups * C, grain, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> wb((2 * K + R) * L), scratch(by_batch ? 2 * PP * L : 2 * KP * L);
+      LineVector<scalar_t> wb((2 * K + R) * L), scratch(by_batch ? 2 * PP * L : 2 * KP * L);
       int64_t cur = -1;
       for (int64_t q = begin; q < end; ++q) {  // channel-major: the per-channel tables are built once per channel
         const int64_t c = q / groups, g = q % groups;
@@ -1019,7 +1040,7 @@ at::Tensor circular_dw_wgrad(const at::Tensor& gy, const at::Tensor& x, int64_t 
     if (fft) {
       const FftPlan<scalar_t> pl(K);
       at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> scratch(6 * ((K + L - 1) / L * L) * L);
+        LineVector<scalar_t> scratch(6 * ((K + L - 1) / L * L) * L);
         for (int64_t c = begin; c < end; ++c)
           fft_wgrad_channel(pl, gp + c * plane, xp + c * plane, B, bstride, dim, dim == 2 ? W : H, dp + c * K,
                             scratch.data());
@@ -1029,7 +1050,7 @@ at::Tensor circular_dw_wgrad(const at::Tensor& gy, const at::Tensor& x, int64_t 
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
       std::vector<V> acc(K);
       const int64_t KP = (K + L - 1) / L * L;
-      std::vector<scalar_t> scratch((KP + std::max(2 * K + R, KP)) * L);
+      LineVector<scalar_t> scratch((KP + std::max(2 * K + R, KP)) * L);
       for (int64_t c = begin; c < end; ++c) {
         std::fill(acc.begin(), acc.end(), V{});
         wgrad_channel(gp + c * plane, xp + c * plane, B, bstride, H, W, dim, acc.data(), scratch.data());
