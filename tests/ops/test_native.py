@@ -20,7 +20,7 @@ SHAPES = [(2, 3, 7, 5), (3, 4, 17, 18), (2, 5, 33, 40), (1, 2, 56, 56), (2, 3, 9
           # past the last full strip as one partial strip per plane (more than 16 left) or two planes' in one
           # strip (at most 16; an odd batch leaves one alone), along dim 3 the rows past it pooled over the batch
           (2, 3, 112, 20), (1, 2, 30, 120), (2, 2, 45, 27), (1, 2, 96, 64), (3, 2, 56, 56), (5, 1, 64, 35),
-          (40, 1, 64, 33), (3, 1, 21, 49)]
+          (40, 1, 64, 33), (3, 1, 21, 49), (5, 2, 28, 56), (4, 1, 36, 27)]
 
 
 def formula(x: torch.Tensor, w: torch.Tensor, dim: int, add=None) -> torch.Tensor:

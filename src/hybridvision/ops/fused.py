@@ -21,7 +21,11 @@ Which kernel is fastest depends on the CPU: on AVX-512 machines oneDNN's GEMM ra
 (MKL takes its AVX2 code on AMD CPUs), on an AVX2-only EPYC MKL ran 1.1-1.7x oneDNN's on the backward's transposed
 operands and oneDNN's GELU post-op cost more than a separate GELU. So each fused op has its plain form as an
 alternative and, the first time a shape is seen in a process, every alternative is timed (3 alternating rounds,
-best of each) and the fastest is used for that shape and thread count (:func:`tuned_choices` lists them). The
+best of each, each timed call right after an untimed call of the same alternative) and the fastest is used for
+that shape and thread count (:func:`tuned_choices` lists them). (The benchmarks' protocol: on the development VM
+a kernel's first calls in a process ran 2-3x its later time, page faults of fresh output memory among the causes,
+and before the untimed calls the native circular conv's tuning once chose its direct sum, 1.9x the FFT's time, at
+L=56 along W; scratch.) The
 shape is timed once more at its first call :data:`RETIME_AFTER_S` seconds later, and the fastest over both timings
 is kept for good: a process's first steps grow the heap and fault fresh pages in, and in the first CoAtNet-0
 training step on an AVX-512 EPYC whole stretches of calls ran 3-40x slow (oneDNN and the alternatives alike), so
@@ -177,6 +181,7 @@ def _fastest(key: tuple, macs: int, alternatives: Alternatives) -> torch.Tensor:
     for r in range(_TUNE_ROUNDS):
         order = range(len(alternatives)) if r % 2 == 0 else reversed(range(len(alternatives)))
         for i in order:
+            alternatives[i][1]()  # untimed: each timing directly follows a call of the same alternative (module doc)
             t0 = time.perf_counter()
             outs[i] = alternatives[i][1]()
             best[i] = min(best[i], time.perf_counter() - t0)
