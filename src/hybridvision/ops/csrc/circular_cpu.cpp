@@ -290,16 +290,16 @@ template <typename T> inline auto matrix_rows(T* src, int64_t ld) {
 // The lane tile of rows h0 .. h0 + L - 1 of a (rows x K) matrix (dim 3: lanes = rows): tile[k * L + l] =
 // src[(h0 + l) * K + k] for k < K, zero in lanes past the last row. Tile rows K .. KP - 1 (KP = K rounded up to
 // L) are scratch: a last column chunk narrower than L is read as a full L x L block (the rest of each row is the
-// next row's head) whenever that stays inside the matrix, so the tile needs KP rows. prefetch_rows: also prefetch
-// the rows that far below (the caller's next strip).
+// next row's head) whenever that stays inside the matrix, so the tile needs KP rows. prefetch: when non-zero, also
+// prefetch the block that many scalars on (the caller's next strip).
 template <typename T>
-void rows_to_tile(const T* src, int64_t rows, int64_t K, int64_t h0, T* tile, int64_t prefetch_rows = 0) {
+void rows_to_tile(const T* src, int64_t rows, int64_t K, int64_t h0, T* tile, int64_t prefetch = 0) {
   constexpr int64_t L = Vec<T>::n;
   const int64_t n = std::min(L, rows - h0);
   for (int64_t k0 = 0; k0 < K; k0 += L) {
     const int64_t m = std::min(L, K - k0);
-    if (prefetch_rows)  // the same block prefetch_rows further down (prefetches never fault, even past the end)
-      for (int64_t i = 0; i < L; ++i) __builtin_prefetch(src + (h0 + prefetch_rows + i) * K + k0);
+    if (prefetch)  // (prefetches never fault, even past the end)
+      for (int64_t i = 0; i < L; ++i) __builtin_prefetch(src + (h0 + i) * K + k0 + prefetch);
     const bool wide = m == L || (n == L && (h0 + L - 1) * K + k0 + L <= rows * K);
     to_tile(matrix_rows(src + h0 * K + k0, K), n, wide ? L : m, tile + k0 * L);
   }
@@ -320,11 +320,17 @@ template <typename T> void tile_to_rows(const T* tile, T* dst, int64_t rows, int
 }
 
 // The pair strip of rows h0 .. h0 + 2 L - 1 of a (rows x K) matrix as one complex tile: the first L rows into t
-// (real parts), the next L into t + io (imaginary parts), each prefetching the rows 2 L further down (the next strip).
-template <typename T> void rows_to_pair_tile(const T* src, int64_t rows, int64_t K, int64_t h0, T* t, int64_t io) {
+// (real parts), the next L into t + io (imaginary parts), prefetching the strip `prefetch` scalars on (0: none).
+template <typename T>
+void rows_to_pair_tile(const T* src, int64_t rows, int64_t K, int64_t h0, T* t, int64_t io, int64_t prefetch) {
   constexpr int64_t L = Vec<T>::n;
-  rows_to_tile(src, rows, K, h0, t, 2 * L);
-  rows_to_tile(src, rows, K, h0 + L, t + io, 2 * L);
+  rows_to_tile(src, rows, K, h0, t, prefetch);
+  rows_to_tile(src, rows, K, h0 + L, t + io, prefetch);
+}
+// The offset of the strip after rows o0 .. o0 + 2 L - 1 of a plane whose strips end at row `end`: the plane's next
+// strip, else the first strip of the plane at offset `next` (a plane the caller transforms next; 0: none).
+inline int64_t next_strip(int64_t o0, int64_t end, int64_t K, int64_t L, int64_t next) {
+  return o0 + 2 * L < end ? 2 * L * K : next ? next - o0 * K : 0;
 }
 
 // dim 3, one (H x K) plane: L rows at a time are transposed into a (K x L) tile, run through rows_block (the dim 2
@@ -829,8 +835,9 @@ void fft_wgrad_channel(const FftPlan<T>& pl, const T* gy, const T* x, int64_t B,
     const Pool pool = Pool::of(B, bstride, other, K, L);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t o0 = 0; o0 < other - pool.r; o0 += 2 * L) {
-        rows_to_pair_tile(x + b * bstride, other, K, o0, zx, io);
-        rows_to_pair_tile(gy + b * bstride, other, K, o0, zg, io);
+        const int64_t pf = next_strip(o0, other - pool.r, K, L, b + 1 < B ? bstride : 0);
+        rows_to_pair_tile(x + b * bstride, other, K, o0, zx, io, pf);
+        rows_to_pair_tile(gy + b * bstride, other, K, o0, zg, io, pf);
         add_strip(tx, tg);
       }
     for (int64_t g0 = 0; g0 < pool.n; g0 += 2 * L) {
@@ -983,8 +990,11 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
             const int64_t p = i * C + c;
             const scalar_t* x = xp + p * plane;
             scalar_t* yy = yp + p * plane;
+            // the next item's plane, if it is one (its first strip is prefetched during this plane's last)
+            const int64_t q1 = q + 1, i1 = pooled ? q1 % per : q1 / C, c1 = pooled ? q1 / per : q1 % C;
+            const int64_t next = q1 < end && i1 < planes ? (i1 * C + c1 - p) * plane : 0;
             for (int64_t o0 = 0; o0 < H - r; o0 += 2 * L) {
-              rows_to_pair_tile(x, H, K, o0, t, io);
+              rows_to_pair_tile(x, H, K, o0, t, io, next_strip(o0, H - r, K, L, next));
               if (!stream)  // this strip's rows of y, for writing (contiguous)
                 for (int64_t e = 0; e < std::min(2 * L, H - r - o0) * K; e += 64 / sizeof(scalar_t))
                   __builtin_prefetch(yy + o0 * K + e, 1, 2);
