@@ -998,6 +998,11 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
               if (!stream)  // this strip's rows of y, for writing (contiguous)
                 for (int64_t e = 0; e < std::min(2 * L, H - r - o0) * K; e += 64 / sizeof(scalar_t))
                   __builtin_prefetch(yy + o0 * K + e, 1, 2);
+              if (o0 == 0)  // this plane's pooled rows, read and written by the pool's items after the channel's planes
+                for (int64_t e = (H - r) * K; e < H * K; e += 64 / sizeof(scalar_t)) {
+                  __builtin_prefetch(x + e, 0, 2);
+                  __builtin_prefetch(yy + e, 1, 2);
+                }
               fft_correlate(pl, s, a, as_const(tl), tl, t, io);
               tile_to_rows(t, yy, H - r, K, o0, stream);  // rows past H - r are the pool's
               tile_to_rows(t + io, yy, H - r, K, o0 + L, stream);
