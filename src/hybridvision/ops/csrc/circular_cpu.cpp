@@ -11,8 +11,8 @@
 //     (in registers, 16 x 16 blocks) into one tile whose rows are the positions;
 //   * else along dim 2 over W (the contiguous axis; no copies), and along dim 3 over 16 rows transposed into a tile.
 // Nothing but x, y and a few KB to a few hundred KB of per-thread scratch is touched. Types: float and double.
-// From K=28 on (the weight gradient along W from K=20; K without prime factors above 7) both ops run an FFT instead
-// (the FFT path below; the ops' algo argument overrides the choice).
+// From K=28 on (the forward along W from K=32, the weight gradient from K=20; K without prime factors above 7) both
+// ops run an FFT instead (the FFT path below; the ops' algo argument overrides the choice).
 #include "aligned.h"
 
 #include <ATen/ATen.h>
@@ -391,13 +391,14 @@ void fwd_batch(const T* x, T* y, int64_t ps, int64_t nb, const T* wb, const T* a
 // passes transform in place. K with a prime factor above 7 keeps the direct sum.
 
 // Smallest K for which algo=0 takes the FFT path (when K has no prime factor above 7): [forward, wgrad][dim 2, dim 3].
-// From `python benchmarks/bench_native_crossover.py`: the first K of its sweep from which the FFT is faster at every
-// larger K. Three runs after the pass rewrite (2026-12-02; the first with the sweep from 28, the others from 12):
-// forward along dim 2 28, 48, 28 (K=40 1.03x, 0.97x, 1.30x: a tie; K=24 0.79-0.87x, where the direct sum's batch lanes
-// are at their best), along dim 3 28, 28, 24 (K=24 0.93x, 1.04x); weight gradient along dim 2 28, 28, 28 (K=21-24
-// 0.89-1.01x), along dim 3 28 (sweep start), 20, 20 (K=16 0.66-0.74x). So 28 / 28 and 28 / 20. (The Stockham kernel
-// before crossed at 48 / 48 and 32 / 40.) benchmarks/results/native_crossover.md holds the last run.
-constexpr int64_t FFT_MIN_K[2][2] = {{28, 28}, {28, 20}};
+// From `python benchmarks/bench_native_crossover.py --threads 2`: the first K of its sweep from which the FFT is
+// faster at every larger K. Three runs at 71bcb4c (2026-12-02, after the prefetch changes): forward along dim 2 56, 28,
+// 28 (K=48 0.93x, 1.08x, 1.20x: a tie; K=24 0.68-0.80x, where the direct sum's batch lanes are at their best), along
+// dim 3 32, 28, 32 (K=28 0.92x, 1.06x, 0.95x); weight gradient along dim 2 20, 20, 20 (K=20 1.16-1.24x, K=16
+// 0.82-0.85x), along dim 3 20, 20, 20. So 28 / 32 and 20 / 20. (Three runs after the pass rewrite before them read 28
+// / 28 and 28 / 20; the Stockham kernel before crossed at 48 / 48 and 32 / 40.)
+// benchmarks/results/native_crossover.md holds the last run.
+constexpr int64_t FFT_MIN_K[2][2] = {{28, 32}, {20, 20}};
 
 // The radices of an FFT of length n, outer levels first: 4s, a 2, then the odd ones, the largest last (the middle
 // level has no twiddles); none when n has a prime factor above 7 or n < 2. (A radix-8 codelet, 8 x 7 for K=56 and
