@@ -20,12 +20,12 @@ Five methods compute the same thing (all differentiable; all tested against a fl
   folded into the spectrum, 1/K folded into the kernel spectrum, rfft(x) recomputed in backward instead of stored).
 * ``"native"``: depthwise only, float32/64 on the CPU: hand-vectorised C++ (``csrc/circular_cpu.cpp``, built on
   first use by :mod:`hybridvision.ops.native`), no padded copy, the position embedding and bias folded into one
-  addend. Below K=28 the direct sum (``2 K`` FLOPs per output; SIMD lanes over the batch for small planes, else
-  over the contiguous axis or in-register transposed 16-row tiles); from there on (K without prime factors above 7)
-  its own FFT: two real lines per complex one, SIMD lanes over lines, in-place radix passes with the kernel
-  spectrum product fused between the forward and the inverse transform and the addend into the last pass, on a
-  cache-resident strip. Backward: the same forward with the flipped kernel for dx, and a weight-gradient kernel
-  (direct, or the FFT from K=28 / 20 along dim 2 / 3).
+  addend. Below K=28 (along dim 3 K=32) the direct sum (``2 K`` FLOPs per output; SIMD lanes over the batch for
+  small planes, else over the contiguous axis or in-register transposed 16-row tiles); from there on (K without prime
+  factors above 7) its own FFT: two real lines per complex one, SIMD lanes over lines, in-place radix passes with the
+  kernel spectrum product fused between the forward and the inverse transform and the addend into the last pass, on
+  a cache-resident strip. Backward: the same forward with the flipped kernel for dx, and a weight-gradient kernel
+  (direct, or the FFT from K=20).
 * ``"auto"``: picks one of them by the measured cost model in :func:`choose_method`.
 
 Which method ``"auto"`` means can be overridden globally with :func:`set_default_method` (or the environment
