@@ -5,8 +5,12 @@ On a noisy machine (a shared VM whose speed drifts by tens of percent between ru
 cannot tell a 10-20% kernel change from the drift; round-robin timing in one process can. The base revision's file
 is built (``hybridvision.ops.native.compile_and_load``, the kernels' own build) with its ops registered
 as ``torch.ops.hvbase_<rev>.*`` instead of ``torch.ops.hybridvision.*``, so both versions coexist. Every case
-first checks that the two give the same result (forward and weight gradient), then reports the best time of each
-and the ratio base / working copy (> 1: the working copy is faster).
+first checks that the two give the same result (forward and weight gradient), then times them in rounds (each
+round times both, in alternating order, each timed call right after an untimed call of the same function) and
+reports the best time of each, their ratio base / working copy (> 1: the working copy is faster) and the median over
+rounds of the per-round ratio. The median is the steadier of the two where the machine's speed drifts within a run:
+both sides of a round see the same state (in the 2026-12-02 session's A/B runs the two differed by up to 0.05,
+e.g. 1.08x by best times against 1.04x per-round median for one change at 56 x 56 along W).
 
 Cases: input (B, C, K, other) along dim 2 or (B, C, other, K) along dim 3, B = 16 and C = 2688 / K as in
 bench_circular.py, float32, with the (C, K) addend; ``--algo`` 0 is what ``method="native"`` runs (the kernel's own
@@ -19,13 +23,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import statistics
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from bench_circular import BATCH, C_TIMES_L, best_of
+from bench_circular import BATCH, C_TIMES_L
 from hybridvision.engine.runtime import tune_cpu
 from hybridvision.ops import native
 
@@ -61,6 +67,23 @@ def build_base(rev: str) -> object:
     return getattr(torch.ops, ns)
 
 
+def paired_rounds(base, work, budget_s: float, min_rounds: int) -> tuple[list[float], list[float]]:
+    """Per-round times (s) of ``base()`` and ``work()``: every round times both, in alternating order, each timed
+    call right after an untimed call of the same function (as ``bench_circular.best_of``); at least ``min_rounds``
+    rounds, more while ``budget_s`` seconds last (at most 400)."""
+    times: tuple[list[float], list[float]] = ([], [])
+    start, rounds = time.perf_counter(), 0
+    while rounds < min_rounds or (time.perf_counter() - start < budget_s and rounds < 400):
+        for i in ((0, 1) if rounds % 2 == 0 else (1, 0)):
+            fn = (base, work)[i]
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t0)
+        rounds += 1
+    return times
+
+
 def parse_case(text: str) -> tuple[int, int]:
     try:
         k, other = (int(v) for v in text.lower().split("x"))
@@ -86,9 +109,10 @@ def main() -> None:
     native.build()
     base, work = build_base(args.base), torch.ops.hybridvision
     print(f"base = {SOURCE} at {args.base}, work = the working copy; {torch.get_num_threads()} thread(s), "
-          f"algo={args.algo}; ms, best of interleaved runs")
-    print("| K | other | dim | op | base | work | base / work |")
-    print("|---|---|---|---|---|---|---|")
+          f"algo={args.algo}; ms, best of interleaved rounds; base / work of the best times and the median of the "
+          "per-round ratios")
+    print("| K | other | dim | op | base | work | base / work | per-round median |")
+    print("|---|---|---|---|---|---|---|---|")
     for k, other in args.cases:
         c = max(1, C_TIMES_L // k)
         g = torch.Generator().manual_seed(k * 1000 + other)
@@ -100,9 +124,10 @@ def main() -> None:
                              ("wgrad", lambda ns: ns.circular_dw_wgrad(gy, x, dim, args.algo))):
                 torch.testing.assert_close(call(work), call(base), rtol=1e-4, atol=1e-4 * k,
                                            msg=lambda m: f"K={k} other={other} dim={dim} {op}: results differ\n{m}")
-                t = best_of({"base": lambda: call(base), "work": lambda: call(work)}, args.budget, min_reps=10)
-                print(f"| {k} | {other} | {dim} | {op} | {t['base']:.3f} | {t['work']:.3f} | "
-                      f"{t['base'] / t['work']:.2f}x |", flush=True)
+                tb, tw = paired_rounds(lambda: call(base), lambda: call(work), args.budget, min_rounds=10)
+                median = statistics.median(b / w for b, w in zip(tb, tw))
+                print(f"| {k} | {other} | {dim} | {op} | {min(tb) * 1e3:.3f} | {min(tw) * 1e3:.3f} | "
+                      f"{min(tb) / min(tw):.2f}x | {median:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
