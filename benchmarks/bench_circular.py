@@ -46,24 +46,32 @@ def reference(x: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.Tensor:
 CLOCK: Callable[[], float] = time.perf_counter
 
 
-def best_of(fns: dict[str, Callable[[], object]], budget_s: float, min_reps: int) -> dict[str, float]:
-    """Best time in ms of each function (by :data:`CLOCK`), runs interleaved (round-robin) so that machine load
-    hits all alike. Each timed call directly follows an untimed call of the same function, so that every function is
-    timed in the same state, with its own input and buffers in cache: timed right after a function that sweeps the
-    caches, the same call is slower: before this rule, a full run of this script (2026-12-02) timed the native and
-    the auto column, the same call, at 0.65 and 0.26 ms for L=14 along H (native came right after the FFT method,
-    auto right after native)."""
+def timed_rounds(fns: dict[str, Callable[[], object]], budget_s: float, min_reps: int, alternate: bool = False,
+                 max_rounds: int = 200) -> dict[str, list[float]]:
+    """Times in s (by :data:`CLOCK`) of each function per round: every round times every function (round-robin, so
+    that machine load hits all alike; ``alternate``: in reversed order every other round), at least ``min_reps``
+    rounds, more while ``budget_s`` lasts (at most ``max_rounds``). Each timed call directly follows an untimed call
+    of the same function, so that every function is timed in the same state, with its own input and buffers in
+    cache: timed right after a function that sweeps the caches, the same call is slower: before this rule, a full
+    run of this script (2026-12-02) timed the native and the auto column, the same call, at 0.65 and 0.26 ms for L=14
+    along H (native came right after the FFT method, auto right after native)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
     start = time.perf_counter()
     rounds = 0
-    while rounds < min_reps or (time.perf_counter() - start < budget_s and rounds < 200):
-        for name, fn in fns.items():
-            fn()
+    while rounds < min_reps or (time.perf_counter() - start < budget_s and rounds < max_rounds):
+        for name in (names[::-1] if alternate and rounds % 2 else names):
+            fns[name]()
             t0 = CLOCK()
-            fn()
+            fns[name]()
             times[name].append(CLOCK() - t0)
         rounds += 1
-    return {k: min(v) * 1e3 for k, v in times.items()}
+    return times
+
+
+def best_of(fns: dict[str, Callable[[], object]], budget_s: float, min_reps: int) -> dict[str, float]:
+    """Best time in ms of each function over :func:`timed_rounds`."""
+    return {k: min(v) * 1e3 for k, v in timed_rounds(fns, budget_s, min_reps).items()}
 
 
 def copy_bandwidth(mib: int = 256) -> float:

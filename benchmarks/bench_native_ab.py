@@ -26,12 +26,11 @@ import hashlib
 import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from bench_circular import BATCH, C_TIMES_L
+from bench_circular import BATCH, C_TIMES_L, timed_rounds
 from hybridvision.engine.runtime import tune_cpu
 from hybridvision.ops import native
 
@@ -65,23 +64,6 @@ def build_base(rev: str) -> object:
     (folder / "circular_cpu.cpp").write_text(text)
     native.compile_and_load(f"{ns}_ext", [str(folder / "circular_cpu.cpp")], build_directory=str(folder))
     return getattr(torch.ops, ns)
-
-
-def paired_rounds(base, work, budget_s: float, min_rounds: int) -> tuple[list[float], list[float]]:
-    """Per-round times (s) of ``base()`` and ``work()``: every round times both, in alternating order, each timed
-    call right after an untimed call of the same function (as ``bench_circular.best_of``); at least ``min_rounds``
-    rounds, more while ``budget_s`` seconds last (at most 400)."""
-    times: tuple[list[float], list[float]] = ([], [])
-    start, rounds = time.perf_counter(), 0
-    while rounds < min_rounds or (time.perf_counter() - start < budget_s and rounds < 400):
-        for i in ((0, 1) if rounds % 2 == 0 else (1, 0)):
-            fn = (base, work)[i]
-            fn()
-            t0 = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - t0)
-        rounds += 1
-    return times
 
 
 def parse_case(text: str) -> tuple[int, int]:
@@ -124,7 +106,9 @@ def main() -> None:
                              ("wgrad", lambda ns: ns.circular_dw_wgrad(gy, x, dim, args.algo))):
                 torch.testing.assert_close(call(work), call(base), rtol=1e-4, atol=1e-4 * k,
                                            msg=lambda m: f"K={k} other={other} dim={dim} {op}: results differ\n{m}")
-                tb, tw = paired_rounds(lambda: call(base), lambda: call(work), args.budget, min_rounds=10)
+                t = timed_rounds({"base": lambda: call(base), "work": lambda: call(work)}, args.budget, min_reps=10,
+                                 alternate=True, max_rounds=400)
+                tb, tw = t["base"], t["work"]
                 median = statistics.median(b / w for b, w in zip(tb, tw))
                 print(f"| {k} | {other} | {dim} | {op} | {min(tb) * 1e3:.3f} | {min(tw) * 1e3:.3f} | "
                       f"{min(tb) / min(tw):.2f}x | {median:.2f}x |", flush=True)
