@@ -55,7 +55,7 @@ _ENV_VAR = "HYBRIDVISION_NATIVE"
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / name for name in ("circular_cpu.cpp", "batchnorm_act_cpu.cpp", "depthwise_cpu.cpp",
                                        "attention_cpu.cpp")]
-_HEADERS = [_CSRC / "vec_gelu.h", _CSRC / "aligned.h"]
+_HEADERS = [_CSRC / "vec_gelu.h"]
 _lock = threading.Lock()
 _state: dict[str, Optional[str]] = {}  # "error": None once loaded, else the build error
 
