@@ -951,36 +951,35 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
       const int64_t io = KP * L;
       const auto aligned = [](const scalar_t* p) { return reinterpret_cast<uintptr_t>(p) % 64 == 0; };
       if (dim == 2) {  // work items: the strips of two planes of a channel (dim2_strips), read and written in place
-        const int64_t pairs = (B + 1) / 2;
-        const auto item = [&](int64_t q) {
-          return dim2_strips(q / C * 2, std::min(B, q / C * 2 + 2), C * plane, W, L);
-        };
+        // every item's strips are those of planes 0 and 1 (of plane 0 alone for an odd batch's last), shifted
+        const std::vector<Strip> pair = dim2_strips(0, std::min<int64_t>(B, 2), C * plane, W, L),
+                                 lone = dim2_strips(0, B % 2, C * plane, W, L);
+        const auto strips_of = [&](int64_t q) -> const std::vector<Strip>& { return q / C * 2 + 1 < B ? pair : lone; };
+        const auto base_of = [&](int64_t q) { return (q / C * 2 * C + q % C) * plane; };  // its first plane
         const size_t ahead = strips_ahead(W, sizeof(scalar_t));
-        at::parallel_for(0, C * pairs, 1, [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, C * ((B + 1) / 2), 1, [&](int64_t begin, int64_t end) {
           const Scratch<scalar_t> buf(2 * io);
-          std::vector<Strip> strips = item(begin);
           for (int64_t q = begin; q < end; ++q) {
-            const int64_t c = q % C;
-            const scalar_t* xc = xp + c * plane;
-            scalar_t* yc = yp + c * plane;
-            std::vector<Strip> next = q + 1 < end ? item(q + 1) : std::vector<Strip>{};
+            const int64_t c = q % C, base = base_of(q);
+            const std::vector<Strip>& strips = strips_of(q);
             for (size_t i = 0; i < strips.size(); ++i) {
               const Strip& s = strips[i];
-              Lines<const scalar_t> in = strip_lines(xc, s, W);
-              // prefetch the strip `ahead` on while this one is transformed (in the next item: one channel on)
-              if (i + ahead < strips.size())
-                in.prefetch = strips[i + ahead].re - s.re;
-              else if (!next.empty())
-                in.prefetch = plane * ((q + 1) % C - c) - s.re +
-                              next[std::min(i + ahead - strips.size(), next.size() - 1)].re;
-              else if (i + 1 < strips.size())
-                in.prefetch = strips.back().re - s.re;
-              Lines<scalar_t> out = strip_lines(yc, s, W);
+              Lines<const scalar_t> in = strip_lines(xp + base, s, W);
+              // prefetch the strip `ahead` on while this one is transformed (in the next item where this one has
+              // fewer left; the item's last where the range ends)
+              int64_t qa = q;
+              size_t j = i + ahead;
+              if (j >= strips.size() && q + 1 < end) {
+                j = std::min(j - strips.size(), strips_of(++qa).size() - 1);
+              } else {
+                j = std::min(j, strips.size() - 1);
+              }
+              in.prefetch = base_of(qa) + strips_of(qa)[j].re - base - s.re;
+              Lines<scalar_t> out = strip_lines(yp + base, s, W);
               out.stream = stream && s.nre == L && s.nim == L && W % L == 0 && aligned(out.re) && aligned(out.im);
               if (!out.stream) out.prefetch = in.prefetch;  // (streamed lines bypass the caches)
               fft_correlate(pl, S.data() + c * K * 2, addend(c), in, out, buf.data(), io);
             }
-            strips = std::move(next);
           }
           stream_fence();
         });
@@ -992,12 +991,15 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
       const Pool pool = Pool::of(B, C * plane, H, K, L);
       const int64_t r = pool.r;
       const int64_t planes = H > r ? B : 0, pooled = (pool.n + 2 * L - 1) / (2 * L), per = planes + pooled;
+      const auto item_of = [&](int64_t q) {  // (channel, item of the channel: plane i < planes, else pool strip)
+        return pooled ? std::pair<int64_t, int64_t>{q / per, q % per} : std::pair<int64_t, int64_t>{q % C, q / C};
+      };
       at::parallel_for(0, C * per, 1, [&](int64_t begin, int64_t end) {
         const Scratch<scalar_t> buf(2 * io);
         scalar_t* t = buf.data();
         const Lines<scalar_t> tl{t, t + io, L};
         for (int64_t q = begin; q < end; ++q) {
-          const int64_t c = pooled ? q / per : q % C, i = pooled ? q % per : q / C;
+          const auto [c, i] = item_of(q);
           const scalar_t* a = addend(c);
           const scalar_t* s = S.data() + c * K * 2;
           if (i < planes) {
@@ -1005,8 +1007,8 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
             const scalar_t* x = xp + p * plane;
             scalar_t* yy = yp + p * plane;
             // the next item's plane, if it is one (its first strip is prefetched during this plane's last)
-            const int64_t q1 = q + 1, i1 = pooled ? q1 % per : q1 / C, c1 = pooled ? q1 / per : q1 % C;
-            const int64_t next = q1 < end && i1 < planes ? (i1 * C + c1 - p) * plane : 0;
+            const auto [c1, i1] = item_of(q + 1);
+            const int64_t next = q + 1 < end && i1 < planes ? (i1 * C + c1 - p) * plane : 0;
             for (int64_t o0 = 0; o0 < H - r; o0 += 2 * L) {
               rows_to_pair_tile(x, H, K, o0, t, io, next_strip(o0, H - r, K, L, next));
               if (!stream)  // this strip's rows of y, for writing (contiguous)
