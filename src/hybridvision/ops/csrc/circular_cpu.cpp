@@ -303,15 +303,23 @@ template <typename T> inline auto matrix_rows(T* src, int64_t ld) {
 // src[(h0 + l) * K + k] for k < K, zero in lanes past the last row. Tile rows K .. KP - 1 (KP = K rounded up to
 // L) are scratch: a last column chunk narrower than L is read as a full L x L block (the rest of each row is the
 // next row's head) whenever that stays inside the matrix, so the tile needs KP rows. prefetch: when non-zero, also
-// prefetch the block that many scalars on (the caller's next strip).
+// prefetch the block that many scalars on (the caller's next strip). out: when not null, the same block of the
+// (rows x K) matrix at out (where the caller writes this strip's result) is prefetched for writing, one column chunk
+// at a time: the read-for-ownership of those lines then overlaps the transposes and the FFT. (Prefetching a strip's
+// 112 lines of y in one burst before it, at 56x56, kept the core waiting on full miss buffers: perf annotate put
+// a third of the work loop's own samples on that loop; chunk by chunk the forward along W ran 1.10x / 1.14x as
+// fast at 56x56 / 84x84, per-round medians; scratch.)
 template <typename T>
-void rows_to_tile(const T* src, int64_t rows, int64_t K, int64_t h0, T* tile, int64_t prefetch = 0) {
+void rows_to_tile(const T* src, int64_t rows, int64_t K, int64_t h0, T* tile, int64_t prefetch = 0,
+                  const T* out = nullptr) {
   constexpr int64_t L = Vec<T>::n;
   const int64_t n = std::min(L, rows - h0);
   for (int64_t k0 = 0; k0 < K; k0 += L) {
     const int64_t m = std::min(L, K - k0);
     if (prefetch)  // (prefetches never fault, even past the end)
       for (int64_t i = 0; i < L; ++i) __builtin_prefetch(src + (h0 + i) * K + k0 + prefetch);
+    if (out)
+      for (int64_t i = 0; i < L; ++i) __builtin_prefetch(out + (h0 + i) * K + k0, 1, 2);
     const bool wide = m == L || (n == L && (h0 + L - 1) * K + k0 + L <= rows * K);
     to_tile(matrix_rows(src + h0 * K + k0, K), n, wide ? L : m, tile + k0 * L);
   }
@@ -332,12 +340,14 @@ template <typename T> void tile_to_rows(const T* tile, T* dst, int64_t rows, int
 }
 
 // The pair strip of rows h0 .. h0 + 2 L - 1 of a (rows x K) matrix as one complex tile: the first L rows into t
-// (real parts), the next L into t + io (imaginary parts), prefetching the strip `prefetch` scalars on (0: none).
+// (real parts), the next L into t + io (imaginary parts), prefetching the strip `prefetch` scalars on (0: none) and,
+// for writing, the same rows of out (not null).
 template <typename T>
-void rows_to_pair_tile(const T* src, int64_t rows, int64_t K, int64_t h0, T* t, int64_t io, int64_t prefetch) {
+void rows_to_pair_tile(const T* src, int64_t rows, int64_t K, int64_t h0, T* t, int64_t io, int64_t prefetch,
+                       const T* out = nullptr) {
   constexpr int64_t L = Vec<T>::n;
-  rows_to_tile(src, rows, K, h0, t, prefetch);
-  rows_to_tile(src, rows, K, h0 + L, t + io, prefetch);
+  rows_to_tile(src, rows, K, h0, t, prefetch, out);
+  rows_to_tile(src, rows, K, h0 + L, t + io, prefetch, out);
 }
 // The offset of the strip after rows o0 .. o0 + 2 L - 1 of a plane whose strips end at row `end`: the plane's next
 // strip, else the first strip of the plane at offset `next` (a plane the caller transforms next; 0: none).
@@ -1010,10 +1020,8 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
             const auto [c1, i1] = item_of(q + 1);
             const int64_t next = q + 1 < end && i1 < planes ? (i1 * C + c1 - p) * plane : 0;
             for (int64_t o0 = 0; o0 < H - r; o0 += 2 * L) {
-              rows_to_pair_tile(x, H, K, o0, t, io, next_strip(o0, H - r, K, L, next));
-              if (!stream)  // this strip's rows of y, for writing (contiguous)
-                for (int64_t e = 0; e < std::min(2 * L, H - r - o0) * K; e += 64 / sizeof(scalar_t))
-                  __builtin_prefetch(yy + o0 * K + e, 1, 2);
+              // this strip's rows of y prefetched for writing (unless streamed past the caches)
+              rows_to_pair_tile(x, H, K, o0, t, io, next_strip(o0, H - r, K, L, next), stream ? nullptr : yy);
               if (o0 == 0)  // this plane's pooled rows, read and written by the pool's items after the channel's planes
                 for (int64_t e = (H - r) * K; e < H * K; e += 64 / sizeof(scalar_t)) {
                   __builtin_prefetch(x + e, 0, 2);
