@@ -47,14 +47,15 @@ CLOCK: Callable[[], float] = time.perf_counter
 
 
 def timed_rounds(fns: dict[str, Callable[[], object]], budget_s: float, min_reps: int, alternate: bool = False,
-                 max_rounds: int = 200) -> dict[str, list[float]]:
+                 max_rounds: int = 200, between: Callable[[], object] | None = None) -> dict[str, list[float]]:
     """Times in s (by :data:`CLOCK`) of each function per round: every round times every function (round-robin, so
     that machine load hits all alike; ``alternate``: in reversed order every other round), at least ``min_reps``
     rounds, more while ``budget_s`` lasts (at most ``max_rounds``). Each timed call directly follows an untimed call
     of the same function, so that every function is timed in the same state, with its own input and buffers in
     cache: timed right after a function that sweeps the caches, the same call is slower: before this rule, a full
     run of this script (2026-12-02) timed the native and the auto column, the same call, at 0.65 and 0.26 ms for L=14
-    along H (native came right after the FFT method, auto right after native)."""
+    along H (native came right after the FFT method, auto right after native). ``between``, if given, runs between the two
+    calls (untimed; e.g. a sweep of the caches, to time calls whose data comes from memory)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     start = time.perf_counter()
@@ -62,6 +63,8 @@ def timed_rounds(fns: dict[str, Callable[[], object]], budget_s: float, min_reps
     while rounds < min_reps or (time.perf_counter() - start < budget_s and rounds < max_rounds):
         for name in (names[::-1] if alternate and rounds % 2 else names):
             fns[name]()
+            if between is not None:
+                between()
             t0 = CLOCK()
             fns[name]()
             times[name].append(CLOCK() - t0)

@@ -13,7 +13,9 @@ both sides of a round see the same state (in the 2026-12-02 session's A/B runs t
 e.g. 1.08x by best times against 1.04x per-round median for one change at 56 x 56 along W).
 
 Cases: input (B, C, K, other) along dim 2 or (B, C, other, K) along dim 3, B = 16 and C = 2688 / K as in
-bench_circular.py, float32, with the (C, K) addend; ``--algo`` 0 is what ``method="native"`` runs (the kernel's own
+bench_circular.py, float32, with the (C, K) addend; ``--cold`` reads a buffer of 3x the L3 size (96 MiB) before each
+timed call, so that x comes from memory and y's lines are not in cache (the regime of a layer whose input was
+written long before; a change of the kernel's prefetches can look better or worse there than warm: 2026-12-02); ``--algo`` 0 is what ``method="native"`` runs (the kernel's own
 choice between direct sum and FFT), 1 the direct sum, 2 the FFT.
 
     python benchmarks/bench_native_ab.py --base HEAD                 # uncommitted changes vs the last commit
@@ -37,6 +39,7 @@ from hybridvision.ops import native
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = "src/hybridvision/ops/csrc/circular_cpu.cpp"
 DEFAULT_CASES = ("56x56", "56x64", "112x112", "224x224", "48x48", "80x80")
+COLD_MIB = 96  # --cold: MiB read between the untimed and the timed call (3x the 32 MiB L3 of the development VM)
 
 
 def build_base(rev: str) -> object:
@@ -84,14 +87,16 @@ def main() -> None:
     ap.add_argument("--algo", type=int, choices=(0, 1, 2), default=0, help="0 choose (default), 1 direct, 2 FFT")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default)")
     ap.add_argument("--budget", type=float, default=2.0, help="seconds of timing per case and op (default 2)")
+    ap.add_argument("--cold", action="store_true", help="sweep the caches before each timed call")
     args = ap.parse_args()
     tune_cpu()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     native.build()
     base, work = build_base(args.base), torch.ops.hybridvision
+    sweep = torch.ones(COLD_MIB << 18) if args.cold else None
     print(f"base = {SOURCE} at {args.base}, work = the working copy; {torch.get_num_threads()} thread(s), "
-          f"algo={args.algo}; ms, best of interleaved rounds; base / work of the best times and the median of the "
+          f"algo={args.algo}{f', caches swept ({COLD_MIB} MiB read) before each timed call' if args.cold else ''}; ms, best of interleaved rounds; base / work of the best times and the median of the "
           "per-round ratios")
     print("| K | other | dim | op | base | work | base / work | per-round median |")
     print("|---|---|---|---|---|---|---|---|")
@@ -107,7 +112,7 @@ def main() -> None:
                 torch.testing.assert_close(call(work), call(base), rtol=1e-4, atol=1e-4 * k,
                                            msg=lambda m: f"K={k} other={other} dim={dim} {op}: results differ\n{m}")
                 t = timed_rounds({"base": lambda: call(base), "work": lambda: call(work)}, args.budget, min_reps=10,
-                                 alternate=True, max_rounds=400)
+                                 alternate=True, max_rounds=400, between=sweep.sum if args.cold else None)
                 tb, tw = t["base"], t["work"]
                 median = statistics.median(b / w for b, w in zip(tb, tw))
                 print(f"| {k} | {other} | {dim} | {op} | {min(tb) * 1e3:.3f} | {min(tw) * 1e3:.3f} | "

@@ -242,6 +242,30 @@ def test_benchmark_quick_runs(tmp_path):
     assert "| 56 | 48 | 3 | fwd |" in text and (tmp_path / "circular_quick.png").stat().st_size > 0
 
 
+def test_benchmark_rounds_run_the_between_hook_untimed(monkeypatch):
+    """bench_circular.timed_rounds calls each function untimed, then ``between``, then times the function again; the
+    hook's time is not in the result (a fake clock that the hook advances by 100 and each call by 1)."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    bench = __import__("bench_circular")
+    now, log = [0], []
+
+    def tick(name, dt):
+        def f():
+            log.append(name)
+            now[0] += dt
+        return f
+
+    monkeypatch.setattr(bench, "CLOCK", lambda: now[0])
+    times = bench.timed_rounds({"a": tick("a", 1), "b": tick("b", 1)}, budget_s=0.0, min_reps=3,
+                               between=tick("sweep", 100))
+    assert times == {"a": [1, 1, 1], "b": [1, 1, 1]}
+    assert log[:6] == ["a", "sweep", "a", "b", "sweep", "b"] and len(log) == 18
+    sys.modules.pop("bench_circular", None)
+
+
 def test_native_algorithm_is_timed_per_shape(monkeypatch):
     """Where K has an FFT, the native kernel's forward and weight gradient go through the autotuner (the crossover,
     the direct sum, the FFT), and every alternative gives the same result; other K run the crossover untimed."""

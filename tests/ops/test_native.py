@@ -145,14 +145,15 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_ab_benchmark_builds_the_base_revision_beside_the_working_copy():
     """benchmarks/bench_native_ab.py builds the committed kernel under its own op namespace, checks that both give
-    the same results and prints one row per case, dim and op (no timing asserted)."""
+    the same results and prints one row per case, dim and op (no timing asserted); --cold sweeps the caches between
+    the calls."""
     import subprocess
     import sys
     from pathlib import Path
 
     bench = Path(__file__).resolve().parents[2] / "benchmarks"
     out = subprocess.run([sys.executable, "bench_native_ab.py", "--base", "HEAD", "--cases", "8x12", "--threads", "1",
-                          "--budget", "0"], cwd=bench, check=True, timeout=600, capture_output=True, text=True).stdout
+                          "--budget", "0", "--cold"], cwd=bench, check=True, timeout=600, capture_output=True, text=True).stdout
     rows = [line for line in out.splitlines() if line.startswith("| 8 | 12 |")]
     assert [row.split("|")[3:5] for row in rows] == [[" 2 ", " fwd "], [" 2 ", " wgrad "], [" 3 ", " fwd "],
                                                       [" 3 ", " wgrad "]]
