@@ -794,32 +794,52 @@ struct Pool {
     const int64_t r = other % (2 * L);
     return Pool{ps, other, r, B * r, K};
   }
-  // rows[i] = the row of lane i of half h of strip g0 (planes at base), i < L; returns how many lanes have one
-  template <typename Ptr> int64_t half_rows(Ptr base, int64_t g0, int64_t h, int64_t L, Ptr* rows) const {
-    const int64_t nr = std::clamp<int64_t>(n - g0 - h * L, 0, L);
-    for (int64_t i = 0; i < L; ++i) {  // lanes past nr: a pooled row's address (to_tile / from_tile move no lane)
-      const int64_t g = i < nr ? g0 + h * L + i : 0;
-      rows[i] = base + g / r * ps + (other - r + g % r) * K;
+  // off[i] = the offset of the row of lane i of half h of strip g0 from the first plane, i < L; returns how many
+  // lanes have one
+  int64_t half_rows(int64_t g0, int64_t h, int64_t L, int64_t* off) const {
+    const int64_t nr = std::clamp<int64_t>(n - g0 - h * L, 0, L), g = nr ? g0 + h * L : 0;
+    int64_t b = g / r, j = g % r;  // plane and pooled row of lane 0, then counted on (lanes past nr: the last row)
+    for (int64_t i = 0; i < L; ++i) {
+      off[i] = b * ps + (other - r + j) * K;
+      if (i + 1 < nr && ++j == r) {
+        j = 0;
+        ++b;
+      }
     }
     return nr;
   }
 };
-template <typename T> void pool_gather(const Pool& p, const T* x, int64_t g0, T* t, int64_t io) {
+// The pair strip g0 of the pool of the planes at x into the tile t (imaginary half io on), prefetching chunk by chunk
+// the rows of the pool's next strip and, for writing, this strip's rows of out (not null: laid out as x; the
+// caller's pool_scatter writes them). The pooled rows lie in up to B planes a channel stride apart, out of reach of
+// the hardware's stream prefetch: without the prefetches the tile's loads stalled on them (perf annotate: most of
+// pool_gather's samples on the instructions after its loads, with the caches swept before each call; a burst of
+// prefetches of a plane's pooled rows before its first strip did not keep them in cache until the pool's turn).
+// `cd benchmarks && python bench_native_ab.py --base d0377eb --algo 2 --threads 2 --cases 56x56 84x84 28x28
+// --cold` (per-round medians, along W): forward 1.33x / 1.24x / 1.94x, weight gradient 1.57x / 1.28x / 1.90x;
+// without --cold 1.18x / 1.15x / 1.24x and 1.37x / 1.15x / 1.00x. (A division per lane for the offsets of the
+// next strip made K=28 0.86-0.89x without --cold: half_rows counts rows on.)
+template <typename T> void pool_gather(const Pool& p, const T* x, int64_t g0, T* t, int64_t io, const T* out = nullptr) {
   constexpr int64_t L = Vec<T>::n;
+  const bool more = g0 + 2 * L < p.n;
   for (int64_t h = 0; h < 2; ++h) {
-    const T* rows[L];
-    const int64_t nr = p.half_rows(x, g0, h, L, rows);
-    for (int64_t k0 = 0; k0 < p.K; k0 += L)
-      to_tile([&](int64_t i) { return rows[i] + k0; }, nr, std::min(L, p.K - k0), t + h * io + k0 * L);
+    int64_t off[L], next[L];
+    const int64_t nr = p.half_rows(g0, h, L, off);
+    if (more) p.half_rows(g0 + 2 * L, h, L, next);
+    for (int64_t k0 = 0; k0 < p.K; k0 += L) {
+      for (int64_t i = 0; i < L && more; ++i) __builtin_prefetch(x + next[i] + k0);
+      for (int64_t i = 0; i < L && out; ++i) __builtin_prefetch(out + off[i] + k0, 1, 2);
+      to_tile([&](int64_t i) { return x + off[i] + k0; }, nr, std::min(L, p.K - k0), t + h * io + k0 * L);
+    }
   }
 }
 template <typename T> void pool_scatter(const Pool& p, const T* t, int64_t g0, T* y, int64_t io) {
   constexpr int64_t L = Vec<T>::n;
   for (int64_t h = 0; h < 2; ++h) {
-    T* rows[L];
-    const int64_t nr = p.half_rows(y, g0, h, L, rows);
+    int64_t off[L];
+    const int64_t nr = p.half_rows(g0, h, L, off);
     for (int64_t k0 = 0; k0 < p.K; k0 += L)
-      from_tile(t + h * io + k0 * L, [&](int64_t i) { return rows[i] + k0; }, nr, std::min(L, p.K - k0));
+      from_tile(t + h * io + k0 * L, [&](int64_t i) { return y + off[i] + k0; }, nr, std::min(L, p.K - k0));
   }
 }
 
@@ -1022,11 +1042,6 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
             for (int64_t o0 = 0; o0 < H - r; o0 += 2 * L) {
               // this strip's rows of y prefetched for writing (unless streamed past the caches)
               rows_to_pair_tile(x, H, K, o0, t, io, next_strip(o0, H - r, K, L, next), stream ? nullptr : yy);
-              if (o0 == 0)  // this plane's pooled rows, read and written by the pool's items after the channel's planes
-                for (int64_t e = (H - r) * K; e < H * K; e += 64 / sizeof(scalar_t)) {
-                  __builtin_prefetch(x + e, 0, 2);
-                  __builtin_prefetch(yy + e, 1, 2);
-                }
               fft_correlate(pl, s, a, as_const(tl), tl, t, io);
               tile_to_rows(t, yy, H - r, K, o0, stream);  // rows past H - r are the pool's
               tile_to_rows(t + io, yy, H - r, K, o0 + L, stream);
@@ -1034,7 +1049,7 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
             continue;
           }
           const int64_t g0 = (i - planes) * 2 * L;
-          pool_gather(pool, xp + c * plane, g0, t, io);
+          pool_gather(pool, xp + c * plane, g0, t, io, stream ? nullptr : yp + c * plane);
           fft_correlate(pl, s, a, as_const(tl), tl, t, io);
           pool_scatter(pool, t, g0, yp + c * plane, io);
         }
