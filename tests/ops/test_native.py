@@ -67,10 +67,11 @@ def test_ops_match_float64_formula(shape, dim, dtype, algo):
 
 
 @pytest.mark.parametrize("dtype,dim,shape", [(torch.float32, 2, (2, 64, 64, 528)), (torch.float32, 3, (2, 64, 515, 64)),
-                                             (torch.float64, 2, (1, 64, 64, 528))])
+                                             (torch.float32, 3, (9, 64, 120, 64)), (torch.float64, 2, (1, 64, 64, 528))])
 def test_fft_path_large_outputs_streamed_equal_direct(dtype, dim, shape):
     """Outputs of at least 16 MiB are written with non-temporal stores (aligned rows) by the FFT path; here with a
-    partial last strip / tile, against the direct sum (itself checked against the formula above)."""
+    partial last strip / tile, and along W with the pooled rows of an odd batch (9 planes x 24 rows: full and partial
+    pool strips across planes), against the direct sum (itself checked against the formula above)."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(shape, generator=g, dtype=dtype)
     assert x.numel() * x.element_size() >= 16 << 20

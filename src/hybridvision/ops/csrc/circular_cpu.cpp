@@ -833,13 +833,14 @@ template <typename T> void pool_gather(const Pool& p, const T* x, int64_t g0, T*
     }
   }
 }
-template <typename T> void pool_scatter(const Pool& p, const T* t, int64_t g0, T* y, int64_t io) {
+// The inverse of pool_gather: the tile t into the pool's strip g0 of the planes at y (stream: as from_tile's).
+template <typename T> void pool_scatter(const Pool& p, const T* t, int64_t g0, T* y, int64_t io, bool stream) {
   constexpr int64_t L = Vec<T>::n;
   for (int64_t h = 0; h < 2; ++h) {
     int64_t off[L];
     const int64_t nr = p.half_rows(g0, h, L, off);
     for (int64_t k0 = 0; k0 < p.K; k0 += L)
-      from_tile(t + h * io + k0 * L, [&](int64_t i) { return y + off[i] + k0; }, nr, std::min(L, p.K - k0));
+      from_tile(t + h * io + k0 * L, [&](int64_t i) { return y + off[i] + k0; }, nr, std::min(L, p.K - k0), stream);
   }
 }
 
@@ -1051,7 +1052,7 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
           const int64_t g0 = (i - planes) * 2 * L;
           pool_gather(pool, xp + c * plane, g0, t, io, stream ? nullptr : yp + c * plane);
           fft_correlate(pl, s, a, as_const(tl), tl, t, io);
-          pool_scatter(pool, t, g0, yp + c * plane, io);
+          pool_scatter(pool, t, g0, yp + c * plane, io, stream);
         }
         stream_fence();
       });
