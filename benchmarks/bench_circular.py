@@ -5,7 +5,9 @@ For each axis length L the input is (B, C, L, L) with B = 16 and C = 2688 / L (t
 the height (dim=2, the official ParC type 'H') and along the width (dim=3). Timed: the official-style reference
 (``cat(x, x[:-1])`` + valid depthwise ``conv2d``), each method and ``auto``, forward (no grad) and forward+backward
 (x and the kernel require grad), best of several interleaved runs. The memory floor is (bytes in + bytes out) over
-the copy bandwidth measured in the same run (a large ``Tensor.copy_``).
+the copy bandwidth, which a 256 MiB ``Tensor.copy_`` measures in the same rounds as each case's forward methods: this
+VM's speed drifts within a run, and a bandwidth taken once at its start (68.0 GB/s in the run of 2026-12-02 at
+541bcbc) could not see the phase in which the last case ran (its reference at 56 ms, 37 ms in other runs).
 
 Targets (forward, fp32): auto >= 3x the reference at L >= 56 and >= 1x at L <= 14, auto within 1.5x of the memory
 floor at L >= 56; forward+backward: auto >= 2x the reference at L >= 56.
@@ -77,15 +79,16 @@ def best_of(fns: dict[str, Callable[[], object]], budget_s: float, min_reps: int
     return {k: min(v) * 1e3 for k, v in timed_rounds(fns, budget_s, min_reps).items()}
 
 
-def copy_bandwidth(mib: int = 256) -> float:
-    """Copy bandwidth in bytes/s, counting the bytes read plus the bytes written (best of 10)."""
+def copy_probe(mib: int = 256) -> tuple[Callable[[], object], int]:
+    """A copy of ``mib`` MiB (far past the caches) and the bytes it moves (read + written): timed with a case's
+    methods, in the same rounds, its best time gives the copy bandwidth of the moment."""
     src = torch.randn(mib * 2**20 // 4)
     dst = torch.empty_like(src)
-    t = best_of({"copy": lambda: dst.copy_(src)}, budget_s=0.0, min_reps=10)["copy"] / 1e3
-    return 2 * src.numel() * 4 / t
+    return (lambda: dst.copy_(src)), 2 * src.numel() * src.element_size()
 
 
-def run_case(length: int, dim: int, bw: float, budget_s: float, min_reps: int, dtype: torch.dtype) -> dict:
+def run_case(length: int, dim: int, probe: tuple[Callable[[], object], int], budget_s: float, min_reps: int,
+             dtype: torch.dtype) -> dict:
     g = torch.Generator().manual_seed(length * 10 + dim)
     c = C_TIMES_L // length
     x = torch.randn(BATCH, c, length, length, generator=g).to(dtype)
@@ -93,8 +96,10 @@ def run_case(length: int, dim: int, bw: float, budget_s: float, min_reps: int, d
     fwd = {"reference": lambda: reference(x, w, dim)}
     methods = [m for m in METHODS if m != "native" or (dtype in (torch.float32, torch.float64) and native.available())]
     fwd.update({m: (lambda m=m: circular_conv(x, w, dim, method=m)) for m in methods})
+    fwd["copy"] = probe[0]
     with torch.no_grad():
         t_fwd = best_of(fwd, budget_s, min_reps)
+    bw = probe[1] / (t_fwd.pop("copy") / 1e3)  # bytes / s
 
     xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     gy = torch.randn(x.shape, generator=g).to(dtype)
@@ -113,7 +118,8 @@ def run_case(length: int, dim: int, bw: float, budget_s: float, min_reps: int, d
     with torch.no_grad():
         pick_fwd = choose_method(x, w, dim)
     pick_bwd = choose_method(xg, wg, dim)
-    return dict(L=length, C=c, dim=dim, fwd=t_fwd, bwd=t_bwd, floor=floor, pick_fwd=pick_fwd, pick_bwd=pick_bwd)
+    return dict(L=length, C=c, dim=dim, fwd=t_fwd, bwd=t_bwd, floor=floor, bw=bw, pick_fwd=pick_fwd,
+                pick_bwd=pick_bwd)
 
 
 def verdicts(r: dict) -> list[str]:
@@ -131,16 +137,16 @@ def verdicts(r: dict) -> list[str]:
 def table(rows: list[dict]) -> list[str]:
     methods = [m for m in METHODS if m != "auto" and m in rows[0]["fwd"]]
     head = (
-        f"| L | C | dim | pass | reference | {' | '.join(methods)} | auto (pick) | floor | auto speed-up | auto / floor "
-        "| >=3x (L>=56) | >=1x (L<=14) | <=1.5x floor | fwd+bwd >=2x |"
+        f"| L | C | dim | pass | reference | {' | '.join(methods)} | auto (pick) | copy GB/s | floor | auto speed-up "
+        "| auto / floor | >=3x (L>=56) | >=1x (L<=14) | <=1.5x floor | fwd+bwd >=2x |"
     )
-    lines = [head, "|" + "---|" * (13 + len(methods))]
+    lines = [head, "|" + "---|" * (14 + len(methods))]
     for r in rows:
         v = verdicts(r)
         for kind in ("fwd", "bwd"):
             t = r[kind]
             pick = r["pick_" + kind]
-            floor = f"{r['floor']:.2f}" if kind == "fwd" else ""
+            floor = f"{r['bw'] / 1e9:.1f} | {r['floor']:.2f}" if kind == "fwd" else " | "
             ratio = f"{t['auto'] / r['floor']:.2f}" if kind == "fwd" else ""
             checks = v[:3] + [""] if kind == "fwd" else ["", "", "", v[3]]
             lines.append(
@@ -211,11 +217,11 @@ def main() -> None:
 
     t_start = time.perf_counter()
     load = os.getloadavg()
-    bw = copy_bandwidth()
+    probe = copy_probe()
     rows = []
     for length in lengths:
         for dim in (2, 3):
-            rows.append(run_case(length, dim, bw, budget_s, min_reps, getattr(torch, args.dtype)))
+            rows.append(run_case(length, dim, probe, budget_s, min_reps, getattr(torch, args.dtype)))
             print(f"  L={length} dim={dim} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
     lines = table(rows)
     stem = ("circular_quick" if args.quick else "circular") + ("" if args.dtype == "float32" else f"_{args.dtype}")
@@ -231,8 +237,10 @@ def main() -> None:
         f"Machine: {platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
         f"torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
-        f"{cpu_state()}; copy bandwidth (read + write) {bw / 1e9:.1f} GB/s.",
-        "floor = (bytes in + bytes out) / copy bandwidth. speed-up = reference / auto. "
+        f"{cpu_state()}; copy bandwidth (read + write) {min(r['bw'] for r in rows) / 1e9:.1f}-"
+        f"{max(r['bw'] for r in rows) / 1e9:.1f} GB/s (a 256 MiB copy_ timed in each case's forward rounds: column "
+        "copy GB/s).",
+        "floor = (bytes in + bytes out) / that case's copy bandwidth. speed-up = reference / auto. "
         "Targets: fwd auto >= 3x reference at L >= 56, >= 1x at L <= 14, <= 1.5x floor at L >= 56; "
         "fwd+bwd >= 2x reference at L >= 56.",
         "",
