@@ -1021,8 +1021,8 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
         return;
       }
       // dim 3, work items: the full strips of one plane (transposed into a tile and back), or one pair strip of a
-      // channel's pool. In memory order when nothing is pooled; else channel-major, a channel's pool after its planes
-      // (the pooled rows are then still in cache)
+      // channel's pool. In memory order when nothing is pooled; else channel-major, a channel's pool strips after its
+      // planes (each prefetches the next; see pool_gather)
       const Pool pool = Pool::of(B, C * plane, H, K, L);
       const int64_t r = pool.r;
       const int64_t planes = H > r ? B : 0, pooled = (pool.n + 2 * L - 1) / (2 * L), per = planes + pooled;
