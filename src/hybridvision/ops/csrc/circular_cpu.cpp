@@ -316,8 +316,8 @@ void rows_to_tile(const T* src, int64_t rows, int64_t K, int64_t h0, T* tile, in
                   const T* out = nullptr) {
   constexpr int64_t L = Vec<T>::n, E = 64 / sizeof(T);  // E: scalars per cache line
   const int64_t n = std::min(L, rows - h0);
-  // the rows' lines (one more: they need not start on a line) and how many each chunk prefetches
-  const int64_t lines = (L * K + E - 1) / E + 1, share = (lines + (K + L - 1) / L - 1) / ((K + L - 1) / L);
+  // the rows' lines (one more: they need not start on a line) and how many each column chunk prefetches
+  const int64_t chunks = (K + L - 1) / L, lines = (L * K + E - 1) / E + 1, share = (lines + chunks - 1) / chunks;
   const T* first = src + h0 * K;
   for (int64_t k0 = 0; k0 < K; k0 += L) {
     const int64_t m = std::min(L, K - k0), j0 = k0 / L * share, j1 = std::min(lines, j0 + share);
