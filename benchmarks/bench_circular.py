@@ -56,8 +56,8 @@ def timed_rounds(fns: dict[str, Callable[[], object]], budget_s: float, min_reps
     of the same function, so that every function is timed in the same state, with its own input and buffers in
     cache: timed right after a function that sweeps the caches, the same call is slower: before this rule, a full
     run of this script (2026-12-02) timed the native and the auto column, the same call, at 0.65 and 0.26 ms for L=14
-    along H (native came right after the FFT method, auto right after native). ``between``, if given, runs between the two
-    calls (untimed; e.g. a sweep of the caches, to time calls whose data comes from memory)."""
+    along H (native came right after the FFT method, auto right after native). ``between``, if given, runs between
+    the two calls (untimed; e.g. a sweep of the caches, to time calls whose data comes from memory)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     start = time.perf_counter()

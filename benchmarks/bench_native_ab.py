@@ -13,10 +13,11 @@ both sides of a round see the same state (in the 2026-12-02 session's A/B runs t
 e.g. 1.08x by best times against 1.04x per-round median for one change at 56 x 56 along W).
 
 Cases: input (B, C, K, other) along dim 2 or (B, C, other, K) along dim 3, B = 16 and C = 2688 / K as in
-bench_circular.py, float32, with the (C, K) addend; ``--cold`` reads a buffer of 3x the L3 size (96 MiB) before each
-timed call, so that x comes from memory and y's lines are not in cache (the regime of a layer whose input was
-written long before; a change of the kernel's prefetches can look better or worse there than warm: 2026-12-02); ``--algo`` 0 is what ``method="native"`` runs (the kernel's own
-choice between direct sum and FFT), 1 the direct sum, 2 the FFT.
+bench_circular.py, float32, with the (C, K) addend. ``--algo`` 0 is what ``method="native"`` runs (the kernel's own
+choice between direct sum and FFT), 1 the direct sum, 2 the FFT. ``--cold`` reads a buffer of 3x the L3 size
+(96 MiB) before each timed call, so that x comes from memory and y's lines are not in cache (the regime of a layer
+whose input was written long before; a change of the kernel's prefetches can look better or worse there than warm:
+2026-12-02).
 
     python benchmarks/bench_native_ab.py --base HEAD                 # uncommitted changes vs the last commit
     python benchmarks/bench_native_ab.py --base HEAD~1 --cases 56x56 112x112 --algo 2
@@ -95,9 +96,10 @@ def main() -> None:
     native.build()
     base, work = build_base(args.base), torch.ops.hybridvision
     sweep = torch.ones(COLD_MIB << 18) if args.cold else None
+    swept = f", caches swept ({COLD_MIB} MiB read) before each timed call" if args.cold else ""
     print(f"base = {SOURCE} at {args.base}, work = the working copy; {torch.get_num_threads()} thread(s), "
-          f"algo={args.algo}{f', caches swept ({COLD_MIB} MiB read) before each timed call' if args.cold else ''}; ms, best of interleaved rounds; base / work of the best times and the median of the "
-          "per-round ratios")
+          f"algo={args.algo}{swept}; ms, best of interleaved rounds; base / work of the best times and the median of "
+          "the per-round ratios")
     print("| K | other | dim | op | base | work | base / work | per-round median |")
     print("|---|---|---|---|---|---|---|---|")
     for k, other in args.cases:

@@ -66,8 +66,10 @@ def test_ops_match_float64_formula(shape, dim, dtype, algo):
     torch.testing.assert_close(native.wgrad(gy, x, dim, algo).double(), w64.grad, **tol)
 
 
-@pytest.mark.parametrize("dtype,dim,shape", [(torch.float32, 2, (2, 64, 64, 528)), (torch.float32, 3, (2, 64, 515, 64)),
-                                             (torch.float32, 3, (9, 64, 120, 64)), (torch.float64, 2, (1, 64, 64, 528))])
+@pytest.mark.parametrize("dtype,dim,shape", [(torch.float32, 2, (2, 64, 64, 528)),
+                                             (torch.float32, 3, (2, 64, 515, 64)),
+                                             (torch.float32, 3, (9, 64, 120, 64)),
+                                             (torch.float64, 2, (1, 64, 64, 528))])
 def test_fft_path_large_outputs_streamed_equal_direct(dtype, dim, shape):
     """Outputs of at least 16 MiB are written with non-temporal stores (aligned rows) by the FFT path; here with a
     partial last strip / tile, and along W with the pooled rows of an odd batch (9 planes x 24 rows: full and partial
@@ -154,7 +156,8 @@ def test_ab_benchmark_builds_the_base_revision_beside_the_working_copy():
 
     bench = Path(__file__).resolve().parents[2] / "benchmarks"
     out = subprocess.run([sys.executable, "bench_native_ab.py", "--base", "HEAD", "--cases", "8x12", "--threads", "1",
-                          "--budget", "0", "--cold"], cwd=bench, check=True, timeout=600, capture_output=True, text=True).stdout
+                          "--budget", "0", "--cold"], cwd=bench, check=True, timeout=600, capture_output=True,
+                         text=True).stdout
     rows = [line for line in out.splitlines() if line.startswith("| 8 | 12 |")]
     assert [row.split("|")[3:5] for row in rows] == [[" 2 ", " fwd "], [" 2 ", " wgrad "], [" 3 ", " fwd "],
                                                       [" 3 ", " wgrad "]]

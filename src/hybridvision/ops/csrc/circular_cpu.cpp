@@ -823,7 +823,8 @@ struct Pool {
 // --cold` (per-round medians, along W): forward 1.33x / 1.24x / 1.94x, weight gradient 1.57x / 1.28x / 1.90x;
 // without --cold 1.18x / 1.15x / 1.24x and 1.37x / 1.15x / 1.00x. (A division per lane for the offsets of the
 // next strip made K=28 0.86-0.89x without --cold: half_rows counts rows on.)
-template <typename T> void pool_gather(const Pool& p, const T* x, int64_t g0, T* t, int64_t io, const T* out = nullptr) {
+template <typename T>
+void pool_gather(const Pool& p, const T* x, int64_t g0, T* t, int64_t io, const T* out = nullptr) {
   constexpr int64_t L = Vec<T>::n;
   const bool more = g0 + 2 * L < p.n;
   for (int64_t h = 0; h < 2; ++h) {
