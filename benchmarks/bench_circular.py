@@ -36,6 +36,7 @@ BATCH = 16
 C_TIMES_L = 2688  # 48 channels at 56, 384 at 7
 METHODS = ("direct", "gemm", "fft", "native", "auto")  # "native" only where it builds and for float32
 RESULTS = Path(__file__).resolve().parent / "results"
+WARMUP, WARMUP_S = 3, 0.02  # untimed calls before each timed one: three, or fewer once they took 20 ms (timed_rounds)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, dim: int) -> torch.Tensor:
@@ -49,22 +50,30 @@ CLOCK: Callable[[], float] = time.perf_counter
 
 
 def timed_rounds(fns: dict[str, Callable[[], object]], budget_s: float, min_reps: int, alternate: bool = False,
-                 max_rounds: int = 200, between: Callable[[], object] | None = None) -> dict[str, list[float]]:
+                 max_rounds: int = 200, between: Callable[[], object] | None = None, warmup: int = 1,
+                 warmup_s: float = 0.0) -> dict[str, list[float]]:
     """Times in s (by :data:`CLOCK`) of each function per round: every round times every function (round-robin, so
     that machine load hits all alike; ``alternate``: in reversed order every other round), at least ``min_reps``
-    rounds, more while ``budget_s`` lasts (at most ``max_rounds``). Each timed call directly follows an untimed call
-    of the same function, so that every function is timed in the same state, with its own input and buffers in
-    cache: timed right after a function that sweeps the caches, the same call is slower: before this rule, a full
-    run of this script (2026-12-02) timed the native and the auto column, the same call, at 0.65 and 0.26 ms for L=14
-    along H (native came right after the FFT method, auto right after native). ``between``, if given, runs between
-    the two calls (untimed; e.g. a sweep of the caches, to time calls whose data comes from memory)."""
+    rounds, more while ``budget_s`` lasts (at most ``max_rounds``). Each timed call directly follows untimed calls of
+    the same function (``warmup`` of them, fewer once they have taken ``warmup_s``; at least one), so that every
+    function is timed in the same state, with its own input and buffers in cache: timed right after a function that
+    sweeps the caches, the same call is slower: before this rule, a full run of this script (2026-12-02) timed the
+    native and the auto column, the same call, at 0.65 and 0.26 ms for L=14 along H (native came right after the FFT
+    method, auto right after native). One untimed call does not always get there: right after a 256 MiB copy, the
+    native kernel at L=56 and 112 (19 and 39 MB of input and output), 2 threads, ran 1.14-1.46x its steady time (back
+    to back calls) when timed after one untimed call, 1.04-1.16x after two and 1.00-1.13x after three (2026-12-03,
+    scratch; in a second run 1.03-1.09x after one, 0.97-1.04x after three). ``between``, if given, runs between the untimed calls and the timed one (untimed; e.g. a
+    sweep of the caches, to time calls whose data comes from memory)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     start = time.perf_counter()
     rounds = 0
     while rounds < min_reps or (time.perf_counter() - start < budget_s and rounds < max_rounds):
         for name in (names[::-1] if alternate and rounds % 2 else names):
-            fns[name]()
+            t_warm, calls = CLOCK(), 0
+            while calls == 0 or (calls < warmup and CLOCK() - t_warm < warmup_s):
+                fns[name]()
+                calls += 1
             if between is not None:
                 between()
             t0 = CLOCK()
@@ -74,9 +83,9 @@ def timed_rounds(fns: dict[str, Callable[[], object]], budget_s: float, min_reps
     return times
 
 
-def best_of(fns: dict[str, Callable[[], object]], budget_s: float, min_reps: int) -> dict[str, float]:
-    """Best time in ms of each function over :func:`timed_rounds`."""
-    return {k: min(v) * 1e3 for k, v in timed_rounds(fns, budget_s, min_reps).items()}
+def best_of(fns: dict[str, Callable[[], object]], budget_s: float, min_reps: int, **rounds: object) -> dict[str, float]:
+    """Best time in ms of each function over :func:`timed_rounds` (``rounds``: its other arguments)."""
+    return {k: min(v) * 1e3 for k, v in timed_rounds(fns, budget_s, min_reps, **rounds).items()}
 
 
 def copy_probe(mib: int = 256) -> tuple[Callable[[], object], int]:
@@ -98,7 +107,7 @@ def run_case(length: int, dim: int, probe: tuple[Callable[[], object], int], bud
     fwd.update({m: (lambda m=m: circular_conv(x, w, dim, method=m)) for m in methods})
     fwd["copy"] = probe[0]
     with torch.no_grad():
-        t_fwd = best_of(fwd, budget_s, min_reps)
+        t_fwd = best_of(fwd, budget_s, min_reps, warmup=WARMUP, warmup_s=WARMUP_S)
     bw = probe[1] / (t_fwd.pop("copy") / 1e3)  # bytes / s
 
     xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
@@ -113,7 +122,7 @@ def run_case(length: int, dim: int, probe: tuple[Callable[[], object], int], bud
 
     bwd = {"reference": train_step(lambda a, b: reference(a, b, dim))}
     bwd.update({m: train_step(lambda a, b, m=m: circular_conv(a, b, dim, method=m)) for m in methods})
-    t_bwd = best_of(bwd, budget_s, min_reps)
+    t_bwd = best_of(bwd, budget_s, min_reps, warmup=WARMUP, warmup_s=WARMUP_S)
     floor = 2 * x.numel() * x.element_size() / bw * 1e3
     with torch.no_grad():
         pick_fwd = choose_method(x, w, dim)

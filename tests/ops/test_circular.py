@@ -244,7 +244,8 @@ def test_benchmark_quick_runs(tmp_path):
 
 def test_benchmark_rounds_run_the_between_hook_untimed(monkeypatch):
     """bench_circular.timed_rounds calls each function untimed, then ``between``, then times the function again; the
-    hook's time is not in the result (a fake clock that the hook advances by 100 and each call by 1)."""
+    hook's time is not in the result (a fake clock that the hook advances by 100 and each call by 1); warm-up calls
+    stop at ``warmup`` or once they have taken ``warmup_s``."""
     import sys
     from pathlib import Path
 
@@ -263,6 +264,13 @@ def test_benchmark_rounds_run_the_between_hook_untimed(monkeypatch):
                                between=tick("sweep", 100))
     assert times == {"a": [1, 1, 1], "b": [1, 1, 1]}
     assert log[:6] == ["a", "sweep", "a", "b", "sweep", "b"] and len(log) == 18
+
+    # warm-up: up to `warmup` untimed calls, fewer once they have taken warmup_s (a slow function gets one)
+    log.clear()
+    times = bench.timed_rounds({"a": tick("a", 1), "b": tick("b", 50)}, budget_s=0.0, min_reps=2, warmup=3,
+                               warmup_s=10)
+    assert times == {"a": [1, 1], "b": [50, 50]}
+    assert log == ["a"] * 4 + ["b"] * 2 + ["a"] * 4 + ["b"] * 2
     sys.modules.pop("bench_circular", None)
 
 
