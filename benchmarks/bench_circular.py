@@ -4,10 +4,11 @@ For each axis length L the input is (B, C, L, L) with B = 16 and C = 2688 / L (t
 384 / 192 / 96 / 48 at L = 7 / 14 / 28 / 56, continued at constant C * L to 112 and 224), depthwise, fp32, along
 the height (dim=2, the official ParC type 'H') and along the width (dim=3). Timed: the official-style reference
 (``cat(x, x[:-1])`` + valid depthwise ``conv2d``), each method and ``auto``, forward (no grad) and forward+backward
-(x and the kernel require grad), best of several interleaved runs. The memory floor is (bytes in + bytes out) over
-the copy bandwidth, which a 256 MiB ``Tensor.copy_`` measures in the same rounds as each case's forward methods: this
-VM's speed drifts within a run, and a bandwidth taken once at its start (68.0 GB/s in the run of 2026-12-02 at
-541bcbc) could not see the phase in which the last case ran (its reference at 56 ms, 37 ms in other runs).
+(x and the kernel require grad), best of several interleaved runs, each timed call after up to three untimed calls of
+the same function (:func:`timed_rounds`). The memory floor is (bytes in + bytes out) over the copy bandwidth, which a
+256 MiB ``Tensor.copy_`` measures in the same rounds as each case's forward methods: this VM's speed drifts within a
+run, and a bandwidth taken once at its start (68.0 GB/s in the run of 2026-12-02 at 541bcbc) could not see the phase
+in which the last case ran (its reference at 56 ms, 37 ms in other runs).
 
 Targets (forward, fp32): auto >= 3x the reference at L >= 56 and >= 1x at L <= 14, auto within 1.5x of the memory
 floor at L >= 56; forward+backward: auto >= 2x the reference at L >= 56.
@@ -62,8 +63,9 @@ def timed_rounds(fns: dict[str, Callable[[], object]], budget_s: float, min_reps
     method, auto right after native). One untimed call does not always get there: right after a 256 MiB copy, the
     native kernel at L=56 and 112 (19 and 39 MB of input and output), 2 threads, ran 1.14-1.46x its steady time (back
     to back calls) when timed after one untimed call, 1.04-1.16x after two and 1.00-1.13x after three (2026-12-03,
-    scratch; in a second run 1.03-1.09x after one, 0.97-1.04x after three). ``between``, if given, runs between the untimed calls and the timed one (untimed; e.g. a
-    sweep of the caches, to time calls whose data comes from memory)."""
+    scratch; in a second run 1.03-1.09x after one, 0.97-1.04x after three). ``between``, if given, runs between the
+    untimed calls and the timed one (untimed; e.g. a sweep of the caches, to time calls whose data comes from
+    memory)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     start = time.perf_counter()
@@ -83,7 +85,8 @@ def timed_rounds(fns: dict[str, Callable[[], object]], budget_s: float, min_reps
     return times
 
 
-def best_of(fns: dict[str, Callable[[], object]], budget_s: float, min_reps: int, **rounds: object) -> dict[str, float]:
+def best_of(fns: dict[str, Callable[[], object]], budget_s: float, min_reps: int,
+            **rounds: object) -> dict[str, float]:
     """Best time in ms of each function over :func:`timed_rounds` (``rounds``: its other arguments)."""
     return {k: min(v) * 1e3 for k, v in timed_rounds(fns, budget_s, min_reps, **rounds).items()}
 
@@ -187,7 +190,8 @@ def plot(rows: list[dict], path: Path, clock: str, dtype: str) -> None:
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xticks(ls, [str(v) for v in ls])
-            ax.set_title(f"dim={dim} ({'H' if dim == 2 else 'W'}), {'forward' if kind == 'fwd' else 'forward+backward'}")
+            axis, what = "H" if dim == 2 else "W", "forward" if kind == "fwd" else "forward+backward"
+            ax.set_title(f"dim={dim} ({axis}), {what}")
             ax.set_xlabel("L (kernel = axis length)")
             ax.set_ylabel("ms (best of runs)")
             ax.grid(True, which="both", alpha=0.3)
