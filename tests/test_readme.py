@@ -1,5 +1,5 @@
-"""The README's Python examples run as written: each ```python block in a fresh interpreter (the blocks change
-process-wide state such as the default circular-conv method, so none shares a process with the other tests)."""
+"""The README's Python examples run as written: each ```python block in a fresh interpreter, as a user would paste
+it (nothing imported or built by other tests beforehand)."""
 import re
 import subprocess
 import sys
