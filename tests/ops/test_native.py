@@ -107,6 +107,33 @@ def test_channels_last_and_sliced_inputs():
     torch.testing.assert_close(circular_conv(xs, w, 2, method="native"), circular_conv(xs, w, 2, method="gemm"))
 
 
+def test_calls_without_gradients_skip_the_autograd_function(monkeypatch):
+    """Where nothing records a gradient (no grad mode, or no input requiring grad), circular_conv runs the native
+    forward without ``Function.apply`` (its per-call cost); the result is the same formula, position embedding and
+    bias included. Where a gradient is recorded the Function runs, and forward-mode AD is still refused loudly (the
+    bare kernel would drop the tangent)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 30, 29, generator=g)
+    w, b, pe = torch.randn(3, 1, 30, generator=g), torch.randn(3, generator=g), torch.randn(3, 30, generator=g)
+    add = formula(pe.view(1, 3, 30, 1), w[:, 0], 2)[0, :, :, 0] + b.double().view(3, 1)  # conv(pe, w) + bias
+    want = formula(x, w[:, 0], 2, add)
+    applied = []
+    original = circular._DepthwiseNative.apply
+    monkeypatch.setattr(circular._DepthwiseNative, "apply", lambda *a: applied.append(1) or original(*a))
+    with torch.no_grad():
+        y = circular._circular_conv(x, w, 2, b, 3, "native", pe=pe)
+    torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(circular._circular_conv(x, w, 2, b, 3, "native", pe=pe), y)  # grad mode, none required
+    assert applied == [] and not y.requires_grad
+    y = circular._circular_conv(x, w.requires_grad_(), 2, b, 3, "native", pe=pe)
+    assert applied == [1] and y.requires_grad
+    torch.testing.assert_close(y.detach().double(), want, rtol=1e-4, atol=1e-4)
+    with torch.no_grad(), torch.autograd.forward_ad.dual_level():
+        xd = torch.autograd.forward_ad.make_dual(x, torch.randn_like(x))
+        with pytest.raises(NotImplementedError, match="jvp"):
+            circular_conv(xd, w, 2, method="native")
+
+
 def test_unsupported_inputs_are_named():
     x, w = torch.randn(1, 4, 6, 6), torch.randn(4, 1, 6)
     with pytest.raises(ValueError, match=r"float32/float64 only \(got torch.bfloat16\)"):

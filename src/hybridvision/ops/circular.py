@@ -39,6 +39,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from hybridvision.ops import fused, native
 from hybridvision.ops.fused import grads_of_plain, in_func_transform, plain_eager
@@ -137,7 +138,12 @@ def choose_method(x: torch.Tensor, weight: torch.Tensor, dim: int, needs_grad: O
         7. depthwise float32/64 on CPU: ``"gemm"`` up to :data:`GEMM_MAX_K` [pass, dim], else ``"fft"``.
     Override: ``set_default_method(...)`` / ``HYBRIDVISION_CIRCULAR_METHOD`` globally, ``method=`` per call.
     """
-    if _plain_ops_only():
+    return _choose(x, weight, dim, needs_grad, _plain_ops_only())
+
+
+def _choose(x: torch.Tensor, weight: torch.Tensor, dim: int, needs_grad: Optional[bool], plain_only: bool) -> str:
+    """:func:`choose_method` with the graph-capture state (``_plain_ops_only()``) already known."""
+    if plain_only:
         return "gemm"
     if weight.size(1) != 1 or weight.size(0) != x.size(1):
         return "fft"
@@ -228,15 +234,6 @@ def circular_conv(
     return _circular_conv(x, weight, dim, bias, groups, method)
 
 
-def _resolve(method: str, x: torch.Tensor, weight: torch.Tensor, dim: int) -> str:
-    """The concrete method for a call: per-call choice, else the global default, else :func:`choose_method`."""
-    if method == "auto":
-        method = _default_method
-    if method == "auto":
-        method = choose_method(x, weight, dim)
-    return method
-
-
 def _circular_conv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -251,24 +248,26 @@ def _circular_conv(
     pe: (C_in, K) or None, added to x along ``dim`` (broadcast over batch and the other axis) before the
     convolution: ``circular_conv(x + pe, ...)``. The depthwise FFT path fuses the addition into the spectrum.
     """
+    # the concrete method: per call, else the global default, else the cost model (graph-capture state looked up once)
     requested = _default_method if method == "auto" else method
-    method = _resolve(method, x, weight, dim)
-    if requested == "native":  # choose_method only picks it where it applies
-        _check_native(x, weight, groups)
+    plain_only = _plain_ops_only()
+    method = _choose(x, weight, dim, None, plain_only) if requested == "auto" else requested
+    if requested == "native":  # the cost model only picks it where it applies
+        _check_native(x, weight, groups, plain_only)
     if bias is not None:
         bias = bias.to(x.dtype)
     # depthwise: fused Functions; under torch.compile only the native kernel's (an opaque op with a fake-tensor
     # formula), the others as the plain ops below (the compiled FFT Function's backward failed in inductor on its
     # complex views)
-    depthwise = weight.size(1) == 1 and weight.size(0) == x.size(1) and not _plain_ops_only()
-    if depthwise and method == "native":  # (the copy outside: a double backward differentiates through it)
-        return _DepthwiseNative.apply(x.contiguous(), weight, bias, pe, dim)
-    if depthwise and not torch.compiler.is_compiling():
-        if method == "fft":
-            return _DepthwiseFFT.apply(x, weight, bias, pe, dim)
-        if method == "gemm":
-            return _DepthwiseGemm.apply(x, weight, bias, pe, dim)
-    return _plain_conv(x, weight, dim, bias, groups, method, pe)
+    depthwise = weight.size(1) == 1 and weight.size(0) == x.size(1) and not plain_only
+    fn = _DEPTHWISE.get(method) if depthwise and (method == "native" or not torch.compiler.is_compiling()) else None
+    if fn is None:
+        return _plain_conv(x, weight, dim, bias, groups, method, pe)
+    if method == "native":  # (the copy outside: a double backward differentiates through it)
+        x = x.contiguous()
+    if _records_grad(x, weight, bias, pe):
+        return fn.apply(x, weight, bias, pe, dim)
+    return fn.compute(x, weight, bias, pe, dim)  # nothing to record: no Function.apply and its bookkeeping
 
 
 def _plain_conv(x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[torch.Tensor], groups: int,
@@ -284,7 +283,16 @@ def _plain_conv(x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[
     return _fft(x, weight, dim, bias, groups)
 
 
-def _check_native(x: torch.Tensor, weight: torch.Tensor, groups: int) -> None:
+def _records_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd would record an op on ``tensors`` (grad mode on and one of them requires grad) or forward-mode
+    AD is active (dual tensors do not show in ``requires_grad``); when neither, a Function's forward may run without
+    ``Function.apply`` (whose bookkeeping costs several microseconds per call)."""
+    if forward_ad._current_level >= 0:
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _check_native(x: torch.Tensor, weight: torch.Tensor, groups: int, plain_only: bool) -> None:
     """``method="native"`` covers depthwise float32/64 CPU tensors (and not graph capture); say so otherwise."""
     problems = []
     if groups != x.size(1) or weight.size(0) != x.size(1):
@@ -293,7 +301,7 @@ def _check_native(x: torch.Tensor, weight: torch.Tensor, groups: int) -> None:
         problems.append(f"CPU tensors only (got {x.device})")
     if x.dtype not in (torch.float32, torch.float64):
         problems.append(f"float32/float64 only (got {x.dtype})")
-    if _plain_ops_only():
+    if plain_only:
         problems.append("no tracing/export or torch.func transform (the kernel is not an ONNX/aten op)")
     if problems:
         raise ValueError(f"circular_conv method='native': {'; '.join(problems)}. Use method='auto' (it picks "
@@ -485,6 +493,11 @@ class _DepthwiseGemm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, pe, dim):  # type: ignore[override]
         ctx.save_for_backward(x, weight, bias, pe)
         ctx.dim = dim
+        return _DepthwiseGemm.compute(x, weight, bias, pe, dim)
+
+    @staticmethod
+    def compute(x, weight, bias, pe, dim):
+        """The forward without autograd bookkeeping (also run directly where nothing records a gradient)."""
         m = _circulant(weight.to(x.dtype), x.size(1), transpose=False)  # (C, K, K)
         addend = None
         if pe is not None:
@@ -538,7 +551,13 @@ class _DepthwiseNative(torch.autograd.Function):
     def forward(ctx, x, weight, bias, pe, dim):  # type: ignore[override]
         ctx.save_for_backward(x, weight, bias, pe)
         ctx.dim = dim
-        w = weight[:, 0].to(x.dtype)
+        return _DepthwiseNative.compute(x, weight, bias, pe, dim)
+
+    @staticmethod
+    def compute(x, weight, bias, pe, dim):
+        """The forward without autograd bookkeeping (also run directly where nothing records a gradient); x
+        contiguous."""
+        w = weight[:, 0] if weight.dtype == x.dtype else weight[:, 0].to(x.dtype)
         addend = None
         if pe is not None:
             addend = _circular_mv(w, pe.to(x.dtype))
@@ -633,6 +652,11 @@ class _DepthwiseFFT(torch.autograd.Function):
     def forward(ctx, x, weight, bias, pe, dim):  # type: ignore[override]
         ctx.save_for_backward(x, weight, bias, pe)
         ctx.dim = dim
+        return _DepthwiseFFT.compute(x, weight, bias, pe, dim)
+
+    @staticmethod
+    def compute(x, weight, bias, pe, dim):
+        """The forward without autograd bookkeeping (also run directly where nothing records a gradient)."""
         k = x.size(dim)
         ct = torch.float64 if x.dtype == torch.float64 else torch.float32
         wf = torch.fft.rfft(weight[:, 0].to(ct), dim=-1).conj() / k  # (C, F)
@@ -732,3 +756,7 @@ def _fft(x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[torch.T
     if bias is not None:
         y = y + bias.to(y.dtype).view(1, -1, 1, 1)
     return y.to(out_dtype)
+
+
+_DEPTHWISE = {"native": _DepthwiseNative, "fft": _DepthwiseFFT, "gemm": _DepthwiseGemm}
+"""The fused depthwise autograd Functions by method (:func:`_circular_conv`)."""
