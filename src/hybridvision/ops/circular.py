@@ -557,7 +557,7 @@ class _DepthwiseNative(torch.autograd.Function):
     def compute(x, weight, bias, pe, dim):
         """The forward without autograd bookkeeping (also run directly where nothing records a gradient); x
         contiguous."""
-        w = weight[:, 0] if weight.dtype == x.dtype else weight[:, 0].to(x.dtype)
+        w = weight[:, 0].to(x.dtype)
         addend = None
         if pe is not None:
             addend = _circular_mv(w, pe.to(x.dtype))
