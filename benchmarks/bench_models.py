@@ -6,8 +6,8 @@ cross-entropy, AdamW, batch 8), the two models alternating round by round (AB, B
 both alike; img/s come from each model's best round (load only slows a run down), the speed-up is the ratio of the
 best times, and the median of the per-round paired ratios is printed beside it. MFU =
 achieved FLOP/s (FLOPs per image from ``hybridvision.tools.profile.count_flops``) over the fp32 matmul peak measured
-in the same run: the larger of ``torch.mm`` (``tools.profile.matmul_peak_flops``) and oneDNN's GEMM (the kernel of
-the fused inference path), so the fast path cannot flatter its own MFU.
+in the same run: the larger of ``torch.mm`` and oneDNN's GEMM (the kernel of the fused inference path;
+``tools.profile.gemm_peaks``), so the fast path cannot flatter its own MFU.
 
 CoAtNet rows: hybridvision ``coatnet_0`` with timm's paper-like choices (``stride_mode="dw", pool="avg"``) against
 timm ``coatnet_0_224`` (same architecture: stem, MBConv with stride on the depthwise conv, avg-pool shortcuts,
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 import hybridvision
 from hybridvision.engine.runtime import cpu_state, tune_cpu
-from hybridvision.tools.profile import count_flops, matmul_peak_flops
+from hybridvision.tools.profile import count_flops, gemm_peaks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 Builder = Callable[[], nn.Module]
@@ -74,25 +74,6 @@ ROWS: list[tuple[str, Builder, Builder]] = [
     ("coatnet_0 (dw, avg) vs timm coatnet_0_224", _coatnet0_paper_like, _timm_coatnet0),
     ("coatnet_0 (dw, avg) vs timm coatnet_0_224 channels_last", _coatnet0_paper_like, _timm_coatnet0_cl),
 ]
-
-
-def onednn_gemm_peak(n: int = 2048, reps: int = 10) -> float:
-    """Best fp32 FLOP/s of oneDNN's GEMM (``torch.ops.mkldnn._linear_pointwise``, the kernel the fused CoAtNet
-    inference path runs) on (n, n) x (n, n) over ``reps`` calls after two warm-up calls; 0 where oneDNN is
-    unavailable. (With 3 calls and one warm-up the best read low on the noisy 2-core VM, 202-216 GFLOP/s in three
-    runs against 207-219 with 10 calls, and CoAtNet-0's own linears, timed alone, ran above that "peak".)"""
-    if not torch.backends.mkldnn.is_available():
-        return 0.0
-    a, w = torch.randn(n, n), torch.randn(n, n)
-    with torch.inference_mode():
-        for _ in range(2):
-            torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")
-            best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best
 
 
 def _inference_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -253,8 +234,8 @@ def main() -> None:
     rounds = args.rounds or (2 if args.quick else 5)
     infer_batch, train_batch = (8, 8) if args.quick else (16, 8)
     rows = ROWS[:1] if args.quick else ROWS
-    mm_peak = max(matmul_peak_flops("cpu", n=1024), matmul_peak_flops("cpu", n=2048, reps=3))
-    dnn_peak = onednn_gemm_peak()
+    peaks = gemm_peaks("cpu")
+    mm_peak, dnn_peak = peaks["torch.mm"], peaks["oneDNN GEMM"]
     peak = max(mm_peak, dnn_peak)
     print(f"fp32 matmul peak: torch.mm {mm_peak / 1e9:.1f}, oneDNN GEMM {dnn_peak / 1e9:.1f} GFLOP/s "
           f"({torch.get_num_threads()} threads); MFU uses the larger")

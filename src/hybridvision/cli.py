@@ -281,10 +281,10 @@ def add_profile(sub) -> None:
 
 
 def _run_profile(args: argparse.Namespace) -> int:
-    from hybridvision.tools.profile import format_results, matmul_peak_flops, profile_model
+    from hybridvision.tools.profile import format_results, gemm_peak_flops, profile_model
 
     size = tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
-    peak = None if args.no_speed else matmul_peak_flops(args.device)
+    peak = None if args.no_speed else gemm_peak_flops(args.device)
     results = [
         profile_model(_analysis_model(name, None).to(args.device), size, batch_size=args.batch_size, name=name,
                       peak_flops=peak, iters=args.iters, measure_speed=not args.no_speed)
