@@ -51,8 +51,8 @@ CLOCK: Callable[[], float] = time.perf_counter
 
 
 def timed_rounds(fns: dict[str, Callable[[], object]], budget_s: float, min_reps: int, alternate: bool = False,
-                 max_rounds: int = 200, between: Callable[[], object] | None = None, warmup: int = 1,
-                 warmup_s: float = 0.0) -> dict[str, list[float]]:
+                 max_rounds: int = 200, between: Callable[[], object] | None = None, warmup: int = WARMUP,
+                 warmup_s: float = WARMUP_S) -> dict[str, list[float]]:
     """Times in s (by :data:`CLOCK`) of each function per round: every round times every function (round-robin, so
     that machine load hits all alike; ``alternate``: in reversed order every other round), at least ``min_reps``
     rounds, more while ``budget_s`` lasts (at most ``max_rounds``). Each timed call directly follows untimed calls of
@@ -110,7 +110,7 @@ def run_case(length: int, dim: int, probe: tuple[Callable[[], object], int], bud
     fwd.update({m: (lambda m=m: circular_conv(x, w, dim, method=m)) for m in methods})
     fwd["copy"] = probe[0]
     with torch.no_grad():
-        t_fwd = best_of(fwd, budget_s, min_reps, warmup=WARMUP, warmup_s=WARMUP_S)
+        t_fwd = best_of(fwd, budget_s, min_reps)
     bw = probe[1] / (t_fwd.pop("copy") / 1e3)  # bytes / s
 
     xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
@@ -125,7 +125,7 @@ def run_case(length: int, dim: int, probe: tuple[Callable[[], object], int], bud
 
     bwd = {"reference": train_step(lambda a, b: reference(a, b, dim))}
     bwd.update({m: train_step(lambda a, b, m=m: circular_conv(a, b, dim, method=m)) for m in methods})
-    t_bwd = best_of(bwd, budget_s, min_reps, warmup=WARMUP, warmup_s=WARMUP_S)
+    t_bwd = best_of(bwd, budget_s, min_reps)
     floor = 2 * x.numel() * x.element_size() / bw * 1e3
     with torch.no_grad():
         pick_fwd = choose_method(x, w, dim)

@@ -65,7 +65,8 @@ def main() -> None:
     text = "\n".join([
         "# native circular_conv: direct sum vs FFT",
         "",
-        f"Command: `python benchmarks/bench_native_crossover.py`. Times in ms (wall clock), best of interleaved runs; "
+        "Command: `python benchmarks/bench_native_crossover.py" + (f" --threads {args.threads}" if args.threads else "")
+        + "`. Times in ms (wall clock), best of interleaved runs, each timed call after up to three untimed ones; "
         f"B={BATCH}, C={C_TIMES_L}/K, float32, with the (C, K) addend in the forward.",
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
         f"thread(s), load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; {cpu_state()}.",
