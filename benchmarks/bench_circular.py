@@ -85,10 +85,9 @@ def timed_rounds(fns: dict[str, Callable[[], object]], budget_s: float, min_reps
     return times
 
 
-def best_of(fns: dict[str, Callable[[], object]], budget_s: float, min_reps: int,
-            **rounds: object) -> dict[str, float]:
-    """Best time in ms of each function over :func:`timed_rounds` (``rounds``: its other arguments)."""
-    return {k: min(v) * 1e3 for k, v in timed_rounds(fns, budget_s, min_reps, **rounds).items()}
+def best_of(fns: dict[str, Callable[[], object]], budget_s: float, min_reps: int) -> dict[str, float]:
+    """Best time in ms of each function over :func:`timed_rounds`."""
+    return {k: min(v) * 1e3 for k, v in timed_rounds(fns, budget_s, min_reps).items()}
 
 
 def copy_probe(mib: int = 256) -> tuple[Callable[[], object], int]:
