@@ -153,3 +153,79 @@ def test_onnx_export_matches(tmp_path, direction, size):
     sess = ort.InferenceSession(str(path))
     (y,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     torch.testing.assert_close(torch.from_numpy(y), m(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+LAYERS = [(None, True, True), (None, True, False), (None, False, True), (None, False, False), (1, True, True),
+          (2, True, False)]  # groups (None: depthwise), use_pe, bias
+
+
+@pytest.mark.parametrize("method,groups,use_pe,bias", [(m, *layer) for m in ("fft", "gemm", "direct") for layer in LAYERS]
+                         + [("native", *layer) for layer in LAYERS if layer[0] is None])  # native: depthwise only
+@pytest.mark.parametrize("direction,shape", [("H", (2, 4, 9, 6)), ("W", (2, 4, 5, 8)), ("H", (1, 4, 7, 7))])
+def test_eval_cache_gives_the_uncached_result(method, groups, use_pe, bias, direction, shape):
+    """In eval mode without gradients the resized kernel and conv(pe, w) + bias come from the cache (the PE's term
+    folded into one addend; the native kernel fuses it): same output as the uncached path (grad mode on), for base
+    and resized lengths (base 7: 9, 8 and 5 resize), every method, depthwise, dense and grouped."""
+    torch.manual_seed(6)
+    m = ParC2d(4, direction, 7, groups=groups, use_pe=use_pe, bias=bias, method=method).double().eval()
+    x = torch.randn(shape, dtype=torch.float64)
+    expected = m(x)  # grad mode on, parameters require grad: the uncached path
+    assert expected.requires_grad and not m._cache
+    with torch.no_grad():
+        got = m(x)
+        again = m(x)
+    assert len(m._cache) == 1
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(m(x), expected.detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_eval_cache_sees_parameter_changes_and_is_dropped(monkeypatch):
+    """The cache is keyed by the parameters' storage and version: in-place updates, load_state_dict, set_base_size
+    and dtype changes give fresh results; train() and a frozen-parameter backward through x behave as without it.
+    A second call at the same length does not resize again (the cache is used)."""
+    from hybridvision.ops import parc
+
+    torch.manual_seed(7)
+    m = ParC2d(4, "W", 6).eval()
+    x = torch.randn(2, 4, 3, 9)
+
+    def fresh(mod, inp):
+        with torch.enable_grad():
+            return mod(inp).detach()  # grad mode on, parameters require grad: never cached
+
+    resizes = []
+    real_resize = parc._resize
+    monkeypatch.setattr(parc, "_resize", lambda t, size: resizes.append(size) or real_resize(t, size))
+    with torch.no_grad():
+        first = m(x)
+        n = len(resizes)
+        torch.testing.assert_close(m(x), first, rtol=0, atol=0)
+        assert len(resizes) == n  # served from the cache
+        m.pe.mul_(3.0)  # in place: a new version
+        torch.testing.assert_close(m(x), fresh(m, x))
+        other = ParC2d(4, "W", 6)
+        m.load_state_dict(other.state_dict())
+        assert not m._cache
+        torch.testing.assert_close(m(x), fresh(m, x))
+        m.weight = torch.nn.Parameter(torch.randn(4, 1, 6))  # replaced outright: new storage
+        torch.testing.assert_close(m(x), fresh(m, x))
+        m.set_base_size(9)
+        assert not m._cache
+        torch.testing.assert_close(m(x), fresh(m, x))
+        m.double()
+        assert not m._cache
+        assert m(x.double()).dtype == torch.float64
+    # frozen parameters, x requiring grad: cached kernel and addend, gradient to x as without the cache
+    for p in m.parameters():
+        p.requires_grad_(False)
+    xd = x.double().requires_grad_()
+    m(xd).square().sum().backward()
+    g_cached = xd.grad.clone()
+    assert m._cache
+    m.train()
+    assert not m._cache
+    xd.grad = None
+    m(xd).square().sum().backward()
+    torch.testing.assert_close(g_cached, xd.grad)

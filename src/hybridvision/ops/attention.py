@@ -13,14 +13,13 @@ own (``ops/csrc/attention_cpu.cpp``, reading q, k and v straight from the projec
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hybridvision.ops import fused, native
-from hybridvision.ops.fused import grads_of_plain, hooked, linear_act, linear_add, plain_eager
+from hybridvision.ops.fused import EvalCache, grads_of_plain, hooked, linear_act, linear_add, plain_eager
 from hybridvision.ops.sizes import pair as _pair
 
 __all__ = ["RelPosBias2d", "RelAttention2d", "relative_index", "attend"]
@@ -60,7 +59,7 @@ def _shared_index(height: int, width: int, device: torch.device) -> torch.Tensor
     return index
 
 
-class RelPosBias2d(nn.Module):
+class RelPosBias2d(EvalCache):
     """Per-head relative position bias for 2-D attention (CoAtNet Eq. 3).
 
     Args:
@@ -71,11 +70,9 @@ class RelPosBias2d(nn.Module):
     ``size`` resizes the table bilinearly to (2h-1, 2w-1) first. In eval mode, when no gradient for the table
     is requested (``torch.no_grad``/``inference_mode`` or a frozen table), the bias is cached per
     grid/device/dtype; the cache is dropped by ``train()``, by ``load_state_dict`` and by any in-place change
-    of the table (its version counter is part of the key). Under ``torch.compile`` / export the bias is computed
-    in the traced graph instead (no Python-side cache, no graph break).
+    of the table (its version counter is part of the key; :class:`~hybridvision.ops.fused.EvalCache`). Under
+    ``torch.compile`` / export the bias is computed in the traced graph instead (no Python-side cache, no graph break).
     """
-
-    _MAX_CACHE = 8
 
     def __init__(self, num_heads: int, size: int | tuple[int, int]) -> None:
         super().__init__()
@@ -86,7 +83,6 @@ class RelPosBias2d(nn.Module):
         h, w = self.size
         self.table = nn.Parameter(torch.empty(self.num_heads, 2 * h - 1, 2 * w - 1))
         nn.init.trunc_normal_(self.table, std=0.02)
-        self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, size={self.size}"
@@ -123,36 +119,10 @@ class RelPosBias2d(nn.Module):
         """
         grid = _pair(grid, "grid")
         dtype = dtype or self.table.dtype
-        # no cache while compiling / exporting (plain_eager() False): the gather becomes part of the traced graph
-        use_cache = not self.training and not (torch.is_grad_enabled() and self.table.requires_grad) and plain_eager()
-        if not use_cache:
+        # no cache while compiling / exporting: the gather becomes part of the traced graph
+        if not self.cache_applies(self.table):
             return self._compute(grid).to(dtype)
-        # inference-mode tensors may not be reused outside inference mode: keep the two apart
-        key = (grid, self.table.device, dtype, self.table._version, torch.is_inference_mode_enabled())
-        bias = self._cache.get(key)
-        if bias is None:
-            with torch.no_grad():
-                bias = self._compute(grid).to(dtype).contiguous()
-            if len(self._cache) >= self._MAX_CACHE:
-                self._cache.clear()
-            self._cache[key] = bias
-        return bias
-
-    def clear_cache(self) -> None:
-        """Drop every cached bias."""
-        self._cache.clear()
-
-    def train(self, mode: bool = True) -> "RelPosBias2d":
-        self._cache.clear()
-        return super().train(mode)
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._cache.clear()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> "RelPosBias2d":
-        self.clear_cache()  # .to()/.half()/.cuda(): cached tensors would keep the old storage alive
-        return super()._apply(fn, recurse)
+        return self.cached((grid, dtype), (self.table,), lambda: self._compute(grid).to(dtype).contiguous())
 
 
 def _formula(qkv: torch.Tensor, bias: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:

@@ -39,10 +39,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.autograd import forward_ad
 
 from hybridvision.ops import fused, native
-from hybridvision.ops.fused import grads_of_plain, in_func_transform, plain_eager
+from hybridvision.ops.fused import grads_of_plain, in_func_transform, plain_eager, records_grad
 
 __all__ = ["METHODS", "choose_method", "circular_conv", "get_default_method", "set_default_method"]
 
@@ -242,11 +241,14 @@ def _circular_conv(
     groups: int,
     method: str,
     pe: Optional[torch.Tensor] = None,
+    addend: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """:func:`circular_conv` without argument checks (``dim`` in {2, 3}), plus an optional position embedding.
 
     pe: (C_in, K) or None, added to x along ``dim`` (broadcast over batch and the other axis) before the
     convolution: ``circular_conv(x + pe, ...)``. The depthwise FFT path fuses the addition into the spectrum.
+    addend: (C_out, K) or None, added to the output along ``dim`` instead of ``bias`` and ``pe`` (pass neither):
+    ``conv(pe, weight) + bias`` precomputed, as ParC2d's eval-mode cache does; the native kernel fuses it.
     """
     # the concrete method: per call, else the global default, else the cost model (graph-capture state looked up once)
     requested = _default_method if method == "auto" else method
@@ -262,12 +264,19 @@ def _circular_conv(
     depthwise = weight.size(1) == 1 and weight.size(0) == x.size(1) and not plain_only
     fn = _DEPTHWISE.get(method) if depthwise and (method == "native" or not torch.compiler.is_compiling()) else None
     if fn is None:
-        return _plain_conv(x, weight, dim, bias, groups, method, pe)
-    if method == "native":  # (the copy outside: a double backward differentiates through it)
-        x = x.contiguous()
-    if _records_grad(x, weight, bias, pe):
-        return fn.apply(x, weight, bias, pe, dim)
-    return fn.compute(x, weight, bias, pe, dim)  # nothing to record: no Function.apply and its bookkeeping
+        y = _plain_conv(x, weight, dim, bias, groups, method, pe)
+    else:
+        if method == "native":  # (the copy outside: a double backward differentiates through it)
+            x = x.contiguous()
+        if not records_grad(x, weight, bias, pe):  # nothing to record: no Function.apply and its bookkeeping
+            if method == "native" and addend is not None and not addend.requires_grad:
+                return _DepthwiseNative.compute(x, weight, None, None, dim, addend)
+            y = fn.compute(x, weight, bias, pe, dim)
+        else:
+            y = fn.apply(x, weight, bias, pe, dim)
+    if addend is None:
+        return y
+    return y + (addend.unsqueeze(-1) if dim == 2 else addend.unsqueeze(-2)).to(y.dtype)
 
 
 def _plain_conv(x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[torch.Tensor], groups: int,
@@ -281,15 +290,6 @@ def _plain_conv(x: torch.Tensor, weight: torch.Tensor, dim: int, bias: Optional[
     if method == "gemm":
         return _gemm(x, weight, dim, bias, groups)
     return _fft(x, weight, dim, bias, groups)
-
-
-def _records_grad(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether autograd would record an op on ``tensors`` (grad mode on and one of them requires grad) or forward-mode
-    AD is active (dual tensors do not show in ``requires_grad``); when neither, a Function's forward may run without
-    ``Function.apply`` (whose bookkeeping costs several microseconds per call)."""
-    if forward_ad._current_level >= 0:
-        return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _check_native(x: torch.Tensor, weight: torch.Tensor, groups: int, plain_only: bool) -> None:
@@ -554,17 +554,16 @@ class _DepthwiseNative(torch.autograd.Function):
         return _DepthwiseNative.compute(x, weight, bias, pe, dim)
 
     @staticmethod
-    def compute(x, weight, bias, pe, dim):
+    def compute(x, weight, bias, pe, dim, addend=None):
         """The forward without autograd bookkeeping (also run directly where nothing records a gradient); x
-        contiguous."""
+        contiguous. addend: (C, K), the fused conv(pe, w) + bias when the caller has it (then bias = pe = None)."""
         w = weight[:, 0].to(x.dtype)
-        addend = None
         if pe is not None:
             addend = _circular_mv(w, pe.to(x.dtype))
         if bias is not None:
             b = bias.to(x.dtype).unsqueeze(-1).expand_as(w)
             addend = b if addend is None else addend + b
-        addend = None if addend is None else addend.contiguous()
+        addend = None if addend is None else addend.to(x.dtype).contiguous()
         return _native_algo("forward", x, dim, lambda algo: native.forward(x, w, addend, dim, algo))
 
     @staticmethod

@@ -40,18 +40,20 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
 from torch.nn.modules import module as _nn_module
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from hybridvision.ops import native
 
 __all__ = ["use_onednn", "fast_path_enabled", "autotune", "tuned_choices", "MIN_TUNED_MACS", "RETIME_AFTER_S",
-           "plain_eager", "in_func_transform", "hooked", "has_own_hooks", "grads_of_plain", "conv2d", "conv_act",
+           "plain_eager", "in_func_transform", "records_grad", "EvalCache", "hooked", "has_own_hooks", "grads_of_plain",
+           "conv2d", "conv_act",
            "conv_add", "linear_act", "linear_add"]
 
 _ENABLED = True
@@ -90,6 +92,68 @@ def plain_eager() -> bool:
         and _get_current_dispatch_mode() is None
         and not in_func_transform()
     )
+
+
+def records_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd would record an op on ``tensors`` (grad mode on and one of them requires grad) or forward-mode
+    AD is active (dual tensors do not show in ``requires_grad``); when neither, a Function's forward may run without
+    ``Function.apply`` (whose bookkeeping costs several microseconds per call), and tensors derived from them may be
+    cached (:class:`EvalCache`)."""
+    if forward_ad._current_level >= 0:
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class EvalCache(nn.Module):
+    """Base of modules that keep tensors derived from their parameters for inference (RelPosBias2d's bias, ParC2d's
+    resized kernel and PE term).
+
+    :meth:`cache_applies` says whether a cached value may stand in for the computation: eval mode, nothing records a
+    gradient of the parameters, plain eager execution (under ``torch.compile`` / export the computation stays in the
+    traced graph). :meth:`cached` keys each value by the caller's key, the parameters' storage and version counter (an
+    in-place update or a replaced parameter is seen) and whether inference mode is on (its tensors may not be used
+    outside it). The cache is dropped by ``train()``, ``load_state_dict`` and ``.to()`` / ``.half()`` / ``.cuda()``,
+    and holds at most :attr:`MAX_CACHE` entries.
+    """
+
+    MAX_CACHE = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: dict[tuple[Any, ...], Any] = {}
+
+    def cache_applies(self, *params: Optional[torch.Tensor]) -> bool:
+        return not self.training and not records_grad(*params) and plain_eager()
+
+    def cached(self, key: tuple[Any, ...], params: tuple[Optional[torch.Tensor], ...], compute: Callable[[], Any]) -> Any:
+        """``compute()`` (run under ``torch.no_grad``) for ``key`` and the current ``params``, from the cache when
+        there; call where :meth:`cache_applies`."""
+        key = (*key, torch.is_inference_mode_enabled(),
+               *((p.data_ptr(), p._version) if p is not None else None for p in params))
+        value = self._cache.get(key)
+        if value is None:
+            with torch.no_grad():
+                value = compute()
+            if len(self._cache) >= self.MAX_CACHE:
+                self._cache.clear()
+            self._cache[key] = value
+        return value
+
+    def clear_cache(self) -> None:
+        """Drop every cached value."""
+        self._cache.clear()
+
+    def train(self, mode: bool = True) -> "EvalCache":
+        self._cache.clear()
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "EvalCache":
+        self._cache.clear()  # .to()/.half()/.cuda(): cached tensors would keep the old storage alive
+        return super()._apply(fn, recurse)
 
 
 def has_own_hooks(module: nn.Module) -> bool:

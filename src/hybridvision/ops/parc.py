@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hybridvision.ops.circular import METHODS, _circular_conv
+from hybridvision.ops.fused import EvalCache
 
 __all__ = ["ParC2d"]
 
@@ -32,7 +33,7 @@ def _resize(t: torch.Tensor, size: int) -> torch.Tensor:
     return out.reshape(*lead, size)
 
 
-class ParC2d(nn.Module):
+class ParC2d(EvalCache):
     """Position-aware circular convolution along the height (``"H"``) or the width (``"W"``).
 
     Args:
@@ -56,6 +57,12 @@ class ParC2d(nn.Module):
     To run at one fixed resolution without the per-call resize (e.g. before ONNX export), call
     :meth:`set_base_size` with the feature size of that resolution: the meta kernel and PE are replaced by their
     resized versions, so the forward pass contains no interpolation.
+
+    In eval mode, where nothing records a gradient of the parameters (``torch.no_grad`` / ``torch.inference_mode``)
+    and in plain eager execution, the resized kernel and the PE's part of the output, ``conv(pe, weight) + bias``
+    (C, L), are computed once per length L and kept (:class:`~hybridvision.ops.fused.EvalCache`: in-place updates are
+    seen; dropped by ``train()``, ``load_state_dict``, ``.to()`` and :meth:`set_base_size`): a call is then the
+    convolution alone, with that term as its addend.
     """
 
     def __init__(
@@ -136,6 +143,7 @@ class ParC2d(nn.Module):
         if pe is not None:
             self.pe = nn.Parameter(pe.clone(), requires_grad=self.pe.requires_grad)
         self.base_size = size
+        self.clear_cache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""
@@ -145,8 +153,27 @@ class ParC2d(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         dim = self.dim
+        params = (self.weight, self.pe, self.bias)
+        if self.cache_applies(*params):
+            size = x.size(dim)
+            weight, addend = self.cached((size,), params, lambda: self._folded(size))
+            return _circular_conv(x, weight, dim, None, self.groups, self.method, addend=addend)
         weight, pe = self._instance_params(x.size(dim))
         return _circular_conv(x, weight, dim, self.bias, self.groups, self.method, pe=pe)
+
+    def _folded(self, size: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The kernel for length ``size`` and the addend that replaces pe and bias, ``conv(pe, weight) + bias``
+        (C, size) (the PE run through the layer as a one-line input; linear, so the same as adding it to x), or None
+        without either."""
+        with torch.autocast(self.weight.device.type, enabled=False):
+            weight, pe = self._instance_params(size)
+            if pe is not None:
+                line = pe.unsqueeze(0).unsqueeze(-1 if self.dim == 2 else -2)  # (1, C, size, 1) or (1, C, 1, size)
+                addend = _circular_conv(line, weight, self.dim, self.bias, self.groups, self.method)
+                return weight, addend.reshape(self.channels, size)
+            if self.bias is not None:
+                return weight, self.bias.unsqueeze(-1).expand(self.channels, size)
+            return weight, None
 
     def extra_repr(self) -> str:
         return (
