@@ -182,8 +182,8 @@ def test_eval_cache_gives_the_uncached_result(method, groups, use_pe, bias, dire
 
 
 def test_eval_cache_sees_parameter_changes_and_is_dropped(monkeypatch):
-    """The cache is keyed by the parameters' storage and version: in-place updates, load_state_dict, set_base_size
-    and dtype changes give fresh results; train() and a frozen-parameter backward through x behave as without it.
+    """The cache is keyed by the parameters' storage and version and dropped when a parameter is assigned: in-place
+    updates, load_state_dict, a replaced parameter, set_base_size and dtype changes give fresh results; train() and a frozen-parameter backward through x behave as without it.
     A second call at the same length does not resize again (the cache is used)."""
     from hybridvision.ops import parc
 
@@ -209,7 +209,9 @@ def test_eval_cache_sees_parameter_changes_and_is_dropped(monkeypatch):
         m.load_state_dict(other.state_dict())
         assert not m._cache
         torch.testing.assert_close(m(x), fresh(m, x))
-        m.weight = torch.nn.Parameter(torch.randn(4, 1, 6))  # replaced outright: new storage
+        m(x)
+        m.weight = torch.nn.Parameter(torch.randn(4, 1, 6))  # replaced outright (its address could be an old one's)
+        assert not m._cache
         torch.testing.assert_close(m(x), fresh(m, x))
         m.set_base_size(9)
         assert not m._cache

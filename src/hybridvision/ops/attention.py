@@ -13,7 +13,6 @@ own (``ops/csrc/attention_cpu.cpp``, reading q, k and v straight from the projec
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn

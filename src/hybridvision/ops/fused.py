@@ -53,8 +53,7 @@ from hybridvision.ops import native
 
 __all__ = ["use_onednn", "fast_path_enabled", "autotune", "tuned_choices", "MIN_TUNED_MACS", "RETIME_AFTER_S",
            "plain_eager", "in_func_transform", "records_grad", "EvalCache", "hooked", "has_own_hooks", "grads_of_plain",
-           "conv2d", "conv_act",
-           "conv_add", "linear_act", "linear_add"]
+           "conv2d", "conv_act", "conv_add", "linear_act", "linear_add"]
 
 _ENABLED = True
 
@@ -111,9 +110,10 @@ class EvalCache(nn.Module):
     :meth:`cache_applies` says whether a cached value may stand in for the computation: eval mode, nothing records a
     gradient of the parameters, plain eager execution (under ``torch.compile`` / export the computation stays in the
     traced graph). :meth:`cached` keys each value by the caller's key, the parameters' storage and version counter (an
-    in-place update or a replaced parameter is seen) and whether inference mode is on (its tensors may not be used
-    outside it). The cache is dropped by ``train()``, ``load_state_dict`` and ``.to()`` / ``.half()`` / ``.cuda()``,
-    and holds at most :attr:`MAX_CACHE` entries.
+    in-place update is seen) and whether inference mode is on (its tensors may not be used outside it). The cache is
+    dropped by ``train()``, ``load_state_dict``, ``.to()`` / ``.half()`` / ``.cuda()`` and by assigning a tensor
+    attribute (a replaced parameter: its storage address may be an old one's), and holds at most :attr:`MAX_CACHE`
+    entries.
     """
 
     MAX_CACHE = 8
@@ -154,6 +154,11 @@ class EvalCache(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> "EvalCache":
         self._cache.clear()  # .to()/.half()/.cuda(): cached tensors would keep the old storage alive
         return super()._apply(fn, recurse)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor) and "_cache" in self.__dict__:
+            self._cache.clear()
+        super().__setattr__(name, value)
 
 
 def has_own_hooks(module: nn.Module) -> bool:

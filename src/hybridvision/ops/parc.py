@@ -143,7 +143,6 @@ class ParC2d(EvalCache):
         if pe is not None:
             self.pe = nn.Parameter(pe.clone(), requires_grad=self.pe.requires_grad)
         self.base_size = size
-        self.clear_cache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""
