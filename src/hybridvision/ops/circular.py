@@ -268,9 +268,9 @@ def _circular_conv(
     else:
         if method == "native":  # (the copy outside: a double backward differentiates through it)
             x = x.contiguous()
-        if not records_grad(x, weight, bias, pe):  # nothing to record: no Function.apply and its bookkeeping
-            if method == "native" and addend is not None and not addend.requires_grad:
-                return _DepthwiseNative.compute(x, weight, None, None, dim, addend)
+        if not records_grad(x, weight, bias, pe, addend):  # nothing to record: no Function.apply and its bookkeeping
+            if method == "native" and addend is not None:  # fused into the kernel's output pass
+                return fn.compute(x, weight, None, None, dim, addend)
             y = fn.compute(x, weight, bias, pe, dim)
         else:
             y = fn.apply(x, weight, bias, pe, dim)

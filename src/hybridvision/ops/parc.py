@@ -170,8 +170,8 @@ class ParC2d(EvalCache):
                 line = pe.unsqueeze(0).unsqueeze(-1 if self.dim == 2 else -2)  # (1, C, size, 1) or (1, C, 1, size)
                 addend = _circular_conv(line, weight, self.dim, self.bias, self.groups, self.method)
                 return weight, addend.reshape(self.channels, size)
-            if self.bias is not None:
-                return weight, self.bias.unsqueeze(-1).expand(self.channels, size)
+            if self.bias is not None:  # materialised once here, not by the native kernel's call each forward
+                return weight, self.bias.unsqueeze(-1).expand(self.channels, size).contiguous()
             return weight, None
 
     def extra_repr(self) -> str:

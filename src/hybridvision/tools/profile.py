@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from hybridvision.ops import fused
+
 aten = torch.ops.aten
 
 __all__ = [
@@ -211,15 +213,14 @@ def matmul_peak_flops(device: str | torch.device = "cpu", *, n: int | None = Non
 
 
 def onednn_gemm_peak_flops(n: int = 2048, reps: int = 10) -> float:
-    """Best fp32 FLOP/s of oneDNN's GEMM on the CPU (``torch.ops.mkldnn._linear_pointwise``, the kernel of the fused
-    CoAtNet inference path) on ``(n, n) x (n, n)``, the best of ``reps`` calls after two warm-up calls; 0 where
-    oneDNN is unavailable. On the 2-core Zen 5 VM of development it read about twice ``torch.mm``'s rate."""
+    """Best fp32 FLOP/s of oneDNN's GEMM on the CPU (``hybridvision.ops.fused``'s, the kernel of the fused CoAtNet
+    inference path) on ``(n, n) x (n, n)``, the best of ``reps`` calls after two warm-up calls; 0 where oneDNN is
+    unavailable. On the 2-core Zen 5 VM of development it read about twice ``torch.mm``'s rate."""
     if not torch.backends.mkldnn.is_available():
         return 0.0
     a, w = torch.randn(n, n), torch.randn(n, n)
     with torch.inference_mode():
-        return 2.0 * n**3 / _best_time(
-            lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], ""), torch.device("cpu"), 2, reps)
+        return 2.0 * n**3 / _best_time(lambda: fused._gemm(a, w), torch.device("cpu"), 2, reps)
 
 
 def gemm_peaks(device: str | torch.device = "cpu") -> dict[str, float]:
