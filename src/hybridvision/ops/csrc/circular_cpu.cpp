@@ -259,6 +259,9 @@ template <> __attribute__((always_inline)) inline void transpose_block<float>(vf
 // called for every i < L (rows i >= n move no lanes), so that the block stays in registers: a branch per row kept it
 // on the stack, and GCC turned the tile's stores into a memcpy call unless the loops are unrolled (together: a
 // strip's transposes in and out in L1 1.67x / 1.51x / 1.14x as fast at K=56 / 112 / 224, one thread; scratch).
+// Rows i >= n move at row(0): a masked move of no lanes still costs its address's translation, and rows past the
+// tensor's end (batch lanes with fewer than L samples: C planes apart) made the forward at B=8, C=384, 7x7, 2
+// threads, take 100 us against 43 with them at row(0) (and 50 at B=16; scratch mask.py).
 template <typename T, typename Row> void to_tile(Row row, int64_t n, int64_t m, T* tile) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
@@ -266,7 +269,7 @@ template <typename T, typename Row> void to_tile(Row row, int64_t n, int64_t m, 
 #pragma GCC unroll 16
   for (int64_t i = 0; i < L; ++i) {
     if constexpr (MASKED_MOVES)
-      v[i] = load_n<V>(row(i), i < n ? m : 0);
+      v[i] = load_n<V>(row(i < n ? i : 0), i < n ? m : 0);
     else
       v[i] = i < n ? load_n<V>(row(i), m) : V{};
   }
@@ -289,7 +292,7 @@ template <typename T, typename Row> void from_tile(const T* tile, Row row, int64
 #pragma GCC unroll 16
   for (int64_t i = 0; i < L; ++i) {
     if constexpr (MASKED_MOVES)
-      store_n(row(i), v[i], i < n ? m : 0);
+      store_n(row(i < n ? i : 0), v[i], i < n ? m : 0);
     else if (i < n)
       store(row(i), v[i], m);
   }
