@@ -12,8 +12,8 @@ rounds of the per-round ratio. The median is the steadier of the two where the m
 both sides of a round see the same state (in the 2026-12-02 session's A/B runs the two differed by up to 0.05,
 e.g. 1.08x by best times against 1.04x per-round median for one change at 56 x 56 along W).
 
-Cases: input (B, C, K, other) along dim 2 or (B, C, other, K) along dim 3, B = 16 and C = 2688 / K as in
-bench_circular.py, float32, with the (C, K) addend. ``--algo`` 0 is what ``method="native"`` runs (the kernel's own
+Cases: input (B, C, K, other) along dim 2 or (B, C, other, K) along dim 3, B = 16 (``--batch``) and C = 2688 / K as
+in bench_circular.py, float32, with the (C, K) addend. ``--algo`` 0 is what ``method="native"`` runs (the kernel's own
 choice between direct sum and FFT), 1 the direct sum, 2 the FFT. ``--cold`` reads a buffer of 3x the L3 size
 (96 MiB) before each timed call, so that x comes from memory and y's lines are not in cache (the regime of a layer
 whose input was written long before; a change of the kernel's prefetches can look better or worse there than warm:
@@ -21,6 +21,7 @@ whose input was written long before; a change of the kernel's prefetches can loo
 
     python benchmarks/bench_native_ab.py --base HEAD                 # uncommitted changes vs the last commit
     python benchmarks/bench_native_ab.py --base HEAD~1 --cases 56x56 112x112 --algo 2
+    python benchmarks/bench_native_ab.py --base HEAD~1 --cases 7x7 14x14 --batch 1   # single-image inference
 """
 from __future__ import annotations
 
@@ -87,6 +88,7 @@ def main() -> None:
                     metavar="KxOTHER", help=f"K (the conv axis) x the other axis (default: {' '.join(DEFAULT_CASES)})")
     ap.add_argument("--algo", type=int, choices=(0, 1, 2), default=0, help="0 choose (default), 1 direct, 2 FFT")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default)")
+    ap.add_argument("--batch", type=int, default=BATCH, help=f"B of every case (default {BATCH})")
     ap.add_argument("--budget", type=float, default=2.0, help="seconds of timing per case and op (default 2)")
     ap.add_argument("--cold", action="store_true", help="sweep the caches before each timed call")
     args = ap.parse_args()
@@ -98,15 +100,15 @@ def main() -> None:
     sweep = torch.ones(COLD_MIB << 18) if args.cold else None
     swept = f", caches swept ({COLD_MIB} MiB read) before each timed call" if args.cold else ""
     print(f"base = {SOURCE} at {args.base}, work = the working copy; {torch.get_num_threads()} thread(s), "
-          f"algo={args.algo}{swept}; ms, best of interleaved rounds; base / work of the best times and the median of "
-          "the per-round ratios")
+          f"B={args.batch}, algo={args.algo}{swept}; ms, best of interleaved rounds; base / work of the best times "
+          "and the median of the per-round ratios")
     print("| K | other | dim | op | base | work | base / work | per-round median |")
     print("|---|---|---|---|---|---|---|---|")
     for k, other in args.cases:
         c = max(1, C_TIMES_L // k)
         g = torch.Generator().manual_seed(k * 1000 + other)
         for dim in (2, 3):
-            shape = (BATCH, c, k, other) if dim == 2 else (BATCH, c, other, k)
+            shape = (args.batch, c, k, other) if dim == 2 else (args.batch, c, other, k)
             x, gy = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
             w, add = torch.randn(c, k, generator=g), torch.randn(c, k, generator=g)
             for op, call in (("fwd", lambda ns: ns.circular_dw_forward(x, w, add, dim, args.algo)),

@@ -6,9 +6,11 @@
 // (the input gradient is the forward with the flipped kernel w'[k] = w[(K - k) mod K], done in Python).
 //
 // The core (rows_block) holds R output lines of one SIMD vector each in registers and streams the K input lines
-// past them: one vector load feeds R FMAs whose other operand is a pre-broadcast weight. The lanes run over
-//   * the batch, for small planes: the same channel of 16 samples shares the kernel, so 16 planes are transposed
-//     (in registers, 16 x 16 blocks) into one tile whose rows are the positions;
+// past them: one vector load feeds R FMAs whose other operand is a vector of weights from a per-channel table. The
+// lanes run over
+//   * 16 planes, for small planes: the same channel of 16 samples (one kernel, broadcast to every lane) or, for
+//     batches too small to fill half the lanes, 16 channels of one sample (a kernel per lane); the 16 planes are
+//     transposed (in registers, 16 x 16 blocks) into one tile whose rows are the positions;
 //   * else along dim 2 over W (the contiguous axis; no copies), and along dim 3 over 16 rows transposed into a tile.
 // Nothing but x, y and a few KB to a few hundred KB of per-thread scratch is touched. Types: float and double.
 // From K=28 on (the forward along W from K=32, the weight gradient from K=20; K without prime factors above 7) both
@@ -120,6 +122,9 @@ template <typename V, typename T> inline V load_n(const T* p, int64_t n) {
 template <typename V, typename T> inline void store_n(T* p, const V& v, int64_t n) {
   if (!store_masked(p, v, n)) store(p, v, n);
 }
+// s in every lane. (s - 0 folds to a plain broadcast; V{} + s does not, since -0 + 0 is +0: GCC adds in a scalar
+// register first.)
+template <typename V, typename T> inline V bcast(T s) { return s - V{}; }
 // A full vector to 64-byte aligned memory, bypassing the caches (AVX-512 and AVX): saves the
 // read-for-ownership of every line of a large output that is written once and not read back soon (see
 // STREAM_MIN_BYTES). Callers run stream_fence() before the data is used by other threads.
@@ -165,16 +170,17 @@ constexpr int R = 8;  // output rows (dim 2) / rows sharing a weight (dim 3) / k
 // 6.2, K=224 21 vs 15.
 constexpr int64_t BATCH_LANES_MAX_P[2] = {256, 112 * 112};
 
-// dim 2: K rows of V's lanes (input row stride sx, output row stride sy). wb: the weights broadcast to full
-// vectors, row t (Vec<T>::n lanes) = w[t mod K] for t in [-R, 2K) (pointer at t = 0). Broadcasting once per channel
-// keeps the inner loop at one load per FMA operand: compilers otherwise rotate the sliding weight window through
-// registers and re-broadcast each tap with a shuffle, which competes with the FMAs for the same port.
+// dim 2: K rows of V's lanes (input row stride sx, output row stride sy). wb: the weights as full vectors
+// (lane_tables), row t (Vec<T>::n lanes) = w[t mod K] of each lane's channel for t in [-R, 2K) (pointer at t = 0);
+// ab: null, or the addends, row i = add[i] of each lane's channel for i < K + R (zero from K). Broadcasting once per
+// channel keeps the inner loop at one load per FMA operand: compilers otherwise rotate the sliding weight window
+// through registers and re-broadcast each tap with a shuffle, which competes with the FMAs for the same port.
 template <typename V, typename T>
-void rows_block(const T* xs, int64_t sx, T* ys, int64_t sy, const T* wb, const T* add, int64_t K) {
+void rows_block(const T* xs, int64_t sx, T* ys, int64_t sy, const T* wb, const T* ab, int64_t K) {
   constexpr int64_t LF = Vec<T>::n;
   for (int64_t i0 = 0; i0 < K; i0 += R) {
     V acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = V{} + ((add && i0 + r < K) ? add[i0 + r] : T(0));
+    for (int r = 0; r < R; ++r) acc[r] = ab ? load<V>(ab + (i0 + r) * LF) : V{};
     for (int64_t j = 0; j < K; ++j) {
       const V xv = load<V>(xs + j * sx);
       const T* wp = wb + (j - i0 + K) * LF;  // weight of output row i0 + r: w[(j - i0 - r) mod K], row -r from here
@@ -185,16 +191,17 @@ void rows_block(const T* xs, int64_t sx, T* ys, int64_t sy, const T* wb, const T
   }
 }
 
-// dim 2, one (K x W) plane: full vectors, then one half vector, then the rest through zero-padded scratch.
+// dim 2, one (K x W) plane: full vectors, then one half vector, then the rest through zero-padded scratch. wb, ab:
+// rows_block's tables.
 template <typename T>
-void fwd_rows(const T* x, T* y, const T* wb, const T* add, int64_t K, int64_t W, T* scratch) {
+void fwd_rows(const T* x, T* y, const T* wb, const T* ab, int64_t K, int64_t W, T* scratch) {
   using V = typename Vec<T>::type;
   using Vh = typename Vec<T>::half;
   constexpr int64_t L = lanes<V, T>(), Lh = lanes<Vh, T>();
   int64_t w0 = 0;
-  for (; w0 + L <= W; w0 += L) rows_block<V>(x + w0, W, y + w0, W, wb, add, K);
+  for (; w0 + L <= W; w0 += L) rows_block<V>(x + w0, W, y + w0, W, wb, ab, K);
   if (w0 + Lh <= W) {
-    rows_block<Vh>(x + w0, W, y + w0, W, wb, add, K);
+    rows_block<Vh>(x + w0, W, y + w0, W, wb, ab, K);
     w0 += Lh;
   }
   if (w0 < W) {
@@ -203,7 +210,7 @@ void fwd_rows(const T* x, T* y, const T* wb, const T* add, int64_t K, int64_t W,
     T* yb = scratch + K * Lh;
     for (int64_t j = 0; j < K; ++j)
       for (int64_t l = 0; l < Lh; ++l) xb[j * Lh + l] = l < n ? x[j * W + w0 + l] : T(0);
-    rows_block<Vh>(xb, Lh, yb, Lh, wb, add, K);
+    rows_block<Vh>(xb, Lh, yb, Lh, wb, ab, K);
     for (int64_t i = 0; i < K; ++i) std::memcpy(y + i * W + w0, yb + i * Lh, n * sizeof(T));
   }
 }
@@ -363,29 +370,28 @@ inline int64_t next_strip(int64_t o0, int64_t end, int64_t K, int64_t L, int64_t
 }
 
 // dim 3, one (H x K) plane: L rows at a time are transposed into a (K x L) tile, run through rows_block (the dim 2
-// kernel, lanes = rows) and transposed back. add: K addends, one per output position (= per tile row), or null.
+// kernel, lanes = rows; wb, ab its tables) and transposed back.
 template <typename T>
-void fwd_cols(const T* x, T* y, const T* wb, const T* add, int64_t H, int64_t K, T* scratch) {
+void fwd_cols(const T* x, T* y, const T* wb, const T* ab, int64_t H, int64_t K, T* scratch) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
   const int64_t KP = (K + L - 1) / L * L;
   T* xt = scratch;
   T* yt = scratch + KP * L;
   for (int64_t h0 = 0; h0 < H; h0 += L) {
-    const int64_t n = std::min(L, H - h0);
     rows_to_tile(x, H, K, h0, xt);
-    rows_block<V>(xt, L, yt, L, wb, add, K);
+    rows_block<V>(xt, L, yt, L, wb, ab, K);
     tile_to_rows(yt, y, H, K, h0, false);
   }
 }
 
-// Small planes, lanes over the batch: the same channel of nb <= L consecutive samples shares the kernel, so nb planes
-// (P = H * W elements each, plane stride ps) are transposed into a (P x L) tile, every line along ``dim`` of it goes
-// through rows_block and the result is transposed back. No lane is wasted on a short axis. scratch: 2 * PP * L
-// (PP = P rounded up to L).
+// Small planes, lanes over planes: nb <= L planes (P = H * W elements each, plane stride ps; the same channel of
+// consecutive samples, or consecutive channels of one sample, with wb / ab per lane) are transposed into a (P x L)
+// tile, every line along ``dim`` of it goes through rows_block and the result is transposed back. No lane is
+// wasted on a short axis. scratch: 2 * PP * L (PP = P rounded up to L).
 template <typename T>
-void fwd_batch(const T* x, T* y, int64_t ps, int64_t nb, const T* wb, const T* add, int64_t H, int64_t W,
-               int64_t dim, T* scratch) {
+void fwd_planes(const T* x, T* y, int64_t ps, int64_t nb, const T* wb, const T* ab, int64_t H, int64_t W,
+                int64_t dim, T* scratch) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
   const int64_t P = H * W, PP = (P + L - 1) / L * L;
@@ -393,11 +399,37 @@ void fwd_batch(const T* x, T* y, int64_t ps, int64_t nb, const T* wb, const T* a
   T* yt = scratch + PP * L;
   for (int64_t p0 = 0; p0 < P; p0 += L) to_tile(matrix_rows(x + p0, ps), nb, std::min(L, P - p0), xt + p0 * L);
   if (dim == 3) {
-    for (int64_t h = 0; h < H; ++h) rows_block<V>(xt + h * W * L, L, yt + h * W * L, L, wb, add, W);
+    for (int64_t h = 0; h < H; ++h) rows_block<V>(xt + h * W * L, L, yt + h * W * L, L, wb, ab, W);
   } else {
-    for (int64_t w = 0; w < W; ++w) rows_block<V>(xt + w * L, W * L, yt + w * L, W * L, wb, add, H);
+    for (int64_t w = 0; w < W; ++w) rows_block<V>(xt + w * L, W * L, yt + w * L, W * L, wb, ab, H);
   }
   for (int64_t p0 = 0; p0 < P; p0 += L) from_tile(yt + p0 * L, matrix_rows(y + p0, ps), nb, std::min(L, P - p0));
+}
+
+// rows_block's tables for channels c0 .. c0 + nc - 1 in lanes 0 .. nc - 1 (nc = 1: channel c0 in every lane), from
+// the (C, K) weights w and addends add (null: ab untouched). wb: max(2K, KP) + R rows (KP: K rounded up to L), row
+// t + R = w[c, t mod K] for t in [-R, 2K); ab: max(K + R, KP) rows, row i = add[c, i] for i < K, zero after. The
+// channels' rows are transposed into lanes 16 x 16 at a time (built lane by lane, the tables cost the batch lanes
+// 0.85-0.94x at 7x7 and 14x14, B=16; scratch).
+template <typename T>
+void lane_tables(const T* w, const T* add, int64_t K, int64_t c0, int64_t nc, T* wb, T* ab) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::n;
+  const auto rows = [&](const T* src, T* dst) {  // dst row k = src[c, k] for k < K (rows up to KP: zero)
+    if (nc == 1) {
+      for (int64_t k = 0; k < K; ++k) store(dst + k * L, bcast<V>(src[c0 * K + k]));
+      return;
+    }
+    for (int64_t k0 = 0; k0 < K; k0 += L)
+      to_tile(matrix_rows(src + c0 * K + k0, K), nc, std::min(L, K - k0), dst + k0 * L);
+  };
+  T* w0 = wb + R * L;  // row t = 0
+  rows(w, w0);
+  for (int64_t t = K; t < 2 * K; ++t) std::memcpy(w0 + t * L, w0 + (t - K) * L, L * sizeof(T));
+  for (int64_t t = -R; t < 0; ++t) std::memcpy(w0 + t * L, w0 + (t % K + K) % K * L, L * sizeof(T));
+  if (!add) return;
+  rows(add, ab);
+  std::fill(ab + K * L, ab + (K + R) * L, T(0));
 }
 
 // ---- The FFT path (large K) --------------------------------------------------------------------------------------
@@ -565,9 +597,6 @@ template <typename T> struct Lines {
 template <typename T> Lines<const T> as_const(const Lines<T>& l) {
   return Lines<const T>{l.re, l.im, l.stride, l.nre, l.nim, l.prefetch, l.stream};
 }
-// s in every lane. (s - 0 folds to a plain broadcast; V{} + s does not, since -0 + 0 is +0: GCC adds in a scalar
-// register first.)
-template <typename V, typename T> inline V bcast(T s) { return s - V{}; }
 
 // The kinds of pass: a forward level (DFT, then twiddles), an inverse one (twiddles, then DFT), the middle level
 // alone (DFT) and the middle level of the correlation (DFT, times S, swap, DFT).
@@ -1066,27 +1095,38 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
       });
       return;
     }
-    // Lanes over the batch for small planes (at most BATCH_LANES_MAX_P elements) when there are enough samples to
-    // fill half the lanes; otherwise over the contiguous axis (dim 2) or over 16-row transposed tiles (dim 3).
-    const bool by_batch = plane <= BATCH_LANES_MAX_P[dim - 2] && 2 * B >= L;
-    const int64_t groups = by_batch ? (B + L - 1) / L : B;  // work items per channel
+    // Small planes (at most BATCH_LANES_MAX_P elements) through lanes over planes: over the batch (a channel of L
+    // samples) when there are enough samples to fill half the lanes, else over the channels (L channels of a sample)
+    // when there are enough of those; otherwise lanes over the contiguous axis (dim 2) or over 16-row transposed
+    // tiles (dim 3). (Channel lanes at B=1, C=2688/K, 2 threads against lanes over the axis: scratch b1ab.)
+    const bool small = plane <= BATCH_LANES_MAX_P[dim - 2];
+    const bool by_batch = small && 2 * B >= L, by_channel = small && !by_batch && 2 * C >= L;
+    // work items: (table, item) pairs, table-major, so that a thread builds each table once: the tables of a channel
+    // (its batch groups or planes) or of a group of L channels (by_channel: one item per sample)
+    const int64_t tables = by_channel ? (C + L - 1) / L : C, items = by_batch ? (B + L - 1) / L : B;
     const int64_t PP = (plane + L - 1) / L * L;
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane * K * (by_batch ? L : 1) / 16));
-    at::parallel_for(0, groups * C, grain, [&](int64_t begin, int64_t end) {
-      const Scratch<scalar_t> wb((2 * K + R) * L), scratch(by_batch ? 2 * PP * L : 2 * KP * L);
+    const bool lanes_planes = by_batch || by_channel;
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane * K * (lanes_planes ? L : 1) / 16));
+    at::parallel_for(0, tables * items, grain, [&](int64_t begin, int64_t end) {
+      const Scratch<scalar_t> wb((std::max(2 * K, KP) + R) * L), ab(std::max(K + R, KP) * L),
+          scratch(lanes_planes ? 2 * PP * L : 2 * KP * L);
+      const scalar_t* a = ap ? ab.data() : nullptr;
       int64_t cur = -1;
-      for (int64_t q = begin; q < end; ++q) {  // channel-major: the per-channel tables are built once per channel
-        const int64_t c = q / groups, g = q % groups;
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t c = q / items, g = q % items;
         if (c != cur) {
           cur = c;
-          for (int64_t t = -R; t < 2 * K; ++t)
-            std::fill(wb.data() + (t + R) * L, wb.data() + (t + R + 1) * L, wp[c * K + ((t % K) + K) % K]);
+          lane_tables(wp, ap, K, by_channel ? c * L : c, by_channel ? std::min(L, C - c * L) : 1, wb.data(),
+                      ab.data());
         }
-        const scalar_t* a = ap ? ap + c * K : nullptr;
         if (by_batch) {
           const int64_t off = (g * L * C + c) * plane;
-          fwd_batch(xp + off, yp + off, C * plane, std::min(L, B - g * L), wb.data() + R * L, a, H, W, dim,
-                    scratch.data());
+          fwd_planes(xp + off, yp + off, C * plane, std::min(L, B - g * L), wb.data() + R * L, a, H, W, dim,
+                     scratch.data());
+        } else if (by_channel) {
+          const int64_t off = (g * C + c * L) * plane;
+          fwd_planes(xp + off, yp + off, plane, std::min(L, C - c * L), wb.data() + R * L, a, H, W, dim,
+                     scratch.data());
         } else {
           const int64_t p = g * C + c;
           if (dim == 2)
