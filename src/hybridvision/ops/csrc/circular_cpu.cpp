@@ -1098,7 +1098,9 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
     // Small planes (at most BATCH_LANES_MAX_P elements) through lanes over planes: over the batch (a channel of L
     // samples) when there are enough samples to fill half the lanes, else over the channels (L channels of a sample)
     // when there are enough of those; otherwise lanes over the contiguous axis (dim 2) or over 16-row transposed
-    // tiles (dim 3). (Channel lanes at B=1, C=2688/K, 2 threads against lanes over the axis: scratch b1ab.)
+    // tiles (dim 3). Channel lanes against lanes over the axis, forward, B=1, C=2688/K, 2 threads, per-round
+    // medians: 7x7 4.85x / 5.27x (dim 2 / 3), 14x14 2.86x / 2.22x (`cd benchmarks && python bench_native_ab.py
+    // --base 3d4a247 --threads 2 --cases 7x7 14x14 --budget 1 --batch 1`).
     const bool small = plane <= BATCH_LANES_MAX_P[dim - 2];
     const bool by_batch = small && 2 * B >= L, by_channel = small && !by_batch && 2 * C >= L;
     // work items: (table, item) pairs, table-major, so that a thread builds each table once: the tables of a channel
