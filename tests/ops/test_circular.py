@@ -197,7 +197,7 @@ def test_choose_method_rule(monkeypatch):
     assert pick(4, 14, dense=True) == "fft" and pick(4, 14, dtype=torch.float16) == "fft"
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert pick(4, 14, dim=2) == "native"  # torch.compile keeps the kernel as an opaque op (fake-tensor formula)
-    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    monkeypatch.setattr(circular, "in_onnx_export", lambda: True)
     assert pick(4, 224) == "gemm" and pick(4, 14, dense=True) == "gemm"  # exportable MatMul while exporting
 
 

@@ -89,6 +89,26 @@ def test_fast_path_off_under_autograd_and_switch():
             fast_path_enabled(True)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_onnx_export_check_agrees_with_torch_during_an_export(dynamo, tmp_path):
+    """fused.in_onnx_export reads the exporters' flags itself: it says what torch.onnx.is_in_onnx_export says, inside a
+    real export by either exporter and outside one, so plain_eager() is False while exporting."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append((fused.in_onnx_export(), torch.onnx.is_in_onnx_export(), fused.plain_eager()))
+            return x * 2
+
+    assert fused.in_onnx_export() is False and fused.plain_eager()
+    torch.onnx.export(Probe(), (torch.randn(2, 3),), str(tmp_path / "probe.onnx"), dynamo=dynamo,
+                      external_data=False, verbose=False)
+    assert seen and all(ours == theirs for ours, theirs, _ in seen)
+    assert any(theirs for _, theirs, _ in seen) and not any(eager for _, theirs, eager in seen if theirs)
+    assert fused.in_onnx_export() is False and fused.plain_eager()
+
+
 def test_onednn_linear_double_backward_matches_eager():
     """Under create_graph the oneDNN linear's backward is differentiable again: a gradient penalty's gradients
     (input, weight, bias) equal eager ``F.linear``'s (fp32: the oneDNN path; gradgradcheck needs float64)."""
