@@ -18,6 +18,7 @@ test-all: setup
 
 bench: setup
 	$(PY) benchmarks/bench_circular.py
+	$(PY) benchmarks/bench_circular.py --batch 1
 	$(PY) benchmarks/bench_models.py
 	$(PY) benchmarks/bench_parc_models.py --no-sweep
 	$(PY) benchmarks/bench_export.py

@@ -230,16 +230,21 @@ def test_bad_method_and_dtype():
 
 
 @pytest.mark.slow
-def test_benchmark_quick_runs(tmp_path):
-    """benchmarks/bench_circular.py --quick runs end to end and writes its table and plot (no timing asserted)."""
+@pytest.mark.parametrize("batch", [None, 2])
+def test_benchmark_quick_runs(tmp_path, batch):
+    """benchmarks/bench_circular.py --quick runs end to end and writes its table and plot (no timing asserted), at
+    the default batch and with --batch."""
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_circular.py"
-    subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)], check=True, timeout=600)
-    text = (tmp_path / "circular_quick.md").read_text()
-    assert "| 56 | 48 | 3 | fwd |" in text and (tmp_path / "circular_quick.png").stat().st_size > 0
+    extra = [] if batch is None else ["--batch", str(batch)]
+    subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path), *extra], check=True, timeout=600)
+    stem = "circular_quick" + ("" if batch is None else f"_b{batch}")
+    text = (tmp_path / f"{stem}.md").read_text()
+    assert "| 56 | 48 | 3 | fwd |" in text and (tmp_path / f"{stem}.png").stat().st_size > 0
+    assert f"B={batch or 16}, C=2688/L" in text
 
 
 def test_benchmark_rounds_run_the_between_hook_untimed(monkeypatch):
