@@ -87,6 +87,8 @@ def in_onnx_export() -> bool:
     ``timeit``; the checks of a ParC layer's eval forward ran it three times, about a tenth of its 41 us at batch 1,
     C=96, K=14.)"""
     global _ONNX_FLAGS
+    if torch.compiler.is_compiling():  # Dynamo traces torch's function (a constant to it), not the private modules
+        return torch.onnx.is_in_onnx_export()
     if _ONNX_FLAGS is None:
         try:
             from torch.onnx._internal.exporter import _flags
