@@ -406,11 +406,11 @@ void fwd_planes(const T* x, T* y, int64_t ps, int64_t nb, const T* wb, const T* 
   for (int64_t p0 = 0; p0 < P; p0 += L) from_tile(yt + p0 * L, matrix_rows(y + p0, ps), nb, std::min(L, P - p0));
 }
 
-// rows_block's tables for channels c0 .. c0 + nc - 1 in lanes 0 .. nc - 1 (nc = 1: channel c0 in every lane), from
-// the (C, K) weights w and addends add (null: ab untouched). wb: max(2K, KP) + R rows (KP: K rounded up to L), row
-// t + R = w[c, t mod K] for t in [-R, 2K); ab: max(K + R, KP) rows, row i = add[c, i] for i < K, zero after. The
-// channels' rows are transposed into lanes 16 x 16 at a time (built lane by lane, the tables cost the batch lanes
-// 0.85-0.94x at 7x7 and 14x14, B=16; scratch).
+// rows_block's tables for channels c0 .. c0 + nc - 1 in lanes 0 .. nc - 1, zero in the other lanes (nc = 1: channel c0
+// in every lane), from the (C, K) weights w and addends add (null: ab untouched). wb: max(2K, KP) + R rows (KP: K
+// rounded up to L), row t + R = w[c, t mod K] for t in [-R, 2K); ab: max(K + R, KP) rows, row i = add[c, i] for
+// i < K, zero after. The channels' rows are transposed into lanes L x L at a time: built lane by lane, the tables
+// cost the batch lanes 0.85-0.94x at 7x7 and 14x14, B=16 (benchmarks/native_kernel_log.md, session 22).
 template <typename T>
 void lane_tables(const T* w, const T* add, int64_t K, int64_t c0, int64_t nc, T* wb, T* ab) {
   using V = typename Vec<T>::type;
