@@ -15,8 +15,10 @@ SHAPES = [(2, 3, 7, 5), (3, 4, 17, 18), (2, 5, 33, 40), (1, 2, 56, 56), (2, 3, 9
           (2, 2, 16, 16), (1, 3, 24, 8),
           # small planes with batches that fill the lanes (the batch-lane path): partial and several groups
           (9, 2, 7, 7), (16, 3, 5, 6), (17, 2, 6, 3), (33, 1, 14, 9), (9, 2, 19, 30),
-          # small planes with fewer samples: lanes over 16 channels (one group, several, a partial last one)
-          (1, 8, 7, 7), (1, 40, 5, 6), (3, 17, 6, 3), (2, 33, 14, 9), (7, 16, 9, 12),
+          # small planes with fewer samples, or more channels to fill the lanes with: lanes over 16 channels (one
+          # group, several, a partial last one)
+          (1, 8, 7, 7), (1, 40, 5, 6), (3, 17, 6, 3), (2, 33, 14, 9), (7, 16, 9, 12), (9, 20, 7, 7), (17, 16, 6, 5),
+          (12, 33, 5, 9),
           # the FFT path: chosen by algo=0 from K=28 (forward along dim 3 from 32, the weight gradient from 20);
           # radices 4, 2, 3, 5, 7 (two odd levels: 21, 45, 49); full strips of 2 x 16 lanes; along dim 2 the columns
           # past the last full strip as one partial strip per plane (more than 16 left) or two planes' in one

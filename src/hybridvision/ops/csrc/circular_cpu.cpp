@@ -1095,14 +1095,16 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
       });
       return;
     }
-    // Small planes (at most BATCH_LANES_MAX_P elements) through lanes over planes: over the batch (a channel of L
-    // samples) when there are enough samples to fill half the lanes, else over the channels (L channels of a sample)
-    // when there are enough of those; otherwise lanes over the contiguous axis (dim 2) or over 16-row transposed
-    // tiles (dim 3). Channel lanes against lanes over the axis, forward, B=1, C=2688/K, 2 threads, per-round
-    // medians: 7x7 4.85x / 5.27x (dim 2 / 3), 14x14 2.86x / 2.22x (`cd benchmarks && python bench_native_ab.py
-    // --base 3d4a247 --threads 2 --cases 7x7 14x14 --budget 1 --batch 1`).
+    // Small planes (at most BATCH_LANES_MAX_P elements) through lanes over planes: over the channels (L channels of a
+    // sample) where at least half the lanes have one and they fill more lanes than the batch would, else over the
+    // batch (a channel of L samples) where the samples fill half the lanes; otherwise lanes over the contiguous axis
+    // (dim 2) or over 16-row transposed tiles (dim 3). Forward, C=2688/K, 2 threads, per-round medians (`cd
+    // benchmarks && python bench_native_ab.py --base REV --threads 2 --cases 7x7 14x14 --budget 1 --batch B`):
+    // channel lanes against lanes over the axis at B=1 (REV 3d4a247) 7x7 4.85x / 5.27x (dim 2 / 3), 14x14 2.86x /
+    // 2.22x; against half-empty batch lanes (REV 0ebcde4) B=8 1.57-1.72x, B=12 1.20-1.25x, B=17 1.54-1.73x.
     const bool small = plane <= BATCH_LANES_MAX_P[dim - 2];
-    const bool by_batch = small && 2 * B >= L, by_channel = small && !by_batch && 2 * C >= L;
+    const int64_t fill_b = B * ((C + L - 1) / L), fill_c = C * ((B + L - 1) / L);  // lanes used, scaled alike
+    const bool by_channel = small && 2 * C >= L && fill_c > fill_b, by_batch = small && !by_channel && 2 * B >= L;
     // work items: (table, item) pairs, table-major, so that a thread builds each table once: the tables of a channel
     // (its batch groups or planes) or of a group of L channels (by_channel: one item per sample)
     const int64_t tables = by_channel ? (C + L - 1) / L : C, items = by_batch ? (B + L - 1) / L : B;
