@@ -169,6 +169,34 @@ constexpr int R = 8;  // output rows (dim 2) / rows sharing a weight (dim 3) / k
 // K=7 0.11 vs 0.15, K=14 0.19 vs 0.22, K=28 0.61 vs 0.57, K=112 5.4 vs 4.3; along W K=56 1.6 vs 2.1, K=112 4.9 vs
 // 6.2, K=224 21 vs 15.
 constexpr int64_t BATCH_LANES_MAX_P[2] = {256, 112 * 112};
+// Where the lanes run in the direct sum (both ops): small planes (at most BATCH_LANES_MAX_P elements) through lanes
+// over planes, over the channels (L channels of a sample) where at least half the lanes have one and they fill more
+// lanes than the batch would, else over the batch (a channel of L samples) where the samples fill half the lanes;
+// otherwise (AXIS) along the contiguous axis (dim 2) or over 16-row transposed tiles (dim 3). Forward, C=2688/K, 2
+// threads, per-round medians (`cd benchmarks && python bench_native_ab.py --base REV --threads 2 --cases 7x7 14x14
+// --budget 1 --batch B`): channel lanes against lanes over the axis at B=1 (REV 3d4a247) 7x7 4.85x / 5.27x (dim 2 /
+// 3), 14x14 2.86x / 2.22x; against half-empty batch lanes (REV 0ebcde4) B=8 1.57-1.72x, B=12 1.20-1.25x, B=17
+// 1.54-1.73x.
+enum class LaneMode { AXIS, BATCH, CHANNELS };
+inline LaneMode lane_mode(int64_t B, int64_t C, int64_t plane, int64_t dim, int64_t L) {
+  if (plane > BATCH_LANES_MAX_P[dim - 2]) return LaneMode::AXIS;
+  const int64_t fill_b = B * ((C + L - 1) / L), fill_c = C * ((B + L - 1) / L);  // lanes used, scaled alike
+  if (2 * C >= L && fill_c > fill_b) return LaneMode::CHANNELS;
+  return 2 * B >= L ? LaneMode::BATCH : LaneMode::AXIS;
+}
+// The weight gradient's: lanes over planes (lane_mode) only where both of its (P x L) tiles stay small and the lanes
+// along the axis would be poorly filled: along dim 2 (no transposes there) at most 5/8 of them and planes of at most
+// 256, along dim 3 (transposed either way) any unfilled and planes of at most 400. `cd benchmarks && python
+// bench_native_ab.py --base 0ebcde4 --threads 2 --cases 7x7 7x10 7x12 10x10 12x12 14x10 14x14 14x20 16x16 16x40
+// --batch B` (B = 16, 1, 8; per-round medians): planes wherever lane_mode allows them, dim 2 W=7-10 1.09-1.90x, W=12
+// 0.98-1.49x, W=14 0.78-1.10x, W=16 0.67-0.85x, dim 3 H=7-14 and 20 1.15-2.54x, 16x16 0.98x, 16x40 (plane 640)
+// 0.85-0.97x; with this rule dim 2 W=7 1.27-2.30x, W=10 1.04-1.90x, dim 3 1.12-2.78x where it takes the planes, the
+// others 0.99-1.03x.
+inline LaneMode wgrad_lane_mode(int64_t B, int64_t C, int64_t H, int64_t W, int64_t dim, int64_t L) {
+  const int64_t across = dim == 2 ? W : H, vectors = (across + L - 1) / L * L;  // the axis lanes: used, in all
+  const bool planes = dim == 2 ? H * W <= 256 && 8 * across <= 5 * vectors : H * W <= 400 && across < vectors;
+  return planes ? lane_mode(B, C, H * W, dim, L) : LaneMode::AXIS;
+}
 
 // dim 2: K rows of V's lanes (input row stride sx, output row stride sy). wb: the weights as full vectors
 // (lane_tables), row t (Vec<T>::n lanes) = w[t mod K] of each lane's channel for t in [-R, 2K) (pointer at t = 0);
@@ -939,9 +967,10 @@ void fft_wgrad_channel(const FftPlan<T>& pl, const T* gy, const T* x, int64_t B,
 }
 
 // Weight gradient of one (K x L) tile pair: acc[k] += sum_i G[i] * X2[i + k] (lanes summed later by the caller),
-// X2: 2K + R rows with X2[t] = X[t mod K]; G zero in unused lanes.
+// X2: 2K + R rows with X2[t] = X[t mod K]; G zero in unused lanes. Inlined into its two callers: called out of line,
+// the weight gradient along dim 2 at B=1, C=384, 7 x 12 ran 0.85x (bench_native_ab, per-round medians).
 template <typename T>
-void wgrad_tile(const T* G, const T* X2, int64_t K, typename Vec<T>::type* acc) {
+__attribute__((always_inline)) inline void wgrad_tile(const T* G, const T* X2, int64_t K, typename Vec<T>::type* acc) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
   for (int64_t k0 = 0; k0 < K; k0 += R) {
@@ -983,6 +1012,35 @@ void wgrad_channel(const T* gy, const T* x, int64_t B, int64_t bstride, int64_t 
       for (int64_t t = K; t < 2 * K + R; ++t) std::memcpy(X2 + t * L, X2 + (t - K) * L, L * sizeof(T));
       wgrad_tile(G, X2, K, acc);
     }
+  }
+}
+
+// Weight gradient of small planes, lanes over planes (as fwd_planes): nb <= L planes of gy and of x (plane stride ps)
+// are transposed into (P x L) tiles and every line along dim goes through wgrad_tile: acc (K vectors) += lane by lane
+// sum_i G[i] X[(i + k) mod K] (lanes past nb: zero). scratch: 2 PP L + (3K + R) L (PP = P rounded up to L).
+template <typename T>
+void wgrad_planes(const T* gy, const T* x, int64_t ps, int64_t nb, int64_t H, int64_t W, int64_t dim,
+                  typename Vec<T>::type* acc, T* scratch) {
+  constexpr int64_t L = Vec<T>::n;
+  const int64_t P = H * W, PP = (P + L - 1) / L * L, K = dim == 2 ? H : W;
+  T* tg = scratch;
+  T* tx = tg + PP * L;
+  T* X2 = tx + PP * L;  // 2K + R rows
+  T* G = X2 + (2 * K + R) * L;  // K rows: a line's, gathered where they are not contiguous (dim 2)
+  for (int64_t p0 = 0; p0 < P; p0 += L) {
+    to_tile(matrix_rows(gy + p0, ps), nb, std::min(L, P - p0), tg + p0 * L);
+    to_tile(matrix_rows(x + p0, ps), nb, std::min(L, P - p0), tx + p0 * L);
+  }
+  // element j of line l is tile row l * first + j * step
+  const int64_t lines = dim == 2 ? W : H, step = dim == 2 ? W : 1, first = dim == 2 ? 1 : W;
+  for (int64_t l = 0; l < lines; ++l) {
+    const T* gl = tg + l * first * L;
+    const T* xl = tx + l * first * L;
+    for (int64_t t = 0, j = 0; t < 2 * K + R; ++t, j = j + 1 == K ? 0 : j + 1)
+      std::memcpy(X2 + t * L, xl + j * step * L, L * sizeof(T));
+    if (step != 1)
+      for (int64_t j = 0; j < K; ++j) std::memcpy(G + j * L, gl + j * step * L, L * sizeof(T));
+    wgrad_tile(step == 1 ? gl : G, X2, K, acc);
   }
 }
 
@@ -1095,16 +1153,8 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
       });
       return;
     }
-    // Small planes (at most BATCH_LANES_MAX_P elements) through lanes over planes: over the channels (L channels of a
-    // sample) where at least half the lanes have one and they fill more lanes than the batch would, else over the
-    // batch (a channel of L samples) where the samples fill half the lanes; otherwise lanes over the contiguous axis
-    // (dim 2) or over 16-row transposed tiles (dim 3). Forward, C=2688/K, 2 threads, per-round medians (`cd
-    // benchmarks && python bench_native_ab.py --base REV --threads 2 --cases 7x7 14x14 --budget 1 --batch B`):
-    // channel lanes against lanes over the axis at B=1 (REV 3d4a247) 7x7 4.85x / 5.27x (dim 2 / 3), 14x14 2.86x /
-    // 2.22x; against half-empty batch lanes (REV 0ebcde4) B=8 1.57-1.72x, B=12 1.20-1.25x, B=17 1.54-1.73x.
-    const bool small = plane <= BATCH_LANES_MAX_P[dim - 2];
-    const int64_t fill_b = B * ((C + L - 1) / L), fill_c = C * ((B + L - 1) / L);  // lanes used, scaled alike
-    const bool by_channel = small && 2 * C >= L && fill_c > fill_b, by_batch = small && !by_channel && 2 * B >= L;
+    const LaneMode mode = lane_mode(B, C, plane, dim, L);
+    const bool by_channel = mode == LaneMode::CHANNELS, by_batch = mode == LaneMode::BATCH;
     // work items: (table, item) pairs, table-major, so that a thread builds each table once: the tables of a channel
     // (its batch groups or planes) or of a group of L channels (by_channel: one item per sample)
     const int64_t tables = by_channel ? (C + L - 1) / L : C, items = by_batch ? (B + L - 1) / L : B;
@@ -1168,9 +1218,38 @@ at::Tensor circular_dw_wgrad(const at::Tensor& gy, const at::Tensor& x, int64_t 
       });
       return;
     }
+    const int64_t KP = (K + L - 1) / L * L;
+    const LaneMode mode = wgrad_lane_mode(B, C, H, W, dim, L);
+    if (mode != LaneMode::AXIS) {  // lanes over planes, a work item per channel or per group of L channels
+      const bool by_channel = mode == LaneMode::CHANNELS;
+      const int64_t PP = (plane + L - 1) / L * L;
+      at::parallel_for(0, by_channel ? (C + L - 1) / L : C, 1, [&](int64_t begin, int64_t end) {
+        std::vector<V> acc(KP);
+        const Scratch<scalar_t> scratch(2 * PP * L + (3 * K + R) * L);
+        for (int64_t c = begin; c < end; ++c) {
+          std::fill(acc.begin(), acc.end(), V{});
+          if (by_channel) {  // lane l of acc[k]: dw[c L + l, k], transposed into place
+            const int64_t nc = std::min(L, C - c * L);
+            for (int64_t b = 0; b < B; ++b) {
+              const int64_t off = (b * C + c * L) * plane;
+              wgrad_planes(gp + off, xp + off, plane, nc, H, W, dim, acc.data(), scratch.data());
+            }
+            for (int64_t k0 = 0; k0 < K; k0 += L)
+              from_tile(reinterpret_cast<const scalar_t*>(acc.data() + k0), matrix_rows(dp + c * L * K + k0, K), nc,
+                        std::min(L, K - k0));
+          } else {
+            for (int64_t b0 = 0; b0 < B; b0 += L) {
+              const int64_t off = (b0 * C + c) * plane;
+              wgrad_planes(gp + off, xp + off, C * plane, std::min(L, B - b0), H, W, dim, acc.data(), scratch.data());
+            }
+            for (int64_t k = 0; k < K; ++k) dp[c * K + k] = hsum<scalar_t>(acc[k]);
+          }
+        }
+      });
+      return;
+    }
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
       std::vector<V> acc(K);
-      const int64_t KP = (K + L - 1) / L * L;
       const Scratch<scalar_t> scratch((KP + std::max(2 * K + R, KP)) * L);
       for (int64_t c = begin; c < end; ++c) {
         std::fill(acc.begin(), acc.end(), V{});
