@@ -3,6 +3,9 @@ on shapes that hit every code path (full and partial vector strips, 16-row tiles
 addend), gradcheck through circular_conv, non-contiguous inputs, and the build / switch-off paths."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -35,6 +38,41 @@ def formula(x: torch.Tensor, w: torch.Tensor, dim: int, add=None) -> torch.Tenso
     if add is not None:
         y = y + (add.double().view(1, -1, k, 1) if dim == 2 else add.double().view(1, -1, 1, k))
     return y
+
+
+@pytest.mark.slow
+def test_avx2_build_matches_float64_formula(tmp_path):
+    """The kernel built for AVX2 without AVX-512 (-march=x86-64-v3: 8-float vectors, no masked moves, other
+    transposes), as CPUs without AVX-512 run it, under its own op namespace beside the default build: both ops on
+    every shape above, float32 and float64, every algo, against the float64 formula."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " avx2 " not in flags or " fma " not in flags:
+        pytest.skip("needs a CPU with AVX2 and FMA")
+    source = (Path(native.__file__).with_name("csrc") / "circular_cpu.cpp").read_text()
+    for mark in ("TORCH_LIBRARY(hybridvision,", "TORCH_LIBRARY_IMPL(hybridvision,"):
+        assert mark in source
+        source = source.replace(mark, mark.replace("hybridvision", "hvtest_avx2"))
+    (tmp_path / "circular_cpu.cpp").write_text(source)
+    native.compile_and_load("hvtest_avx2_ext", [str(tmp_path / "circular_cpu.cpp")], build_directory=str(tmp_path),
+                            extra_cflags=("-march=x86-64-v3",))
+    ops = torch.ops.hvtest_avx2
+    for shape in SHAPES:
+        for dim in (2, 3):
+            k = shape[dim]
+            for dtype in (torch.float32, torch.float64):
+                g = torch.Generator().manual_seed(sum(shape) * 7 + dim)
+                x, gy = torch.randn(shape, generator=g, dtype=dtype), torch.randn(shape, generator=g, dtype=dtype)
+                w, add = torch.randn(shape[1], k, generator=g, dtype=dtype), torch.randn(shape[1], k, generator=g,
+                                                                                         dtype=dtype)
+                tol = dict(rtol=1e-5, atol=1e-5 * k) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+                x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
+                (formula(x64, w64, dim) * gy.double()).sum().backward()
+                for algo in (0, 1, 2) if native.fft_length(k) else (0, 1):
+                    msg = f"{shape} dim={dim} {dtype} algo={algo}"
+                    torch.testing.assert_close(ops.circular_dw_forward(x, w, add, dim, algo).double(),
+                                               formula(x, w, dim, add), **tol, msg=lambda m: f"{msg}: {m}")
+                    torch.testing.assert_close(ops.circular_dw_wgrad(gy, x, dim, algo).double(), w64.grad, **tol,
+                                               msg=lambda m: f"{msg}: {m}")
 
 
 def test_fft_length_is_k_of_2_3_5_7_factors():

@@ -88,9 +88,10 @@ def _ninja_on_path() -> None:
 
 
 def compile_and_load(name: str, sources: list[str], build_directory: Optional[str] = None,
-                     verbose: bool = False) -> None:
-    """Compile C++ ``sources`` with the native kernels' flags (``-O3 -march=native``, OpenMP) into torch's extension
-    cache (or ``build_directory``) and load the library into this process, as extension ``name``; errors propagate.
+                     verbose: bool = False, extra_cflags: tuple[str, ...] = ()) -> None:
+    """Compile C++ ``sources`` with the native kernels' flags (``-O3 -march=native``, OpenMP; then ``extra_cflags``,
+    e.g. ``-march=x86-64-v3`` for the AVX2 code on an AVX-512 machine) into torch's extension cache (or
+    ``build_directory``) and load the library into this process, as extension ``name``; errors propagate.
     :func:`build` uses it, and so does ``benchmarks/bench_native_ab.py`` for an older revision of the kernel."""
     from torch.utils import cpp_extension
 
@@ -98,7 +99,8 @@ def compile_and_load(name: str, sources: list[str], build_directory: Optional[st
     # torch rebuilds a cached extension when its sources or flags change, not its headers: their hash is a flag
     headers = hashlib.sha1(b"".join(path.read_bytes() for path in _HEADERS)).hexdigest()[:12]
     cpp_extension.load(name=name, sources=sources,
-                       extra_cflags=["-O3", "-march=native", "-fopenmp", f"-DHYBRIDVISION_HEADERS={headers}"],
+                       extra_cflags=["-O3", "-march=native", "-fopenmp", f"-DHYBRIDVISION_HEADERS={headers}",
+                                     *extra_cflags],
                        extra_ldflags=["-fopenmp"], is_python_module=False, build_directory=build_directory,
                        verbose=verbose)
 
