@@ -223,6 +223,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     ap.add_argument("--batch", type=int, default=BATCH, help=f"B of every case (default {BATCH}; the targets are for it)")
     args = ap.parse_args()
+    if args.batch < 1:
+        ap.error(f"--batch must be a positive number of samples, got {args.batch}")
     tune_cpu()  # HYBRIDVISION_MALLOC_TUNING=0 keeps glibc's defaults
     if args.threads is not None:
         torch.set_num_threads(args.threads)

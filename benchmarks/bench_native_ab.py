@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=2.0, help="seconds of timing per case and op (default 2)")
     ap.add_argument("--cold", action="store_true", help="sweep the caches before each timed call")
     args = ap.parse_args()
+    if args.batch < 1:
+        ap.error(f"--batch must be a positive number of samples, got {args.batch}")
     tune_cpu()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
