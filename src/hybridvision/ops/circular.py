@@ -241,6 +241,7 @@ def _circular_conv(
     method: str,
     pe: Optional[torch.Tensor] = None,
     addend: Optional[torch.Tensor] = None,
+    eager: Optional[bool] = None,
 ) -> torch.Tensor:
     """:func:`circular_conv` without argument checks (``dim`` in {2, 3}), plus an optional position embedding.
 
@@ -248,10 +249,13 @@ def _circular_conv(
     convolution: ``circular_conv(x + pe, ...)``. The depthwise FFT path fuses the addition into the spectrum.
     addend: (C_out, K) or None, added to the output along ``dim`` instead of ``bias`` and ``pe`` (pass neither):
     ``conv(pe, weight) + bias`` precomputed, as ParC2d's eval-mode cache does; the native kernel fuses it.
+    eager: ``plain_eager()`` where the caller has just asked it (None: asked here).
     """
-    # the concrete method: per call, else the global default, else the cost model (graph-capture state looked up once)
+    # the graph-capture state, looked up once per call (plain eager rules out all but tracing); then the concrete
+    # method: per call, else the global default, else the cost model
+    eager = plain_eager() if eager is None else eager
+    plain_only = torch.jit.is_tracing() if eager else _plain_ops_only()
     requested = _default_method if method == "auto" else method
-    plain_only = _plain_ops_only()
     method = _choose(x, weight, dim, None, plain_only) if requested == "auto" else requested
     if requested == "native":  # the cost model only picks it where it applies
         _check_native(x, weight, groups, plain_only)
@@ -268,8 +272,8 @@ def _circular_conv(
         if method == "native":  # (the copy outside: a double backward differentiates through it)
             x = x.contiguous()
         if not records_grad(x, weight, bias, pe, addend):  # nothing to record: no Function.apply and its bookkeeping
-            if method == "native" and addend is not None:  # fused into the kernel's output pass
-                return fn.compute(x, weight, None, None, dim, addend)
+            if method == "native":  # the addend fused into the kernel's output pass
+                return fn.compute(x, weight, bias, pe, dim, addend, eager)
             y = fn.compute(x, weight, bias, pe, dim)
         else:
             y = fn.apply(x, weight, bias, pe, dim)
@@ -553,9 +557,10 @@ class _DepthwiseNative(torch.autograd.Function):
         return _DepthwiseNative.compute(x, weight, bias, pe, dim)
 
     @staticmethod
-    def compute(x, weight, bias, pe, dim, addend=None):
+    def compute(x, weight, bias, pe, dim, addend=None, eager=None):
         """The forward without autograd bookkeeping (also run directly where nothing records a gradient); x
-        contiguous. addend: (C, K), the fused conv(pe, w) + bias when the caller has it (then bias = pe = None)."""
+        contiguous. addend: (C, K), the fused conv(pe, w) + bias when the caller has it (then bias = pe = None);
+        eager: as :func:`_native_algo`'s."""
         w = _as(weight.squeeze(1), x.dtype)
         if pe is not None:
             addend = _circular_mv(w, pe.to(x.dtype))
@@ -563,7 +568,7 @@ class _DepthwiseNative(torch.autograd.Function):
             b = bias.to(x.dtype).unsqueeze(-1).expand_as(w)
             addend = b if addend is None else addend + b
         addend = None if addend is None else _as(addend, x.dtype).contiguous()
-        return _native_algo("forward", x, dim, lambda algo: native.forward(x, w, addend, dim, algo))
+        return _native_algo("forward", x, dim, lambda algo: native.forward(x, w, addend, dim, algo), eager)
 
     @staticmethod
     @_twice_differentiable("direct")
@@ -596,15 +601,16 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _native_algo(op: str, x: torch.Tensor, dim: int, run) -> torch.Tensor:
+def _native_algo(op: str, x: torch.Tensor, dim: int, run, eager: Optional[bool] = None) -> torch.Tensor:
     """``run(algo)`` for the native kernel's ``op`` ("forward" / "wgrad") on x (B, C, H, W) along ``dim``: where K has
     an FFT (K >= 2, no prime factor above 7), the fastest of the kernel's own crossover (``algo=0``, measured by
     ``benchmarks/bench_native_crossover.py`` on one machine at one shape per K), the direct sum (1) and the FFT (2),
     timed per shape by :mod:`hybridvision.ops.fused`'s autotuner (with the earlier Stockham FFT, the direct sum at
     K=56 along W ran 1.26 ms against the 1.93 ms of the FFT that the crossover picked, B=16, C=48, Zen 5 VM,
-    scratch); else ``algo=0``."""
+    scratch); else ``algo=0``, and always outside plain eager execution (``eager``: ``plain_eager()`` where the
+    caller has it, None: asked here)."""
     k = x.size(dim)
-    if not plain_eager() or not native.fft_length(k):
+    if not (plain_eager() if eager is None else eager) or not native.fft_length(k):
         return run(0)
     return fused._fastest(("circular_" + op, tuple(x.shape), dim, x.dtype), x.numel() * k,
                           (("auto", lambda: run(0)), ("direct", lambda: run(1)), ("fft", lambda: run(2))))

@@ -156,7 +156,7 @@ class ParC2d(EvalCache):
         if self.cache_applies(*params):
             size = x.size(dim)
             weight, addend = self.cached((size,), params, lambda: self._folded(size))
-            return _circular_conv(x, weight, dim, None, self.groups, self.method, addend=addend)
+            return _circular_conv(x, weight, dim, None, self.groups, self.method, addend=addend, eager=True)
         weight, pe = self._instance_params(x.size(dim))
         return _circular_conv(x, weight, dim, self.bias, self.groups, self.method, pe=pe)
 
