@@ -14,7 +14,9 @@
 //   * else along dim 2 over W (the contiguous axis; no copies), and along dim 3 over 16 rows transposed into a tile.
 // Nothing but x, y and a few KB to a few hundred KB of per-thread scratch is touched. Types: float and double.
 // From K=28 on (the forward along W from K=32, the weight gradient from K=20; K without prime factors above 7) both
-// ops run an FFT instead (the FFT path below; the ops' algo argument overrides the choice).
+// ops run an FFT instead (the FFT path below; the ops' algo argument overrides the choice); the forward along W where
+// K is 7 or 14 vectors (112 / 224 floats with AVX-512) runs it in registers with its lanes along the axis
+// (lane_fft_rows).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -483,7 +485,7 @@ void lane_tables(const T* w, const T* add, int64_t K, int64_t c0, int64_t nc, T*
 // That is 2 n - 1 passes over a strip, each a load and a store of every element. Along H the first reads x's rows
 // where they lie (partial strips by masked loads) and the last writes y's (large outputs with non-temporal stores,
 // STREAM_MIN_BYTES), both prefetching the next strip; along W the strip is a transposed tile (rows_to_tile) that the
-// passes transform in place. K with a prime factor above 7 keeps the direct sum.
+// passes transform in place (the forward where K is 7 or 14 vectors: lane_fft_rows instead). K with a prime factor above 7 keeps the direct sum.
 
 // Smallest K for which algo=0 takes the FFT path (when K has no prime factor above 7): [forward, wgrad][dim 2, dim 3].
 // From `python benchmarks/bench_native_crossover.py --threads 2`: the first K of its sweep from which the FFT is
@@ -819,6 +821,266 @@ template <typename T> std::vector<T> weight_spectra(const FftPlan<T>& pl, const 
   return S;
 }
 
+// ---- Along dim 3 where K = L M, M = 7 or 14: the FFT with its lanes along the axis, in registers -------------------
+// A pair of rows (z = row a + i row b, as above) is M complex vectors v[n2], lane n1 holding z[n1 + L n2]. With
+// f = M k1 + k2 the DFT splits into (the four-step FFT)
+//   F(z)[M k1 + k2] = sum_n1 exp(-2 pi i k1 n1 / L) exp(-2 pi i k2 n1 / K) sum_n2 z[n1 + L n2] exp(-2 pi i k2 n2 / M):
+// an M-point DFT down the vectors (lane by lane: 14 = 2 x 7, decimation in frequency, so vector p holds k2 = 2 p
+// for p < 7, 2 (p - 7) + 1 after), the twiddles exp(-2 pi i k2 n1 / K) per lane, then an L-point DFT across the
+// lanes of each vector (log2 L radix-2 stages, decimation in frequency: the partner lane by a constant shuffle,
+// k1 in bit-reversed lane order). S is computed by the same steps, so the order cancels; the inverse runs the steps
+// backwards (decimation in time, conjugate twiddles). No strip buffer and no 16 x 16 transposes: a pair of rows is
+// loaded, transformed in registers and stored. Against the transposed tiles, forward, 2 threads (`cd benchmarks &&
+// python bench_native_ab.py --base fed7cc3 --algo 2 --threads 2 --cases 224x224 224x56 112x112 112x20 224x7 112x7
+// --budget 1`, per-round medians): 1.03-1.32x at B=16 (224 x 224 1.10x, 112 x 112 1.17x), 1.00-2.13x at B=1.
+template <typename V> struct Cx { V r, i; };
+template <typename V> inline Cx<V> operator+(Cx<V> a, Cx<V> b) { return {a.r + b.r, a.i + b.i}; }
+template <typename V> inline Cx<V> operator-(Cx<V> a, Cx<V> b) { return {a.r - b.r, a.i - b.i}; }
+// a w, a conj(w) for w a (re lanes, im lanes) pair at p, or scalars
+template <typename V, typename T> inline Cx<V> cmul(Cx<V> a, const T* p) {
+  constexpr int64_t L = lanes<V, T>();
+  const V r = load<V>(p), i = load<V>(p + L);
+  return {a.r * r - a.i * i, a.r * i + a.i * r};
+}
+template <typename V, typename T> inline Cx<V> cmul_conj(Cx<V> a, const T* p) {
+  constexpr int64_t L = lanes<V, T>();
+  const V r = load<V>(p), i = load<V>(p + L);
+  return {a.r * r + a.i * i, a.i * r - a.r * i};
+}
+template <typename V, typename T> inline Cx<V> cmul(Cx<V> a, T r, T i) {
+  return {a.r * r - a.i * i, a.r * i + a.i * r};
+}
+// lane l takes lane l ^ H
+template <int H, typename V, size_t... I> inline V partner(V x, std::index_sequence<I...>) {
+  return __builtin_shufflevector(x, x, (static_cast<int>(I) ^ H)...);
+}
+template <int H, typename V> inline V partner(V x) {
+  return partner<H>(x, std::make_index_sequence<sizeof(V) / sizeof(x[0])>{});
+}
+
+template <typename T> struct LaneFft {
+  static constexpr int64_t L = Vec<T>::n;
+  int M = 0;  // 0: K is not L M with M = 7, 14
+  // in one 64-byte aligned block (vector loads that straddle two cache lines cost the passes 1.4x, see Scratch):
+  // sign, per stage (h = L / 2 .. 1): +1 in lanes without bit h, -1 in those with it; tw, per stage with h >= 4:
+  // (re, im lanes) exp(-2 pi i (l mod h) / 2h) in lanes with bit h, else 1; t4, per vector p: (re, im lanes)
+  // exp(-2 pi i k2(p) l / K)
+  Scratch<T> tables;
+  const T *sign, *tw, *t4;
+  T c7[3][3], s7[3][3], w14[7][2];  // cos / sin(2 pi (n + 1) (k + 1) / 7); exp(-2 pi i n / 14)
+  explicit LaneFft(int64_t K) : tables(4 * L + 4 * L + 14 * 2 * L) {
+    T* sg = tables.data();
+    T* twd = sg + 4 * L;
+    T* t4d = twd + 4 * L;
+    sign = sg, tw = twd, t4 = t4d;
+    if (K % L || (K / L != 7 && K / L != 14)) return;
+    M = static_cast<int>(K / L);
+    const double pi = M_PI;
+    for (int64_t h = L / 2; h >= 1; h /= 2)
+      for (int64_t l = 0; l < L; ++l) *sg++ = l & h ? T(-1) : T(1);
+    for (int64_t h = L / 2; h >= 4; h /= 2, twd += 2 * L)
+      for (int64_t l = 0; l < L; ++l) {
+        const double a = l & h ? -2 * pi * static_cast<double>(l % h) / static_cast<double>(2 * h) : 0.0;
+        twd[l] = static_cast<T>(std::cos(a));
+        twd[L + l] = static_cast<T>(std::sin(a));
+      }
+    for (int p = 0; p < M; ++p)
+      for (int64_t l = 0; l < L; ++l) {
+        const int k2 = M == 14 ? (p < 7 ? 2 * p : 2 * (p - 7) + 1) : p;
+        const double a = -2 * pi * static_cast<double>(k2 * l) / static_cast<double>(K);
+        t4d[p * 2 * L + l] = static_cast<T>(std::cos(a));
+        t4d[p * 2 * L + L + l] = static_cast<T>(std::sin(a));
+      }
+    for (int n = 0; n < 3; ++n)
+      for (int k = 0; k < 3; ++k) {
+        c7[n][k] = static_cast<T>(std::cos(2 * pi * (n + 1) * (k + 1) / 7));
+        s7[n][k] = static_cast<T>(std::sin(2 * pi * (n + 1) * (k + 1) / 7));
+      }
+    for (int n = 0; n < 7; ++n) {
+      w14[n][0] = static_cast<T>(std::cos(-2 * pi * n / 14));
+      w14[n][1] = static_cast<T>(std::sin(-2 * pi * n / 14));
+    }
+  }
+};
+
+// The lanes l with l mod 4 = 3 (those the twiddle -i or +i multiplies at h = 2), as a vector condition.
+template <typename V> inline auto lane_mod4_is3() {
+  decltype(V{} < V{}) m{};
+  for (size_t l = 0; l < sizeof(V) / sizeof(m[0]); ++l) m[l] = (l & 3) == 3 ? -1 : 0;
+  return m;
+}
+
+// The 7-point DFT of v[0 .. 6] in place, exp(-2 pi i n k / 7) (INV: exp(+...)), by the pairs v[n] +- v[7 - n].
+template <bool INV, typename V, typename T> __attribute__((always_inline)) inline void dft7(Cx<V>* v,
+                                                                                            const LaneFft<T>& p) {
+  Cx<V> s[3], d[3];
+  for (int n = 0; n < 3; ++n) {
+    s[n] = v[n + 1] + v[6 - n];
+    d[n] = v[n + 1] - v[6 - n];
+  }
+  const Cx<V> v0 = v[0];
+  v[0] = v0 + (s[0] + (s[1] + s[2]));
+  for (int k = 0; k < 3; ++k) {
+    Cx<V> a = v0, b;
+    for (int n = 0; n < 3; ++n) {
+      a.r += s[n].r * p.c7[n][k];
+      a.i += s[n].i * p.c7[n][k];
+    }
+    b.r = d[0].r * p.s7[0][k] + d[1].r * p.s7[1][k] + d[2].r * p.s7[2][k];
+    b.i = d[0].i * p.s7[0][k] + d[1].i * p.s7[1][k] + d[2].i * p.s7[2][k];
+    const Cx<V> minus{a.r + b.i, a.i - b.r}, plus{a.r - b.i, a.i + b.r};  // a - i b, a + i b
+    v[k + 1] = INV ? plus : minus;
+    v[6 - k] = INV ? minus : plus;
+  }
+}
+
+// The forward steps on v[0 .. M - 1] (see above): down the vectors, twiddles, across the lanes.
+template <int M, typename V, typename T> __attribute__((always_inline)) inline void lane_fft_forward(
+    Cx<V>* v, const LaneFft<T>& p) {
+  constexpr int64_t L = lanes<V, T>();
+  if constexpr (M == 14) {
+    for (int n = 0; n < 7; ++n) {
+      const Cx<V> a = v[n], b = v[n + 7];
+      v[n] = a + b;
+      v[n + 7] = n ? cmul(a - b, p.w14[n][0], p.w14[n][1]) : a - b;
+    }
+    dft7<false>(v + 7, p);
+  }
+  dft7<false>(v, p);
+#pragma GCC unroll 16
+  for (int q = 1; q < M; ++q) v[q] = cmul(v[q], p.t4 + q * 2 * L);
+  // stage h: u = (partner + sign x), times the twiddle; at h = 2 the twiddles are 1 and -i (lanes l mod 4 = 3)
+  const auto stage = [&](auto hc, int s) {
+    constexpr int H = decltype(hc)::value;
+    const V sg = load<V>(p.sign + s * L);
+#pragma GCC unroll 16
+    for (int q = 0; q < M; ++q) {
+      const Cx<V> x = v[q], y{partner<H>(x.r), partner<H>(x.i)};
+      const Cx<V> u{x.r * sg + y.r, x.i * sg + y.i};
+      if constexpr (H >= 4) {
+        v[q] = cmul(u, p.tw + s * 2 * L);
+      } else if constexpr (H == 2) {
+        const auto m = lane_mod4_is3<V>();
+        v[q] = {m ? y.i - x.i : u.r, m ? x.r - y.r : u.i};
+      } else {
+        v[q] = u;
+      }
+    }
+  };
+  int s = 0;
+  if constexpr (L >= 16) stage(std::integral_constant<int, 8>{}, s++);
+  if constexpr (L >= 8) stage(std::integral_constant<int, 4>{}, s++);
+  stage(std::integral_constant<int, 2>{}, s++);
+  stage(std::integral_constant<int, 1>{}, s++);
+}
+
+// The inverse: across the lanes (decimation in time, conjugate twiddles), twiddles, down the vectors; times K.
+template <int M, typename V, typename T> __attribute__((always_inline)) inline void lane_fft_inverse(
+    Cx<V>* v, const LaneFft<T>& p) {
+  constexpr int64_t L = lanes<V, T>();
+  constexpr int stages = L == 16 ? 4 : L == 8 ? 3 : 2;
+  // stage h (index s as in the forward): lanes with bit h times the conjugate twiddle, then (partner + sign x)
+  const auto stage = [&](auto hc, int s) {
+    constexpr int H = decltype(hc)::value;
+    const V sg = load<V>(p.sign + s * L);
+#pragma GCC unroll 16
+    for (int q = 0; q < M; ++q) {
+      Cx<V> x = v[q];
+      if constexpr (H >= 4) {
+        x = cmul_conj(x, p.tw + s * 2 * L);
+      } else if constexpr (H == 2) {  // lanes l mod 4 = 3 times +i
+        const auto m = lane_mod4_is3<V>();
+        x = {m ? -x.i : x.r, m ? x.r : x.i};
+      }
+      const Cx<V> y{partner<H>(x.r), partner<H>(x.i)};
+      v[q] = {x.r * sg + y.r, x.i * sg + y.i};
+    }
+  };
+  stage(std::integral_constant<int, 1>{}, stages - 1);
+  stage(std::integral_constant<int, 2>{}, stages - 2);
+  if constexpr (L >= 8) stage(std::integral_constant<int, 4>{}, stages - 3);
+  if constexpr (L >= 16) stage(std::integral_constant<int, 8>{}, stages - 4);
+#pragma GCC unroll 16
+  for (int q = 1; q < M; ++q) v[q] = cmul_conj(v[q], p.t4 + q * 2 * L);
+  dft7<true>(v, p);
+  if constexpr (M == 14) {
+    dft7<true>(v + 7, p);
+    for (int n = 0; n < 7; ++n) {
+      const Cx<V> a = v[n], b = n ? cmul(v[n + 7], p.w14[n][0], -p.w14[n][1]) : v[n + 7];
+      v[n] = a + b;
+      v[n + 7] = a - b;
+    }
+  }
+}
+
+// conj(F(w[c])) / K for every channel of the (C, K) weights in the steps' order: (C, M, 2, L).
+template <int M, typename T> Scratch<T> lane_spectra(const LaneFft<T>& p, const T* w, int64_t C) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::n, K = M * L;
+  Scratch<T> S(C * M * 2 * L);
+  for (int64_t c = 0; c < C; ++c) {
+    Cx<V> v[M];
+    for (int n = 0; n < M; ++n) v[n] = {load<V>(w + c * K + n * L), V{}};
+    lane_fft_forward<M>(v, p);
+    for (int q = 0; q < M; ++q) {
+      std::memcpy(S.data() + (c * M + q) * 2 * L, &v[q].r, sizeof(V));
+      const V im = -v[q].i;
+      std::memcpy(S.data() + (c * M + q) * 2 * L + L, &im, sizeof(V));
+    }
+  }
+  for (int64_t i = 0; i < C * M * 2 * L; ++i) S.data()[i] /= static_cast<T>(K);
+  return S;
+}
+
+// The forward along dim 3 over the rows of `planes` (B C) planes of H rows, in pairs (a plane's last row alone
+// when H is odd); x's rows prefetched two pairs ahead, y's written by non-temporal stores at any size (unlike the
+// passes, STREAM_MIN_BYTES): with ordinary stores (y's lines prefetched for writing) the forward at K=224 x 56 (9 MiB)
+// ran 0.87x the passes' and 1.25x the streamed one's time, and followed by a read of y (a sum, a GELU) streaming
+// still won at K=224 (1.07-1.15x) and tied at K=112 (0.93-1.00x; scratch cons.py, 2 threads, B=16, C=2688/K).
+template <int M, typename T>
+void lane_fft_rows(const LaneFft<T>& p, const T* x, T* y, const T* w, const T* add, int64_t planes, int64_t C,
+                   int64_t H) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::n, K = M * L;
+  const Scratch<T> S = lane_spectra<M>(p, w, C);
+  const int64_t pairs = (H + 1) / 2;
+  at::parallel_for(0, planes * pairs, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t pl = q / pairs, h = q % pairs * 2, c = pl % C;
+      const T* xa = x + (pl * H + h) * K;
+      const T* xb = h + 1 < H ? xa + K : nullptr;
+      for (int64_t j = 0; j < 2 * K; j += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(xa + 4 * K + j);
+      const T* s = S.data() + c * M * 2 * L;
+      const T* a = add ? add + c * K : nullptr;
+      Cx<V> v[M];
+      for (int n = 0; n < M; ++n) v[n] = {load<V>(xa + n * L), xb ? load<V>(xb + n * L) : V{}};
+      lane_fft_forward<M>(v, p);
+#pragma GCC unroll 16
+      for (int n = 0; n < M; ++n) v[n] = cmul(v[n], s + n * 2 * L);
+      lane_fft_inverse<M>(v, p);
+      T* ya = y + (pl * H + h) * K;
+      for (int n = 0; n < M; ++n) {
+        const V an = a ? load<V>(a + n * L) : V{};
+        store_stream(ya + n * L, v[n].r + an);
+        if (xb) store_stream(ya + K + n * L, v[n].i + an);
+      }
+    }
+    stream_fence();
+  });
+}
+
+// The forward along dim 3 by lane_fft_rows when K = L M with M = 7 or 14 (y 64-byte aligned, as torch allocates
+// it); false (nothing done) otherwise.
+template <typename T>
+bool lane_fft_forward_dim3(const T* x, T* y, const T* w, const T* add, int64_t planes, int64_t C, int64_t H,
+                           int64_t K) {
+  const LaneFft<T> p(K);
+  if (reinterpret_cast<uintptr_t>(y) % 64) return false;
+  if (p.M == 14) lane_fft_rows<14>(p, x, y, w, add, planes, C, H);
+  if (p.M == 7) lane_fft_rows<7>(p, x, y, w, add, planes, C, H);
+  return p.M != 0;
+}
+
 // A pair strip of lines along dim 2: the offsets of the real and imaginary lines' first elements from the
 // channel's first plane, and how many lanes of each are lines.
 struct Strip {
@@ -1076,6 +1338,7 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
     const scalar_t* ap = add ? add->data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t plane = H * W;
+    if (fft && dim == 3 && lane_fft_forward_dim3(xp, yp, wp, ap, B * C, C, H, K)) return;
     if (fft) {
       const FftPlan<scalar_t> pl(K);
       const std::vector<scalar_t> S = weight_spectra(pl, wp, C), zeros(add ? 0 : K);
