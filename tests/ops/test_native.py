@@ -28,10 +28,10 @@ SHAPES = [(2, 3, 7, 5), (3, 4, 17, 18), (2, 5, 33, 40), (1, 2, 56, 56), (2, 3, 9
           # strip (at most 16; an odd batch leaves one alone), along dim 3 the rows past it pooled over the batch
           (2, 3, 112, 20), (1, 2, 30, 120), (2, 2, 45, 27), (1, 2, 96, 64), (3, 2, 56, 56), (5, 1, 64, 35),
           (40, 1, 64, 33), (3, 1, 21, 49), (5, 2, 28, 56), (4, 1, 36, 27),
-          # along dim 3 where K is 7 or 14 vectors (112 / 224 floats, 56 / 112 doubles with AVX-512; 56 / 112 floats,
-          # 28 / 56 doubles with AVX2): the FFT in registers, lanes along the axis (lane_fft_rows), rows in pairs
-          # with a lone last row where H is odd
-          (2, 3, 5, 112), (1, 2, 4, 224), (3, 1, 1, 224), (1, 2, 3, 28)]
+          # along dim 3 where K is 7 or 14 vectors or half vectors (56 / 112 / 224 floats, 28 / 56 / 112 doubles
+          # with AVX-512; 28 / 56 / 112 floats, 28 / 56 doubles with AVX2): the FFT in registers, lanes along the
+          # axis (lane_fft_rows), 2 or 4 rows at a time, H not a multiple of that
+          (2, 3, 5, 112), (1, 2, 4, 224), (3, 1, 1, 224), (1, 2, 3, 28), (2, 3, 6, 56), (1, 2, 7, 56), (3, 1, 2, 28)]
 
 
 def formula(x: torch.Tensor, w: torch.Tensor, dim: int, add=None) -> torch.Tensor:

@@ -15,8 +15,8 @@
 // Nothing but x, y and a few KB to a few hundred KB of per-thread scratch is touched. Types: float and double.
 // From K=28 on (the forward along W from K=32, the weight gradient from K=20; K without prime factors above 7) both
 // ops run an FFT instead (the FFT path below; the ops' algo argument overrides the choice); the forward along W where
-// K is 7 or 14 vectors (112 / 224 floats with AVX-512) runs it in registers with its lanes along the axis
-// (lane_fft_rows).
+// K is 7 or 14 vectors or half vectors (56 / 112 / 224 floats with AVX-512) runs it in registers with its lanes along
+// the axis (lane_fft_rows).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -139,7 +139,8 @@ template <typename V, typename T> inline void store_stream(T* p, const V& v) {
     _mm512_stream_pd(p, (__m512d)v);
     return;
   }
-#elif defined(__AVX__)
+#endif
+#if defined(__AVX__)  // (also AVX-512's half vectors: lane_fft_rows)
   if constexpr (sizeof(V) == 32 && std::is_same<T, float>::value) {
     _mm256_stream_ps(p, (__m256)v);
     return;
@@ -485,7 +486,8 @@ void lane_tables(const T* w, const T* add, int64_t K, int64_t c0, int64_t nc, T*
 // That is 2 n - 1 passes over a strip, each a load and a store of every element. Along H the first reads x's rows
 // where they lie (partial strips by masked loads) and the last writes y's (large outputs with non-temporal stores,
 // STREAM_MIN_BYTES), both prefetching the next strip; along W the strip is a transposed tile (rows_to_tile) that the
-// passes transform in place (the forward where K is 7 or 14 vectors: lane_fft_rows instead). K with a prime factor above 7 keeps the direct sum.
+// passes transform in place (the forward where K is 7 or 14 vectors or half vectors: lane_fft_rows instead). K with a
+// prime factor above 7 keeps the direct sum.
 
 // Smallest K for which algo=0 takes the FFT path (when K has no prime factor above 7): [forward, wgrad][dim 2, dim 3].
 // From `python benchmarks/bench_native_crossover.py --threads 2`: the first K of its sweep from which the FFT is
@@ -821,18 +823,22 @@ template <typename T> std::vector<T> weight_spectra(const FftPlan<T>& pl, const 
   return S;
 }
 
-// ---- Along dim 3 where K = L M, M = 7 or 14: the FFT with its lanes along the axis, in registers -------------------
-// A pair of rows (z = row a + i row b, as above) is M complex vectors v[n2], lane n1 holding z[n1 + L n2]. With
-// f = M k1 + k2 the DFT splits into (the four-step FFT)
-//   F(z)[M k1 + k2] = sum_n1 exp(-2 pi i k1 n1 / L) exp(-2 pi i k2 n1 / K) sum_n2 z[n1 + L n2] exp(-2 pi i k2 n2 / M):
+// ---- Along dim 3 where K = N M, N = L or L / 2, M = 7 or 14: the FFT with its lanes along the axis, in registers --
+// A pair of rows (z = row a + i row b, as above) is M complex vectors v[n2], lane n1 holding z[n1 + N n2] (with
+// N = L / 2 a vector holds two such signals, two pairs of rows, one in each half). With f = M k1 + k2 the DFT splits
+// into (the four-step FFT)
+//   F(z)[M k1 + k2] = sum_n1 exp(-2 pi i k1 n1 / N) exp(-2 pi i k2 n1 / K) sum_n2 z[n1 + N n2] exp(-2 pi i k2 n2 / M):
 // an M-point DFT down the vectors (lane by lane: 14 = 2 x 7, decimation in frequency, so vector p holds k2 = 2 p
-// for p < 7, 2 (p - 7) + 1 after), the twiddles exp(-2 pi i k2 n1 / K) per lane, then an L-point DFT across the
-// lanes of each vector (log2 L radix-2 stages, decimation in frequency: the partner lane by a constant shuffle,
+// for p < 7, 2 (p - 7) + 1 after), the twiddles exp(-2 pi i k2 n1 / K) per lane, then an N-point DFT across the
+// lanes of each signal (log2 N radix-2 stages, decimation in frequency: the partner lane by a constant shuffle,
 // k1 in bit-reversed lane order). S is computed by the same steps, so the order cancels; the inverse runs the steps
-// backwards (decimation in time, conjugate twiddles). No strip buffer and no 16 x 16 transposes: a pair of rows is
-// loaded, transformed in registers and stored. Against the transposed tiles, forward, 2 threads (`cd benchmarks &&
-// python bench_native_ab.py --base fed7cc3 --algo 2 --threads 2 --cases 224x224 224x56 112x112 112x20 224x7 112x7
-// --budget 1`, per-round medians): 1.03-1.32x at B=16 (224 x 224 1.10x, 112 x 112 1.17x), 1.00-2.13x at B=1.
+// backwards (decimation in time, conjugate twiddles). No strip buffer and no 16 x 16 transposes: the rows are
+// loaded, transformed in registers and stored. (Session 20 ran the same transform through the passes' strip buffer,
+// 32 rows at a time, and measured it slower than the tiles: benchmarks/native_kernel_log.md.) Against the transposed
+// tiles, forward, 2 threads, per-round medians: `cd benchmarks && python bench_native_ab.py --base fed7cc3 --algo 2
+// --threads 2 --cases 224x224 224x56 112x112 112x20 224x7 112x7 --budget 1` 1.03-1.32x at B=16 (224 x 224 1.10x,
+// 112 x 112 1.17x), 1.00-2.13x at B=1; the half vectors (K=56), `--base 52c0596 --cases 56x56 56x112 56x20 56x7`
+// 1.58-2.35x at B=16 (56 x 56 1.58x), 1.54x / 2.41x at B=1 (56 x 56, 56 x 7).
 template <typename V> struct Cx { V r, i; };
 template <typename V> inline Cx<V> operator+(Cx<V> a, Cx<V> b) { return {a.r + b.r, a.i + b.i}; }
 template <typename V> inline Cx<V> operator-(Cx<V> a, Cx<V> b) { return {a.r - b.r, a.i - b.i}; }
@@ -860,11 +866,11 @@ template <int H, typename V> inline V partner(V x) {
 
 template <typename T> struct LaneFft {
   static constexpr int64_t L = Vec<T>::n;
-  int M = 0;  // 0: K is not L M with M = 7, 14
-  // in one 64-byte aligned block (vector loads that straddle two cache lines cost the passes 1.4x, see Scratch):
-  // sign, per stage (h = L / 2 .. 1): +1 in lanes without bit h, -1 in those with it; tw, per stage with h >= 4:
-  // (re, im lanes) exp(-2 pi i (l mod h) / 2h) in lanes with bit h, else 1; t4, per vector p: (re, im lanes)
-  // exp(-2 pi i k2(p) l / K)
+  int M = 0, G = 1;  // K = (L / G) M with M = 7 or 14: G signals of L / G lanes per vector; M = 0: neither
+  // in one 64-byte aligned block (vector loads that straddle two cache lines cost the passes 1.4x, see Scratch), for
+  // lane l, n = l mod (L / G) its place in its signal: sign, per stage (h = L / 2G .. 1): +1 where n has no bit h, -1
+  // where it has; tw, per stage with h >= 4: (re, im lanes) exp(-2 pi i (n mod h) / 2h) where n has bit h, else 1;
+  // t4, per vector p: (re, im lanes) exp(-2 pi i k2(p) n / K)
   Scratch<T> tables;
   const T *sign, *tw, *t4;
   T c7[3][3], s7[3][3], w14[7][2];  // cos / sin(2 pi (n + 1) (k + 1) / 7); exp(-2 pi i n / 14)
@@ -873,12 +879,18 @@ template <typename T> struct LaneFft {
     T* twd = sg + 4 * L;
     T* t4d = twd + 4 * L;
     sign = sg, tw = twd, t4 = t4d;
-    if (K % L || (K / L != 7 && K / L != 14)) return;
-    M = static_cast<int>(K / L);
+    for (int g : {1, 2})
+      if (L / g >= 4 && K % (L / g) == 0 && (K / (L / g) == 7 || K / (L / g) == 14)) {
+        M = static_cast<int>(K / (L / g));
+        G = g;
+        break;
+      }
+    if (!M) return;
+    const int64_t N = L / G;
     const double pi = M_PI;
-    for (int64_t h = L / 2; h >= 1; h /= 2)
+    for (int64_t h = N / 2; h >= 1; h /= 2)
       for (int64_t l = 0; l < L; ++l) *sg++ = l & h ? T(-1) : T(1);
-    for (int64_t h = L / 2; h >= 4; h /= 2, twd += 2 * L)
+    for (int64_t h = N / 2; h >= 4; h /= 2, twd += 2 * L)
       for (int64_t l = 0; l < L; ++l) {
         const double a = l & h ? -2 * pi * static_cast<double>(l % h) / static_cast<double>(2 * h) : 0.0;
         twd[l] = static_cast<T>(std::cos(a));
@@ -887,7 +899,7 @@ template <typename T> struct LaneFft {
     for (int p = 0; p < M; ++p)
       for (int64_t l = 0; l < L; ++l) {
         const int k2 = M == 14 ? (p < 7 ? 2 * p : 2 * (p - 7) + 1) : p;
-        const double a = -2 * pi * static_cast<double>(k2 * l) / static_cast<double>(K);
+        const double a = -2 * pi * static_cast<double>(k2 * (l % N)) / static_cast<double>(K);
         t4d[p * 2 * L + l] = static_cast<T>(std::cos(a));
         t4d[p * 2 * L + L + l] = static_cast<T>(std::sin(a));
       }
@@ -935,9 +947,9 @@ template <bool INV, typename V, typename T> __attribute__((always_inline)) inlin
 }
 
 // The forward steps on v[0 .. M - 1] (see above): down the vectors, twiddles, across the lanes.
-template <int M, typename V, typename T> __attribute__((always_inline)) inline void lane_fft_forward(
+template <int M, int G, typename V, typename T> __attribute__((always_inline)) inline void lane_fft_forward(
     Cx<V>* v, const LaneFft<T>& p) {
-  constexpr int64_t L = lanes<V, T>();
+  constexpr int64_t L = lanes<V, T>(), N = L / G;
   if constexpr (M == 14) {
     for (int n = 0; n < 7; ++n) {
       const Cx<V> a = v[n], b = v[n + 7];
@@ -968,17 +980,17 @@ template <int M, typename V, typename T> __attribute__((always_inline)) inline v
     }
   };
   int s = 0;
-  if constexpr (L >= 16) stage(std::integral_constant<int, 8>{}, s++);
-  if constexpr (L >= 8) stage(std::integral_constant<int, 4>{}, s++);
+  if constexpr (N >= 16) stage(std::integral_constant<int, 8>{}, s++);
+  if constexpr (N >= 8) stage(std::integral_constant<int, 4>{}, s++);
   stage(std::integral_constant<int, 2>{}, s++);
   stage(std::integral_constant<int, 1>{}, s++);
 }
 
 // The inverse: across the lanes (decimation in time, conjugate twiddles), twiddles, down the vectors; times K.
-template <int M, typename V, typename T> __attribute__((always_inline)) inline void lane_fft_inverse(
+template <int M, int G, typename V, typename T> __attribute__((always_inline)) inline void lane_fft_inverse(
     Cx<V>* v, const LaneFft<T>& p) {
-  constexpr int64_t L = lanes<V, T>();
-  constexpr int stages = L == 16 ? 4 : L == 8 ? 3 : 2;
+  constexpr int64_t L = lanes<V, T>(), N = L / G;
+  constexpr int stages = N == 16 ? 4 : N == 8 ? 3 : 2;
   // stage h (index s as in the forward): lanes with bit h times the conjugate twiddle, then (partner + sign x)
   const auto stage = [&](auto hc, int s) {
     constexpr int H = decltype(hc)::value;
@@ -998,8 +1010,8 @@ template <int M, typename V, typename T> __attribute__((always_inline)) inline v
   };
   stage(std::integral_constant<int, 1>{}, stages - 1);
   stage(std::integral_constant<int, 2>{}, stages - 2);
-  if constexpr (L >= 8) stage(std::integral_constant<int, 4>{}, stages - 3);
-  if constexpr (L >= 16) stage(std::integral_constant<int, 8>{}, stages - 4);
+  if constexpr (N >= 8) stage(std::integral_constant<int, 4>{}, stages - 3);
+  if constexpr (N >= 16) stage(std::integral_constant<int, 8>{}, stages - 4);
 #pragma GCC unroll 16
   for (int q = 1; q < M; ++q) v[q] = cmul_conj(v[q], p.t4 + q * 2 * L);
   dft7<true>(v, p);
@@ -1013,15 +1025,46 @@ template <int M, typename V, typename T> __attribute__((always_inline)) inline v
   }
 }
 
-// conj(F(w[c])) / K for every channel of the (C, K) weights in the steps' order: (C, M, 2, L).
-template <int M, typename T> Scratch<T> lane_spectra(const LaneFft<T>& p, const T* w, int64_t C) {
+// A vector of G signals (N = L / G lanes each) from rows r[0 .. G - 1] at offset off (lanes j N .. (j + 1) N - 1 from
+// r[j]; a null row reads as zeros), and its inverse, which writes the rows that are not null (non-temporal stores).
+template <int G, typename V, typename T, size_t... I> inline V load_rows(const T* const* r, int64_t off,
+                                                                         std::index_sequence<I...>) {
+  if constexpr (G == 1) {
+    return r[0] ? load<V>(r[0] + off) : V{};
+  } else {
+    typedef T Hf __attribute__((vector_size(sizeof(V) / 2)));
+    const Hf lo = r[0] ? load<Hf>(r[0] + off) : Hf{}, hi = r[1] ? load<Hf>(r[1] + off) : Hf{};
+    return __builtin_shufflevector(lo, hi, I...);
+  }
+}
+template <int G, typename V, typename T> inline V load_rows(const T* const* r, int64_t off) {
+  return load_rows<G, V>(r, off, std::make_index_sequence<sizeof(V) / sizeof(T)>{});
+}
+template <int G, typename V, typename T, size_t... I> inline void store_rows(T* const* r, int64_t off, V v,
+                                                                            std::index_sequence<I...>) {
+  if constexpr (G == 1) {
+    if (r[0]) store_stream(r[0] + off, v);
+  } else {
+    constexpr size_t N = sizeof...(I);
+    if (r[0]) store_stream(r[0] + off, __builtin_shufflevector(v, v, I...));
+    if (r[1]) store_stream(r[1] + off, __builtin_shufflevector(v, v, (I + N)...));
+  }
+}
+template <int G, typename V, typename T> inline void store_rows(T* const* r, int64_t off, V v) {
+  store_rows<G>(r, off, v, std::make_index_sequence<sizeof(V) / sizeof(T) / G>{});
+}
+
+// conj(F(w[c])) / K for every channel of the (C, K) weights in the steps' order (each signal's lanes alike):
+// (C, M, 2, L).
+template <int M, int G, typename T> Scratch<T> lane_spectra(const LaneFft<T>& p, const T* w, int64_t C) {
   using V = typename Vec<T>::type;
-  constexpr int64_t L = Vec<T>::n, K = M * L;
+  constexpr int64_t L = Vec<T>::n, N = L / G, K = M * N;
   Scratch<T> S(C * M * 2 * L);
   for (int64_t c = 0; c < C; ++c) {
+    const T* wc[2] = {w + c * K, w + c * K};
     Cx<V> v[M];
-    for (int n = 0; n < M; ++n) v[n] = {load<V>(w + c * K + n * L), V{}};
-    lane_fft_forward<M>(v, p);
+    for (int n = 0; n < M; ++n) v[n] = {load_rows<G, V>(wc, n * N), V{}};
+    lane_fft_forward<M, G>(v, p);
     for (int q = 0; q < M; ++q) {
       std::memcpy(S.data() + (c * M + q) * 2 * L, &v[q].r, sizeof(V));
       const V im = -v[q].i;
@@ -1032,52 +1075,63 @@ template <int M, typename T> Scratch<T> lane_spectra(const LaneFft<T>& p, const 
   return S;
 }
 
-// The forward along dim 3 over the rows of `planes` (B C) planes of H rows, in pairs (a plane's last row alone
-// when H is odd); x's rows prefetched two pairs ahead, y's written by non-temporal stores at any size (unlike the
-// passes, STREAM_MIN_BYTES): with ordinary stores (y's lines prefetched for writing) the forward at K=224 x 56 (9 MiB)
-// ran 0.87x the passes' and 1.25x the streamed one's time, and followed by a read of y (a sum, a GELU) streaming
-// still won at K=224 (1.07-1.15x) and tied at K=112 (0.93-1.00x; scratch cons.py, 2 threads, B=16, C=2688/K).
-template <int M, typename T>
+// The forward along dim 3 over the rows of `planes` (B C) planes of H rows, 2 G rows at a time (signal j: rows
+// 2 j, 2 j + 1 as real and imaginary parts; rows past H read as zeros and are not written); x's rows prefetched two
+// groups ahead, y's written by non-temporal stores at any size (unlike the passes, STREAM_MIN_BYTES): with ordinary
+// stores (y's lines prefetched for writing) the forward at K=224 x 56 (9 MiB) ran 0.87x the passes' and 1.25x the
+// streamed one's time, and followed by a read of y (a sum, a GELU) streaming still won at K=224 (1.07-1.15x) and tied
+// at K=112 (0.93-1.00x; scratch cons.py, 2 threads, B=16, C=2688/K).
+template <int M, int G, typename T>
 void lane_fft_rows(const LaneFft<T>& p, const T* x, T* y, const T* w, const T* add, int64_t planes, int64_t C,
                    int64_t H) {
   using V = typename Vec<T>::type;
-  constexpr int64_t L = Vec<T>::n, K = M * L;
-  const Scratch<T> S = lane_spectra<M>(p, w, C);
-  const int64_t pairs = (H + 1) / 2;
-  at::parallel_for(0, planes * pairs, 16, [&](int64_t begin, int64_t end) {
+  constexpr int64_t L = Vec<T>::n, N = L / G, K = M * N, R = 2 * G;
+  const Scratch<T> S = lane_spectra<M, G>(p, w, C);
+  const int64_t groups = (H + R - 1) / R;
+  at::parallel_for(0, planes * groups, 16, [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
-      const int64_t pl = q / pairs, h = q % pairs * 2, c = pl % C;
-      const T* xa = x + (pl * H + h) * K;
-      const T* xb = h + 1 < H ? xa + K : nullptr;
-      for (int64_t j = 0; j < 2 * K; j += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(xa + 4 * K + j);
+      const int64_t pl = q / groups, h = q % groups * R, c = pl % C;
+      const T* x0 = x + (pl * H + h) * K;
+      T* y0 = y + (pl * H + h) * K;
+      for (int64_t j = 0; j < R * K; j += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(x0 + 2 * R * K + j);
+      const T *xr[G], *xi[G];
+      T *yr[G], *yi[G];
+      for (int j = 0; j < G; ++j) {
+        const bool re = h + 2 * j < H, im = h + 2 * j + 1 < H;
+        xr[j] = re ? x0 + 2 * j * K : nullptr;
+        xi[j] = im ? x0 + (2 * j + 1) * K : nullptr;
+        yr[j] = re ? y0 + 2 * j * K : nullptr;
+        yi[j] = im ? y0 + (2 * j + 1) * K : nullptr;
+      }
       const T* s = S.data() + c * M * 2 * L;
-      const T* a = add ? add + c * K : nullptr;
+      const T* a[2] = {add ? add + c * K : nullptr, add ? add + c * K : nullptr};
       Cx<V> v[M];
-      for (int n = 0; n < M; ++n) v[n] = {load<V>(xa + n * L), xb ? load<V>(xb + n * L) : V{}};
-      lane_fft_forward<M>(v, p);
+      for (int n = 0; n < M; ++n) v[n] = {load_rows<G, V>(xr, n * N), load_rows<G, V>(xi, n * N)};
+      lane_fft_forward<M, G>(v, p);
 #pragma GCC unroll 16
       for (int n = 0; n < M; ++n) v[n] = cmul(v[n], s + n * 2 * L);
-      lane_fft_inverse<M>(v, p);
-      T* ya = y + (pl * H + h) * K;
+      lane_fft_inverse<M, G>(v, p);
       for (int n = 0; n < M; ++n) {
-        const V an = a ? load<V>(a + n * L) : V{};
-        store_stream(ya + n * L, v[n].r + an);
-        if (xb) store_stream(ya + K + n * L, v[n].i + an);
+        const V an = load_rows<G, V>(a, n * N);
+        store_rows<G>(yr, n * N, v[n].r + an);
+        store_rows<G>(yi, n * N, v[n].i + an);
       }
     }
     stream_fence();
   });
 }
 
-// The forward along dim 3 by lane_fft_rows when K = L M with M = 7 or 14 (y 64-byte aligned, as torch allocates
-// it); false (nothing done) otherwise.
+// The forward along dim 3 by lane_fft_rows when K = (L / G) M with M = 7 or 14, G = 1 or 2 (y 64-byte aligned, as
+// torch allocates it); false (nothing done) otherwise.
 template <typename T>
 bool lane_fft_forward_dim3(const T* x, T* y, const T* w, const T* add, int64_t planes, int64_t C, int64_t H,
                            int64_t K) {
   const LaneFft<T> p(K);
   if (reinterpret_cast<uintptr_t>(y) % 64) return false;
-  if (p.M == 14) lane_fft_rows<14>(p, x, y, w, add, planes, C, H);
-  if (p.M == 7) lane_fft_rows<7>(p, x, y, w, add, planes, C, H);
+  if (p.M == 14 && p.G == 1) lane_fft_rows<14, 1>(p, x, y, w, add, planes, C, H);
+  if (p.M == 7 && p.G == 1) lane_fft_rows<7, 1>(p, x, y, w, add, planes, C, H);
+  if (p.M == 14 && p.G == 2) lane_fft_rows<14, 2>(p, x, y, w, add, planes, C, H);
+  if (p.M == 7 && p.G == 2) lane_fft_rows<7, 2>(p, x, y, w, add, planes, C, H);
   return p.M != 0;
 }
 
