@@ -16,7 +16,7 @@
 // From K=28 on (the forward along W from K=32, the weight gradient from K=20; K without prime factors above 7) both
 // ops run an FFT instead (the FFT path below; the ops' algo argument overrides the choice); the forward along W where
 // K is 7 or 14 vectors or half vectors (56 / 112 / 224 floats with AVX-512) runs it in registers with its lanes along
-// the axis (lane_fft_rows).
+// the axis (lane_fft_rows), and so does the weight gradient where K is 7 of them (56 / 112; lane_fft_wgrad).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -1135,6 +1135,70 @@ bool lane_fft_forward_dim3(const T* x, T* y, const T* w, const T* add, int64_t p
   return p.M != 0;
 }
 
+// The weight gradient along dim 3 by the same transform: dw[c] = Re F^-1(sum conj(F gy) F x) / K over the row groups
+// of channel c's B planes (H rows each; a pair z = x_a + i x_b and its g = gy_a + i gy_b give conj(G) Z, whose inverse
+// has the real part corr(gy_a, x_a) + corr(gy_b, x_b)), the sum kept in registers; with G = 2 the halves' sums are
+// added at the end.
+template <int M, int G, typename T>
+void lane_fft_wgrad(const LaneFft<T>& p, const T* gy, const T* x, T* dw, int64_t B, int64_t C, int64_t H) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::n, N = L / G, K = M * N, R = 2 * G;
+  const int64_t plane = H * K, groups = (H + R - 1) / R;
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      Cx<V> acc[M] = {};
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < groups * R; h += R) {
+          const int64_t off = (b * C + c) * plane + h * K;
+          for (int64_t j = 0; j < R * K; j += 64 / static_cast<int64_t>(sizeof(T))) {
+            __builtin_prefetch(x + off + 2 * R * K + j);
+            __builtin_prefetch(gy + off + 2 * R * K + j);
+          }
+          const T *xr[G], *xi[G], *gr[G], *gi[G];
+          for (int j = 0; j < G; ++j) {
+            const bool re = h + 2 * j < H, im = h + 2 * j + 1 < H;
+            xr[j] = re ? x + off + 2 * j * K : nullptr;
+            xi[j] = im ? x + off + (2 * j + 1) * K : nullptr;
+            gr[j] = re ? gy + off + 2 * j * K : nullptr;
+            gi[j] = im ? gy + off + (2 * j + 1) * K : nullptr;
+          }
+          Cx<V> vx[M], vg[M];
+          for (int n = 0; n < M; ++n) {
+            vx[n] = {load_rows<G, V>(xr, n * N), load_rows<G, V>(xi, n * N)};
+            vg[n] = {load_rows<G, V>(gr, n * N), load_rows<G, V>(gi, n * N)};
+          }
+          lane_fft_forward<M, G>(vx, p);
+          lane_fft_forward<M, G>(vg, p);
+#pragma GCC unroll 16
+          for (int q = 0; q < M; ++q) {  // acc += conj(G) Z
+            acc[q].r += vg[q].r * vx[q].r + vg[q].i * vx[q].i;
+            acc[q].i += vg[q].r * vx[q].i - vg[q].i * vx[q].r;
+          }
+        }
+      lane_fft_inverse<M, G>(acc, p);
+      for (int n = 0; n < M; ++n) {
+        const V r = acc[n].r / static_cast<T>(K);
+        for (int64_t k = 0; k < N; ++k) {
+          T sum = 0;
+          for (int j = 0; j < G; ++j) sum += r[j * N + k];
+          dw[c * K + n * N + k] = sum;
+        }
+      }
+    }
+  });
+}
+
+// The weight gradient along dim 3 by lane_fft_wgrad where K is 7 vectors or half vectors (M = 7); false (nothing
+// done) otherwise. (At M = 14 the two transforms' 56 registers of data spill: 224 x 224 1.14x, but 224 x 56 0.90x and
+// 224 x 7 0.96x against the tiles, `bench_native_ab.py --base 31879be --algo 2 --threads 2`.)
+template <typename T>
+bool lane_fft_wgrad_dim3(const T* gy, const T* x, T* dw, int64_t B, int64_t C, int64_t H, int64_t K) {
+  const LaneFft<T> p(K);
+  if (p.M == 7 && p.G == 1) lane_fft_wgrad<7, 1>(p, gy, x, dw, B, C, H);
+  if (p.M == 7 && p.G == 2) lane_fft_wgrad<7, 2>(p, gy, x, dw, B, C, H);
+  return p.M == 7;
+}
+
 // A pair strip of lines along dim 2: the offsets of the real and imaginary lines' first elements from the
 // channel's first plane, and how many lanes of each are lines.
 struct Strip {
@@ -1532,6 +1596,7 @@ at::Tensor circular_dw_wgrad(const at::Tensor& gy, const at::Tensor& x, int64_t 
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* dp = dw.data_ptr<scalar_t>();
     const int64_t plane = H * W, bstride = C * plane;
+    if (fft && dim == 3 && lane_fft_wgrad_dim3(gp, xp, dp, B, C, H, K)) return;
     if (fft) {
       const FftPlan<scalar_t> pl(K);
       at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
