@@ -16,7 +16,8 @@
 // From K=28 on (the forward along W from K=32, the weight gradient from K=20; K without prime factors above 7) both
 // ops run an FFT instead (the FFT path below; the ops' algo argument overrides the choice); the forward along W where
 // K is 7 or 14 vectors or half vectors (56 / 112 / 224 floats with AVX-512) runs it in registers with its lanes along
-// the axis (lane_fft_rows), and so does the weight gradient where K is 7 of them (56 / 112; lane_fft_wgrad).
+// the axis (lane_fft_rows), and so does the weight gradient where K is 7 of them (56 / 112; lane_fft_wgrad); the
+// forward along H where K = 32, 40, 56 takes three sweeps of a strip instead of the passes (sweep8_correlate).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -803,6 +804,173 @@ void fft_correlate(const FftPlan<T>& pl, const T* S, const T* add, Lines<const T
   fft_inverse_levels(pl, b, io, out.swapped(), add, tile ? TILE : out.stream ? EXT_STREAM : EXT);
 }
 
+// ---- Along dim 2 where K = 8 A, A = 4, 5 or 7: three sweeps over a strip instead of the passes ------------------
+// The strip's rows n = n1 + 8 n2 as in the four-step FFT (lane_fft_rows), both factors down the vectors: sweep 1, for
+// each n1, the DFT of A over rows n1 + 8 n2 of x (in registers) times exp(-2 pi i k2 n1 / K), into the buffer;
+// sweep 2, for each k2, the DFT of 8 over n1 (radix 2, then dft<4> of each half: position t holds k1 = 2 t for t < 4,
+// 2 (t - 4) + 1 after), times S, and its inverse; sweep 3, for each n1, the conjugate twiddles and the inverse DFT of
+// A, to y's rows n1 + 8 n2 (+ the addend). The buffer is read and written 4 times per strip, the passes' 8 to 10
+// (K = 32 = 4 x 4 x 2, 40 = 4 x 2 x 5, 56 = 4 x 2 x 7). Forward along H against the passes, 2 threads, per-round
+// medians (`cd benchmarks && python bench_native_ab.py --base 93cbc9e --algo 2 --threads 2 --cases 56x56 56x112 56x20
+// 56x7 32x32 40x40 32x56 112x112 --budget 1`): 1.11-1.26x (56 x 56 1.16x; 112 x 112, untouched, 1.02x); at B=1
+// (`--cases 56x56 32x32 40x40 56x7 --budget 0.7 --batch 1`) 1.08-1.23x.
+template <typename T> struct Sweep8 {
+  int A = 0;  // 0: K is not 8 A with A = 4, 5, 7
+  T tw[8][7][2];  // exp(-2 pi i k2 n1 / K)
+  T w8[4][2];  // exp(-2 pi i j / 8)
+  explicit Sweep8(int64_t K) {
+    if (K != 32 && K != 40 && K != 56) return;
+    A = static_cast<int>(K / 8);
+    for (int n1 = 0; n1 < 8; ++n1)
+      for (int k2 = 0; k2 < A; ++k2) {
+        tw[n1][k2][0] = static_cast<T>(std::cos(-2 * M_PI * n1 * k2 / static_cast<double>(K)));
+        tw[n1][k2][1] = static_cast<T>(std::sin(-2 * M_PI * n1 * k2 / static_cast<double>(K)));
+      }
+    for (int j = 0; j < 4; ++j) {
+      w8[j][0] = static_cast<T>(std::cos(-2 * M_PI * j / 8));
+      w8[j][1] = static_cast<T>(std::sin(-2 * M_PI * j / 8));
+    }
+  }
+};
+
+// The DFT of 8 complex vectors in the order above; INV: its inverse (order above in, natural out; times 8).
+template <bool INV, typename V, typename T> __attribute__((always_inline)) inline void dft8(V* xr, V* xi,
+                                                                                            const Sweep8<T>& p) {
+  if constexpr (!INV) {
+    for (int j = 0; j < 4; ++j) {
+      const V dr = xr[j] - xr[j + 4], di = xi[j] - xi[j + 4];
+      xr[j] += xr[j + 4];
+      xi[j] += xi[j + 4];
+      xr[j + 4] = j ? dr * p.w8[j][0] - di * p.w8[j][1] : dr;
+      xi[j + 4] = j ? dr * p.w8[j][1] + di * p.w8[j][0] : di;
+    }
+    dft<4>(xr, xi);
+    dft<4>(xr + 4, xi + 4);
+  } else {
+    dft<4>(xi, xr);  // the parts swapped: the inverse DFT
+    dft<4>(xi + 4, xr + 4);
+    for (int j = 0; j < 4; ++j) {
+      const V br = j ? xr[j + 4] * p.w8[j][0] + xi[j + 4] * p.w8[j][1] : xr[j + 4];
+      const V bi = j ? xi[j + 4] * p.w8[j][0] - xr[j + 4] * p.w8[j][1] : xi[j + 4];
+      xr[j + 4] = xr[j] - br;
+      xi[j + 4] = xi[j] - bi;
+      xr[j] += br;
+      xi[j] += bi;
+    }
+  }
+}
+
+// The three sweeps over the pair strip `in` (row n of the lines at n * stride) with the buffer b (re at b, im at
+// b + io; vector k2 * 8 + n1), writing `out` (as fft_correlate's); with S null only sweep 1 and the forward DFTs of
+// 8, leaving the spectrum in b (sweep8_spectra).
+template <int A, typename T>
+void sweep8_correlate(const Sweep8<T>& p, const T* S, const T* add, Lines<const T> in, Lines<T> out, T* b,
+                      int64_t io) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::n;
+  for (int n1 = 0; n1 < 8; ++n1) {
+    V xr[A], xi[A];
+    for (int n2 = 0; n2 < A; ++n2) {
+      const T* r = in.re + (n1 + 8 * n2) * in.stride;
+      const T* i = in.im + (n1 + 8 * n2) * in.stride;
+      if (in.prefetch) {
+        __builtin_prefetch(r + in.prefetch, 0, 2);
+        __builtin_prefetch(i + in.prefetch, 0, 2);
+      }
+      xr[n2] = load_n<V>(r, in.nre);
+      xi[n2] = load_n<V>(i, in.nim);
+    }
+    dft<A>(xr, xi);
+    for (int k2 = 0; k2 < A; ++k2) {
+      V r = xr[k2], i = xi[k2];
+      if (n1 && k2) {
+        const T c = p.tw[n1][k2][0], d = p.tw[n1][k2][1];
+        const V t = r * d + i * c;
+        r = r * c - i * d;
+        i = t;
+      }
+      store(b + (k2 * 8 + n1) * L, r);
+      store(b + io + (k2 * 8 + n1) * L, i);
+    }
+  }
+  for (int k2 = 0; k2 < A; ++k2) {
+    V xr[8], xi[8];
+    for (int t = 0; t < 8; ++t) xr[t] = load<V>(b + (k2 * 8 + t) * L), xi[t] = load<V>(b + io + (k2 * 8 + t) * L);
+    dft8<false>(xr, xi, p);
+    if (S) {
+      for (int t = 0; t < 8; ++t) {
+        const T c = S[2 * (k2 * 8 + t)], d = S[2 * (k2 * 8 + t) + 1];
+        const V u = xr[t] * d + xi[t] * c;
+        xr[t] = xr[t] * c - xi[t] * d;
+        xi[t] = u;
+      }
+      dft8<true>(xr, xi, p);
+    }
+    for (int t = 0; t < 8; ++t) store(b + (k2 * 8 + t) * L, xr[t]), store(b + io + (k2 * 8 + t) * L, xi[t]);
+  }
+  if (!S) return;
+  for (int n1 = 0; n1 < 8; ++n1) {
+    V xr[A], xi[A];
+    for (int k2 = 0; k2 < A; ++k2) {
+      V r = load<V>(b + (k2 * 8 + n1) * L), i = load<V>(b + io + (k2 * 8 + n1) * L);
+      if (n1 && k2) {
+        const T c = p.tw[n1][k2][0], d = p.tw[n1][k2][1];
+        const V t = i * c - r * d;
+        r = r * c + i * d;
+        i = t;
+      }
+      xr[k2] = r;
+      xi[k2] = i;
+    }
+    dft<A>(xi, xr);  // the parts swapped: the inverse DFT
+    for (int n2 = 0; n2 < A; ++n2) {
+      const int64_t n = n1 + 8 * n2;
+      T* r = out.re + n * out.stride;
+      T* i = out.im + n * out.stride;
+      const V ad = bcast<V>(add[n]);
+      if (out.stream) {
+        store_stream(r, xr[n2] + ad);
+        store_stream(i, xi[n2] + ad);
+      } else {
+        if (out.prefetch) {
+          __builtin_prefetch(r + out.prefetch, 1, 2);
+          __builtin_prefetch(i + out.prefetch, 1, 2);
+        }
+        store_n(r, xr[n2] + ad, out.nre);
+        store_n(i, xi[n2] + ad, out.nim);
+      }
+    }
+  }
+}
+template <typename T>
+void sweep8_correlate(const Sweep8<T>& p, const T* S, const T* add, Lines<const T> in, Lines<T> out, T* b,
+                      int64_t io) {
+  if (p.A == 7) sweep8_correlate<7>(p, S, add, in, out, b, io);
+  if (p.A == 5) sweep8_correlate<5>(p, S, add, in, out, b, io);
+  if (p.A == 4) sweep8_correlate<4>(p, S, add, in, out, b, io);
+}
+
+// conj(F(w[c])) / K for every channel of the (C, K) weights in sweep 2's order (vector k2 * 8 + t): (C, K, 2), L
+// channels per strip (the lanes).
+template <typename T> std::vector<T> sweep8_spectra(const Sweep8<T>& p, const T* w, int64_t C) {
+  constexpr int64_t L = Vec<T>::n;
+  const int64_t K = 8 * p.A, io = K * L;
+  std::vector<T> S(C * K * 2);
+  const Scratch<T> scratch(3 * io);
+  T* a = scratch.data();
+  T* b = a + io;
+  for (int64_t c0 = 0; c0 < C; c0 += L) {
+    rows_to_tile(w, C, K, c0, a);
+    sweep8_correlate<T>(p, nullptr, nullptr, Lines<const T>{a, a, L, L, 0}, Lines<T>{b, b, L}, b, io);
+    for (int64_t l = 0; l < std::min(L, C - c0); ++l)
+      for (int64_t f = 0; f < K; ++f) {
+        S[((c0 + l) * K + f) * 2] = b[f * L + l] / static_cast<T>(K);
+        S[((c0 + l) * K + f) * 2 + 1] = -b[io + f * L + l] / static_cast<T>(K);
+      }
+  }
+  return S;
+}
+
 // conj(F(w[c])) / K for every channel of the (C, K) weights in the passes' order, L channels per transform: (C, K, 2).
 template <typename T> std::vector<T> weight_spectra(const FftPlan<T>& pl, const T* w, int64_t C) {
   constexpr int64_t L = Vec<T>::n;
@@ -1459,7 +1627,8 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
     if (fft && dim == 3 && lane_fft_forward_dim3(xp, yp, wp, ap, B * C, C, H, K)) return;
     if (fft) {
       const FftPlan<scalar_t> pl(K);
-      const std::vector<scalar_t> S = weight_spectra(pl, wp, C), zeros(add ? 0 : K);
+      const Sweep8<scalar_t> sw(dim == 2 ? K : 0);  // along dim 2 the three sweeps where K = 32, 40, 56
+      const std::vector<scalar_t> S = sw.A ? sweep8_spectra(sw, wp, C) : weight_spectra(pl, wp, C), zeros(add ? 0 : K);
       const auto addend = [&](int64_t c) { return ap ? ap + c * K : zeros.data(); };  // the passes add K values
       const bool stream = static_cast<int64_t>(y.nbytes()) >= STREAM_MIN_BYTES;
       const int64_t io = KP * L;
@@ -1492,7 +1661,10 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
               Lines<scalar_t> out = strip_lines(yp + base, s, W);
               out.stream = stream && s.nre == L && s.nim == L && W % L == 0 && aligned(out.re) && aligned(out.im);
               if (!out.stream) out.prefetch = in.prefetch;  // (streamed lines bypass the caches)
-              fft_correlate(pl, S.data() + c * K * 2, addend(c), in, out, buf.data(), io);
+              if (sw.A)
+                sweep8_correlate(sw, S.data() + c * K * 2, addend(c), in, out, buf.data(), io);
+              else
+                fft_correlate(pl, S.data() + c * K * 2, addend(c), in, out, buf.data(), io);
             }
           }
           stream_fence();
