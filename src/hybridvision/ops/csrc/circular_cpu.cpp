@@ -17,7 +17,8 @@
 // ops run an FFT instead (the FFT path below; the ops' algo argument overrides the choice); the forward along W where
 // K is 7 or 14 vectors or half vectors (56 / 112 / 224 floats with AVX-512) runs it in registers with its lanes along
 // the axis (lane_fft_rows), and so does the weight gradient where K is 7 of them (56 / 112; lane_fft_wgrad); the
-// forward along H where K = 32, 40, 56 takes three sweeps of a strip instead of the passes (sweep8_correlate).
+// forward along H where K = 32, 40, 56, 224 takes three or five sweeps of a strip instead of the passes
+// (sweep8_correlate).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -804,24 +805,30 @@ void fft_correlate(const FftPlan<T>& pl, const T* S, const T* add, Lines<const T
   fft_inverse_levels(pl, b, io, out.swapped(), add, tile ? TILE : out.stream ? EXT_STREAM : EXT);
 }
 
-// ---- Along dim 2 where K = 8 A, A = 4, 5 or 7: three sweeps over a strip instead of the passes ------------------
-// The strip's rows n = n1 + 8 n2 as in the four-step FFT (lane_fft_rows), both factors down the vectors: sweep 1, for
-// each n1, the DFT of A over rows n1 + 8 n2 of x (in registers) times exp(-2 pi i k2 n1 / K), into the buffer;
+// ---- Along dim 2 where K = A B, B = 8 (A = 4, 5, 7) or 32 (A = 7): sweeps over a strip instead of the passes -----
+// The strip's rows n = n1 + B n2 as in the four-step FFT (lane_fft_rows), both factors down the vectors: sweep 1, for
+// each n1, the DFT of A over rows n1 + B n2 of x (in registers) times exp(-2 pi i k2 n1 / K), into the buffer;
 // sweep 2, for each k2, the DFT of 8 over n1 (radix 2, then dft<4> of each half: position t holds k1 = 2 t for t < 4,
-// 2 (t - 4) + 1 after), times S, and its inverse; sweep 3, for each n1, the conjugate twiddles and the inverse DFT of
-// A, to y's rows n1 + 8 n2 (+ the addend). The buffer is read and written 4 times per strip, the passes' 8 to 10
-// (K = 32 = 4 x 4 x 2, 40 = 4 x 2 x 5, 56 = 4 x 2 x 7). Forward along H against the passes, 2 threads, per-round
+// 2 (t - 4) + 1 after), times S, and its inverse (B = 32 = 8 x 4: first the DFTs of 4 and their twiddles,
+// sweep32_quarter, then those of 8, then back); sweep 3, for each n1, the conjugate twiddles and the inverse DFT of
+// A, to y's rows n1 + B n2 (+ the addend). The buffer is read and written 4 times per strip (8 at B = 32), the
+// passes' 8 to 12 (K = 32 = 4 x 4 x 2, 40 = 4 x 2 x 5, 56 = 4 x 2 x 7, 224 = 4 x 4 x 2 x 7). Forward along H against the passes, 2 threads, per-round
 // medians (`cd benchmarks && python bench_native_ab.py --base 93cbc9e --algo 2 --threads 2 --cases 56x56 56x112 56x20
 // 56x7 32x32 40x40 32x56 112x112 --budget 1`): 1.11-1.26x (56 x 56 1.16x; 112 x 112, untouched, 1.02x); at B=1
-// (`--cases 56x56 32x32 40x40 56x7 --budget 0.7 --batch 1`) 1.08-1.23x.
+// (`--cases 56x56 32x32 40x40 56x7 --budget 0.7 --batch 1`) 1.08-1.23x. K=224 (`--base 60b1412 --cases 224x224
+// 224x56 224x20 224x7`): 1.07x, 1.11x, 1.06x, 1.05x (another run at 224 x 224 1.15x); B=1 224 x 224 1.08x, 224 x 56
+// 0.99x; that change cost the B = 8 sizes 2-4% (56 x 56, 32 x 32, 40 x 40, 32 x 7: 0.96-0.98x in two runs, 0.98-1.01x
+// for the base against itself; cause not found).
 template <typename T> struct Sweep8 {
-  int A = 0;  // 0: K is not 8 A with A = 4, 5, 7
-  T tw[8][7][2];  // exp(-2 pi i k2 n1 / K)
+  int A = 0, B = 8;  // K = A B; A = 0: none
+  T tw[32][7][2];  // exp(-2 pi i k2 n1 / K)
   T w8[4][2];  // exp(-2 pi i j / 8)
+  T w32[8][4][2];  // exp(-2 pi i a k / 32)
   explicit Sweep8(int64_t K) {
-    if (K != 32 && K != 40 && K != 56) return;
-    A = static_cast<int>(K / 8);
-    for (int n1 = 0; n1 < 8; ++n1)
+    if (K == 32 || K == 40 || K == 56) A = static_cast<int>(K / 8);
+    if (K == 224) A = 7, B = 32;
+    if (!A) return;
+    for (int n1 = 0; n1 < B; ++n1)
       for (int k2 = 0; k2 < A; ++k2) {
         tw[n1][k2][0] = static_cast<T>(std::cos(-2 * M_PI * n1 * k2 / static_cast<double>(K)));
         tw[n1][k2][1] = static_cast<T>(std::sin(-2 * M_PI * n1 * k2 / static_cast<double>(K)));
@@ -830,49 +837,85 @@ template <typename T> struct Sweep8 {
       w8[j][0] = static_cast<T>(std::cos(-2 * M_PI * j / 8));
       w8[j][1] = static_cast<T>(std::sin(-2 * M_PI * j / 8));
     }
+    for (int a = 0; a < (B == 32 ? 8 : 0); ++a)
+      for (int k = 0; k < 4; ++k) {
+        w32[a][k][0] = static_cast<T>(std::cos(-2 * M_PI * a * k / 32));
+        w32[a][k][1] = static_cast<T>(std::sin(-2 * M_PI * a * k / 32));
+      }
   }
 };
 
-// The DFT of 8 complex vectors in the order above; INV: its inverse (order above in, natural out; times 8).
-template <bool INV, typename V, typename T> __attribute__((always_inline)) inline void dft8(V* xr, V* xi,
-                                                                                            const Sweep8<T>& p) {
-  if constexpr (!INV) {
-    for (int j = 0; j < 4; ++j) {
-      const V dr = xr[j] - xr[j + 4], di = xi[j] - xi[j + 4];
-      xr[j] += xr[j + 4];
-      xi[j] += xi[j + 4];
-      xr[j + 4] = j ? dr * p.w8[j][0] - di * p.w8[j][1] : dr;
-      xi[j + 4] = j ? dr * p.w8[j][1] + di * p.w8[j][0] : di;
+template <typename V, typename T> inline void cmul_s(V& r, V& i, T c, T d) {  // (r, i) times c + i d
+  const V t = r * d + i * c;
+  r = r * c - i * d;
+  i = t;
+}
+
+// The DFT of P complex vectors: P = 8 in the order above (radix 2, then dft<4> of each half), else (4, 5, 7) natural;
+// INV: its inverse (that order in, natural out; times P).
+template <int P, bool INV, typename V, typename T> __attribute__((always_inline)) inline void dft_sweep(
+    V* xr, V* xi, const Sweep8<T>& p) {
+  if constexpr (P == 8) {
+    if constexpr (!INV) {
+      for (int j = 0; j < 4; ++j) {
+        V dr = xr[j] - xr[j + 4], di = xi[j] - xi[j + 4];
+        xr[j] += xr[j + 4];
+        xi[j] += xi[j + 4];
+        if (j) cmul_s(dr, di, p.w8[j][0], p.w8[j][1]);
+        xr[j + 4] = dr;
+        xi[j + 4] = di;
+      }
+      dft<4>(xr, xi);
+      dft<4>(xr + 4, xi + 4);
+    } else {
+      dft<4>(xi, xr);  // the parts swapped: the inverse DFT
+      dft<4>(xi + 4, xr + 4);
+      for (int j = 0; j < 4; ++j) {
+        V br = xr[j + 4], bi = xi[j + 4];
+        if (j) cmul_s(br, bi, p.w8[j][0], -p.w8[j][1]);
+        xr[j + 4] = xr[j] - br;
+        xi[j + 4] = xi[j] - bi;
+        xr[j] += br;
+        xi[j] += bi;
+      }
     }
-    dft<4>(xr, xi);
-    dft<4>(xr + 4, xi + 4);
   } else {
-    dft<4>(xi, xr);  // the parts swapped: the inverse DFT
-    dft<4>(xi + 4, xr + 4);
-    for (int j = 0; j < 4; ++j) {
-      const V br = j ? xr[j + 4] * p.w8[j][0] + xi[j + 4] * p.w8[j][1] : xr[j + 4];
-      const V bi = j ? xi[j + 4] * p.w8[j][0] - xr[j + 4] * p.w8[j][1] : xi[j + 4];
-      xr[j + 4] = xr[j] - br;
-      xi[j + 4] = xi[j] - bi;
-      xr[j] += br;
-      xi[j] += bi;
+    if constexpr (!INV) dft<P>(xr, xi); else dft<P>(xi, xr);
+  }
+}
+
+// Sweep 2's outer level for B = 32 = 8 x 4 (n1 = a + 8 bb) on the 32 vectors at c: per a the DFT of 4 over bb (to
+// k), times exp(-2 pi i a k / 32), to position a + 8 k (then per k the DFT of 8 over a, as for B = 8); inv: back.
+template <typename T> void sweep32_quarter(const Sweep8<T>& p, T* c, int64_t io, bool inv) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::n;
+  for (int a = 0; a < 8; ++a) {
+    V xr[4], xi[4];
+    for (int t = 0; t < 4; ++t) xr[t] = load<V>(c + (a + 8 * t) * L), xi[t] = load<V>(c + io + (a + 8 * t) * L);
+    if (inv) {
+      for (int t = 1; t < 4; ++t) cmul_s(xr[t], xi[t], p.w32[a][t][0], -p.w32[a][t][1]);
+      dft<4>(xi, xr);
+    } else {
+      dft<4>(xr, xi);
+      for (int t = 1; t < 4; ++t) cmul_s(xr[t], xi[t], p.w32[a][t][0], p.w32[a][t][1]);
     }
+    for (int t = 0; t < 4; ++t) store(c + (a + 8 * t) * L, xr[t]), store(c + io + (a + 8 * t) * L, xi[t]);
   }
 }
 
 // The three sweeps over the pair strip `in` (row n of the lines at n * stride) with the buffer b (re at b, im at
-// b + io; vector k2 * 8 + n1), writing `out` (as fft_correlate's); with S null only sweep 1 and the forward DFTs of
-// 8, leaving the spectrum in b (sweep8_spectra).
-template <int A, typename T>
+// b + io; vector p * B + n1), writing `out` (as fft_correlate's); with S null only sweep 1 and the forward DFTs of
+// B, leaving the spectrum in b (sweep8_spectra).
+template <int A, int B, typename T>
 void sweep8_correlate(const Sweep8<T>& p, const T* S, const T* add, Lines<const T> in, Lines<T> out, T* b,
                       int64_t io) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
-  for (int n1 = 0; n1 < 8; ++n1) {
+  for (int n1 = 0; n1 < B; ++n1) {
     V xr[A], xi[A];
     for (int n2 = 0; n2 < A; ++n2) {
-      const T* r = in.re + (n1 + 8 * n2) * in.stride;
-      const T* i = in.im + (n1 + 8 * n2) * in.stride;
+      const T* r = in.re + (n1 + B * n2) * in.stride;
+      const T* i = in.im + (n1 + B * n2) * in.stride;
       if (in.prefetch) {
         __builtin_prefetch(r + in.prefetch, 0, 2);
         __builtin_prefetch(i + in.prefetch, 0, 2);
@@ -880,51 +923,42 @@ void sweep8_correlate(const Sweep8<T>& p, const T* S, const T* add, Lines<const 
       xr[n2] = load_n<V>(r, in.nre);
       xi[n2] = load_n<V>(i, in.nim);
     }
-    dft<A>(xr, xi);
-    for (int k2 = 0; k2 < A; ++k2) {
-      V r = xr[k2], i = xi[k2];
-      if (n1 && k2) {
-        const T c = p.tw[n1][k2][0], d = p.tw[n1][k2][1];
-        const V t = r * d + i * c;
-        r = r * c - i * d;
-        i = t;
-      }
-      store(b + (k2 * 8 + n1) * L, r);
-      store(b + io + (k2 * 8 + n1) * L, i);
+    dft_sweep<A, false>(xr, xi, p);
+    for (int q = 0; q < A; ++q) {
+      if (n1 && q) cmul_s(xr[q], xi[q], p.tw[n1][q][0], p.tw[n1][q][1]);
+      store(b + (q * B + n1) * L, xr[q]);
+      store(b + io + (q * B + n1) * L, xi[q]);
     }
   }
-  for (int k2 = 0; k2 < A; ++k2) {
-    V xr[8], xi[8];
-    for (int t = 0; t < 8; ++t) xr[t] = load<V>(b + (k2 * 8 + t) * L), xi[t] = load<V>(b + io + (k2 * 8 + t) * L);
-    dft8<false>(xr, xi, p);
-    if (S) {
-      for (int t = 0; t < 8; ++t) {
-        const T c = S[2 * (k2 * 8 + t)], d = S[2 * (k2 * 8 + t) + 1];
-        const V u = xr[t] * d + xi[t] * c;
-        xr[t] = xr[t] * c - xi[t] * d;
-        xi[t] = u;
+  for (int q = 0; q < A; ++q) {
+    if constexpr (B == 32) sweep32_quarter(p, b + q * B * L, io, false);
+    for (int g = 0; g < B; g += 8) {
+      V xr[8], xi[8];
+      for (int t = 0; t < 8; ++t)
+        xr[t] = load<V>(b + (q * B + g + t) * L), xi[t] = load<V>(b + io + (q * B + g + t) * L);
+      dft_sweep<8, false>(xr, xi, p);
+      if (S) {
+        for (int t = 0; t < 8; ++t)
+          cmul_s(xr[t], xi[t], S[2 * (q * B + g + t)], S[2 * (q * B + g + t) + 1]);
+        dft_sweep<8, true>(xr, xi, p);
       }
-      dft8<true>(xr, xi, p);
+      for (int t = 0; t < 8; ++t)
+        store(b + (q * B + g + t) * L, xr[t]), store(b + io + (q * B + g + t) * L, xi[t]);
     }
-    for (int t = 0; t < 8; ++t) store(b + (k2 * 8 + t) * L, xr[t]), store(b + io + (k2 * 8 + t) * L, xi[t]);
+    if constexpr (B == 32)
+      if (S) sweep32_quarter(p, b + q * B * L, io, true);
   }
   if (!S) return;
-  for (int n1 = 0; n1 < 8; ++n1) {
+  for (int n1 = 0; n1 < B; ++n1) {
     V xr[A], xi[A];
-    for (int k2 = 0; k2 < A; ++k2) {
-      V r = load<V>(b + (k2 * 8 + n1) * L), i = load<V>(b + io + (k2 * 8 + n1) * L);
-      if (n1 && k2) {
-        const T c = p.tw[n1][k2][0], d = p.tw[n1][k2][1];
-        const V t = i * c - r * d;
-        r = r * c + i * d;
-        i = t;
-      }
-      xr[k2] = r;
-      xi[k2] = i;
+    for (int q = 0; q < A; ++q) {
+      xr[q] = load<V>(b + (q * B + n1) * L);
+      xi[q] = load<V>(b + io + (q * B + n1) * L);
+      if (n1 && q) cmul_s(xr[q], xi[q], p.tw[n1][q][0], -p.tw[n1][q][1]);
     }
-    dft<A>(xi, xr);  // the parts swapped: the inverse DFT
+    dft_sweep<A, true>(xr, xi, p);
     for (int n2 = 0; n2 < A; ++n2) {
-      const int64_t n = n1 + 8 * n2;
+      const int64_t n = n1 + B * n2;
       T* r = out.re + n * out.stride;
       T* i = out.im + n * out.stride;
       const V ad = bcast<V>(add[n]);
@@ -945,16 +979,17 @@ void sweep8_correlate(const Sweep8<T>& p, const T* S, const T* add, Lines<const 
 template <typename T>
 void sweep8_correlate(const Sweep8<T>& p, const T* S, const T* add, Lines<const T> in, Lines<T> out, T* b,
                       int64_t io) {
-  if (p.A == 7) sweep8_correlate<7>(p, S, add, in, out, b, io);
-  if (p.A == 5) sweep8_correlate<5>(p, S, add, in, out, b, io);
-  if (p.A == 4) sweep8_correlate<4>(p, S, add, in, out, b, io);
+  if (p.A == 7 && p.B == 8) sweep8_correlate<7, 8>(p, S, add, in, out, b, io);
+  if (p.A == 5) sweep8_correlate<5, 8>(p, S, add, in, out, b, io);
+  if (p.A == 4) sweep8_correlate<4, 8>(p, S, add, in, out, b, io);
+  if (p.A == 7 && p.B == 32) sweep8_correlate<7, 32>(p, S, add, in, out, b, io);
 }
 
 // conj(F(w[c])) / K for every channel of the (C, K) weights in sweep 2's order (vector k2 * 8 + t): (C, K, 2), L
 // channels per strip (the lanes).
 template <typename T> std::vector<T> sweep8_spectra(const Sweep8<T>& p, const T* w, int64_t C) {
   constexpr int64_t L = Vec<T>::n;
-  const int64_t K = 8 * p.A, io = K * L;
+  const int64_t K = p.A * p.B, io = K * L;
   std::vector<T> S(C * K * 2);
   const Scratch<T> scratch(3 * io);
   T* a = scratch.data();
@@ -1627,7 +1662,7 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
     if (fft && dim == 3 && lane_fft_forward_dim3(xp, yp, wp, ap, B * C, C, H, K)) return;
     if (fft) {
       const FftPlan<scalar_t> pl(K);
-      const Sweep8<scalar_t> sw(dim == 2 ? K : 0);  // along dim 2 the three sweeps where K = 32, 40, 56
+      const Sweep8<scalar_t> sw(dim == 2 ? K : 0);  // along dim 2 the sweeps where K = 32, 40, 56, 224
       const std::vector<scalar_t> S = sw.A ? sweep8_spectra(sw, wp, C) : weight_spectra(pl, wp, C), zeros(add ? 0 : K);
       const auto addend = [&](int64_t c) { return ap ? ap + c * K : zeros.data(); };  // the passes add K values
       const bool stream = static_cast<int64_t>(y.nbytes()) >= STREAM_MIN_BYTES;
