@@ -32,7 +32,7 @@ SHAPES = [(2, 3, 7, 5), (3, 4, 17, 18), (2, 5, 33, 40), (1, 2, 56, 56), (2, 3, 9
           # with AVX-512; 28 / 56 / 112 floats, 28 / 56 doubles with AVX2): the FFT in registers, lanes along the
           # axis (lane_fft_rows), 2 or 4 rows at a time, H not a multiple of that
           (2, 3, 5, 112), (1, 2, 4, 224), (3, 1, 1, 224), (1, 2, 3, 28), (2, 3, 6, 56), (1, 2, 7, 56), (3, 1, 2, 28),
-          # along dim 2 where K = 32, 40, 56, 224: the FFT in three sweeps (sweep8_correlate), full and partial strips,
+          # along dim 2 where K = 32, 40, 56, 224: the FFT in sweeps (sweep_correlate), full and partial strips,
           # two planes' columns in one strip
           (2, 3, 32, 20), (3, 2, 40, 9), (1, 1, 56, 33), (1, 2, 224, 20)]
 

@@ -18,7 +18,7 @@
 // K is 7 or 14 vectors or half vectors (56 / 112 / 224 floats with AVX-512) runs it in registers with its lanes along
 // the axis (lane_fft_rows), and so does the weight gradient where K is 7 of them (56 / 112; lane_fft_wgrad); the
 // forward along H where K = 32, 40, 56, 224 takes three or five sweeps of a strip instead of the passes
-// (sweep8_correlate).
+// (sweep_correlate).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -810,21 +810,21 @@ void fft_correlate(const FftPlan<T>& pl, const T* S, const T* add, Lines<const T
 // each n1, the DFT of A over rows n1 + B n2 of x (in registers) times exp(-2 pi i k2 n1 / K), into the buffer;
 // sweep 2, for each k2, the DFT of 8 over n1 (radix 2, then dft<4> of each half: position t holds k1 = 2 t for t < 4,
 // 2 (t - 4) + 1 after), times S, and its inverse (B = 32 = 8 x 4: first the DFTs of 4 and their twiddles,
-// sweep32_quarter, then those of 8, then back); sweep 3, for each n1, the conjugate twiddles and the inverse DFT of
+// sweep_outer4, then those of 8, then back); sweep 3, for each n1, the conjugate twiddles and the inverse DFT of
 // A, to y's rows n1 + B n2 (+ the addend). The buffer is read and written 4 times per strip (8 at B = 32), the
-// passes' 8 to 12 (K = 32 = 4 x 4 x 2, 40 = 4 x 2 x 5, 56 = 4 x 2 x 7, 224 = 4 x 4 x 2 x 7). Forward along H against the passes, 2 threads, per-round
-// medians (`cd benchmarks && python bench_native_ab.py --base 93cbc9e --algo 2 --threads 2 --cases 56x56 56x112 56x20
-// 56x7 32x32 40x40 32x56 112x112 --budget 1`): 1.11-1.26x (56 x 56 1.16x; 112 x 112, untouched, 1.02x); at B=1
-// (`--cases 56x56 32x32 40x40 56x7 --budget 0.7 --batch 1`) 1.08-1.23x. K=224 (`--base 60b1412 --cases 224x224
+// passes' 8 to 12 (K = 32 = 4 x 4 x 2, 40 = 4 x 2 x 5, 56 = 4 x 2 x 7, 224 = 4 x 4 x 2 x 7). Forward along H against
+// the passes, 2 threads, per-round medians (`cd benchmarks && python bench_native_ab.py --base 93cbc9e --algo 2
+// --threads 2 --cases 56x56 56x112 56x20 56x7 32x32 40x40 32x56 112x112 --budget 1`): 1.11-1.26x (56 x 56 1.16x;
+// 112 x 112, untouched, 1.02x); at B=1 (`--cases 56x56 32x32 40x40 56x7 --budget 0.7 --batch 1`) 1.08-1.23x. K=224 (`--base 60b1412 --cases 224x224
 // 224x56 224x20 224x7`): 1.07x, 1.11x, 1.06x, 1.05x (another run at 224 x 224 1.15x); B=1 224 x 224 1.08x, 224 x 56
 // 0.99x; that change cost the B = 8 sizes 2-4% (56 x 56, 32 x 32, 40 x 40, 32 x 7: 0.96-0.98x in two runs, 0.98-1.01x
 // for the base against itself; cause not found).
-template <typename T> struct Sweep8 {
+template <typename T> struct SweepPlan {
   int A = 0, B = 8;  // K = A B; A = 0: none
   T tw[32][7][2];  // exp(-2 pi i k2 n1 / K)
   T w8[4][2];  // exp(-2 pi i j / 8)
   T w32[8][4][2];  // exp(-2 pi i a k / 32)
-  explicit Sweep8(int64_t K) {
+  explicit SweepPlan(int64_t K) {
     if (K == 32 || K == 40 || K == 56) A = static_cast<int>(K / 8);
     if (K == 224) A = 7, B = 32;
     if (!A) return;
@@ -854,7 +854,7 @@ template <typename V, typename T> inline void cmul_s(V& r, V& i, T c, T d) {  //
 // The DFT of P complex vectors: P = 8 in the order above (radix 2, then dft<4> of each half), else (4, 5, 7) natural;
 // INV: its inverse (that order in, natural out; times P).
 template <int P, bool INV, typename V, typename T> __attribute__((always_inline)) inline void dft_sweep(
-    V* xr, V* xi, const Sweep8<T>& p) {
+    V* xr, V* xi, const SweepPlan<T>& p) {
   if constexpr (P == 8) {
     if constexpr (!INV) {
       for (int j = 0; j < 4; ++j) {
@@ -886,7 +886,7 @@ template <int P, bool INV, typename V, typename T> __attribute__((always_inline)
 
 // Sweep 2's outer level for B = 32 = 8 x 4 (n1 = a + 8 bb) on the 32 vectors at c: per a the DFT of 4 over bb (to
 // k), times exp(-2 pi i a k / 32), to position a + 8 k (then per k the DFT of 8 over a, as for B = 8); inv: back.
-template <typename T> void sweep32_quarter(const Sweep8<T>& p, T* c, int64_t io, bool inv) {
+template <typename T> void sweep_outer4(const SweepPlan<T>& p, T* c, int64_t io, bool inv) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
   for (int a = 0; a < 8; ++a) {
@@ -903,11 +903,11 @@ template <typename T> void sweep32_quarter(const Sweep8<T>& p, T* c, int64_t io,
   }
 }
 
-// The three sweeps over the pair strip `in` (row n of the lines at n * stride) with the buffer b (re at b, im at
+// The sweeps over the pair strip `in` (row n of the lines at n * stride) with the buffer b (re at b, im at
 // b + io; vector p * B + n1), writing `out` (as fft_correlate's); with S null only sweep 1 and the forward DFTs of
-// B, leaving the spectrum in b (sweep8_spectra).
+// B, leaving the spectrum in b (sweep_spectra).
 template <int A, int B, typename T>
-void sweep8_correlate(const Sweep8<T>& p, const T* S, const T* add, Lines<const T> in, Lines<T> out, T* b,
+void sweep_correlate(const SweepPlan<T>& p, const T* S, const T* add, Lines<const T> in, Lines<T> out, T* b,
                       int64_t io) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
@@ -931,7 +931,7 @@ void sweep8_correlate(const Sweep8<T>& p, const T* S, const T* add, Lines<const 
     }
   }
   for (int q = 0; q < A; ++q) {
-    if constexpr (B == 32) sweep32_quarter(p, b + q * B * L, io, false);
+    if constexpr (B == 32) sweep_outer4(p, b + q * B * L, io, false);
     for (int g = 0; g < B; g += 8) {
       V xr[8], xi[8];
       for (int t = 0; t < 8; ++t)
@@ -946,7 +946,7 @@ void sweep8_correlate(const Sweep8<T>& p, const T* S, const T* add, Lines<const 
         store(b + (q * B + g + t) * L, xr[t]), store(b + io + (q * B + g + t) * L, xi[t]);
     }
     if constexpr (B == 32)
-      if (S) sweep32_quarter(p, b + q * B * L, io, true);
+      if (S) sweep_outer4(p, b + q * B * L, io, true);
   }
   if (!S) return;
   for (int n1 = 0; n1 < B; ++n1) {
@@ -977,17 +977,17 @@ void sweep8_correlate(const Sweep8<T>& p, const T* S, const T* add, Lines<const 
   }
 }
 template <typename T>
-void sweep8_correlate(const Sweep8<T>& p, const T* S, const T* add, Lines<const T> in, Lines<T> out, T* b,
+void sweep_correlate(const SweepPlan<T>& p, const T* S, const T* add, Lines<const T> in, Lines<T> out, T* b,
                       int64_t io) {
-  if (p.A == 7 && p.B == 8) sweep8_correlate<7, 8>(p, S, add, in, out, b, io);
-  if (p.A == 5) sweep8_correlate<5, 8>(p, S, add, in, out, b, io);
-  if (p.A == 4) sweep8_correlate<4, 8>(p, S, add, in, out, b, io);
-  if (p.A == 7 && p.B == 32) sweep8_correlate<7, 32>(p, S, add, in, out, b, io);
+  if (p.A == 7 && p.B == 8) sweep_correlate<7, 8>(p, S, add, in, out, b, io);
+  if (p.A == 5) sweep_correlate<5, 8>(p, S, add, in, out, b, io);
+  if (p.A == 4) sweep_correlate<4, 8>(p, S, add, in, out, b, io);
+  if (p.A == 7 && p.B == 32) sweep_correlate<7, 32>(p, S, add, in, out, b, io);
 }
 
 // conj(F(w[c])) / K for every channel of the (C, K) weights in sweep 2's order (vector k2 * 8 + t): (C, K, 2), L
 // channels per strip (the lanes).
-template <typename T> std::vector<T> sweep8_spectra(const Sweep8<T>& p, const T* w, int64_t C) {
+template <typename T> std::vector<T> sweep_spectra(const SweepPlan<T>& p, const T* w, int64_t C) {
   constexpr int64_t L = Vec<T>::n;
   const int64_t K = p.A * p.B, io = K * L;
   std::vector<T> S(C * K * 2);
@@ -996,7 +996,7 @@ template <typename T> std::vector<T> sweep8_spectra(const Sweep8<T>& p, const T*
   T* b = a + io;
   for (int64_t c0 = 0; c0 < C; c0 += L) {
     rows_to_tile(w, C, K, c0, a);
-    sweep8_correlate<T>(p, nullptr, nullptr, Lines<const T>{a, a, L, L, 0}, Lines<T>{b, b, L}, b, io);
+    sweep_correlate<T>(p, nullptr, nullptr, Lines<const T>{a, a, L, L, 0}, Lines<T>{b, b, L}, b, io);
     for (int64_t l = 0; l < std::min(L, C - c0); ++l)
       for (int64_t f = 0; f < K; ++f) {
         S[((c0 + l) * K + f) * 2] = b[f * L + l] / static_cast<T>(K);
@@ -1126,6 +1126,8 @@ template <typename V> inline auto lane_mod4_is3() {
 }
 
 // The 7-point DFT of v[0 .. 6] in place, exp(-2 pi i n k / 7) (INV: exp(+...)), by the pairs v[n] +- v[7 - n].
+// (The passes' dft<P> on separate real and imaginary arrays instead, its constants compiled in: 0.68-0.91x at K=224,
+// kernel log, session 23.)
 template <bool INV, typename V, typename T> __attribute__((always_inline)) inline void dft7(Cx<V>* v,
                                                                                             const LaneFft<T>& p) {
   Cx<V> s[3], d[3];
@@ -1662,8 +1664,8 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
     if (fft && dim == 3 && lane_fft_forward_dim3(xp, yp, wp, ap, B * C, C, H, K)) return;
     if (fft) {
       const FftPlan<scalar_t> pl(K);
-      const Sweep8<scalar_t> sw(dim == 2 ? K : 0);  // along dim 2 the sweeps where K = 32, 40, 56, 224
-      const std::vector<scalar_t> S = sw.A ? sweep8_spectra(sw, wp, C) : weight_spectra(pl, wp, C), zeros(add ? 0 : K);
+      const SweepPlan<scalar_t> sw(dim == 2 ? K : 0);  // along dim 2 the sweeps where K = 32, 40, 56, 224
+      const std::vector<scalar_t> S = sw.A ? sweep_spectra(sw, wp, C) : weight_spectra(pl, wp, C), zeros(add ? 0 : K);
       const auto addend = [&](int64_t c) { return ap ? ap + c * K : zeros.data(); };  // the passes add K values
       const bool stream = static_cast<int64_t>(y.nbytes()) >= STREAM_MIN_BYTES;
       const int64_t io = KP * L;
@@ -1697,7 +1699,7 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
               out.stream = stream && s.nre == L && s.nim == L && W % L == 0 && aligned(out.re) && aligned(out.im);
               if (!out.stream) out.prefetch = in.prefetch;  // (streamed lines bypass the caches)
               if (sw.A)
-                sweep8_correlate(sw, S.data() + c * K * 2, addend(c), in, out, buf.data(), io);
+                sweep_correlate(sw, S.data() + c * K * 2, addend(c), in, out, buf.data(), io);
               else
                 fft_correlate(pl, S.data() + c * K * 2, addend(c), in, out, buf.data(), io);
             }
