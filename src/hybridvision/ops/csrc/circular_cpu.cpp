@@ -815,10 +815,10 @@ void fft_correlate(const FftPlan<T>& pl, const T* S, const T* add, Lines<const T
 // passes' 8 to 12 (K = 32 = 4 x 4 x 2, 40 = 4 x 2 x 5, 56 = 4 x 2 x 7, 224 = 4 x 4 x 2 x 7). Forward along H against
 // the passes, 2 threads, per-round medians (`cd benchmarks && python bench_native_ab.py --base 93cbc9e --algo 2
 // --threads 2 --cases 56x56 56x112 56x20 56x7 32x32 40x40 32x56 112x112 --budget 1`): 1.11-1.26x (56 x 56 1.16x;
-// 112 x 112, untouched, 1.02x); at B=1 (`--cases 56x56 32x32 40x40 56x7 --budget 0.7 --batch 1`) 1.08-1.23x. K=224 (`--base 60b1412 --cases 224x224
-// 224x56 224x20 224x7`): 1.07x, 1.11x, 1.06x, 1.05x (another run at 224 x 224 1.15x); B=1 224 x 224 1.08x, 224 x 56
-// 0.99x; that change cost the B = 8 sizes 2-4% (56 x 56, 32 x 32, 40 x 40, 32 x 7: 0.96-0.98x in two runs, 0.98-1.01x
-// for the base against itself; cause not found).
+// 112 x 112, untouched, 1.02x); at B=1 (`--cases 56x56 32x32 40x40 56x7 --budget 0.7 --batch 1`) 1.08-1.23x.
+// K=224 (`--base 60b1412 --cases 224x224 224x56 224x20 224x7`): 1.07x, 1.11x, 1.06x, 1.05x (another run at 224 x 224
+// 1.15x); B=1 224 x 224 1.08x, 224 x 56 0.99x; that change cost the B = 8 sizes 2-4% (56 x 56, 32 x 32, 40 x 40,
+// 32 x 7: 0.96-0.98x in two runs, 0.98-1.01x for the base against itself; cause not found).
 template <typename T> struct SweepPlan {
   int A = 0, B = 8;  // K = A B; A = 0: none
   T tw[32][7][2];  // exp(-2 pi i k2 n1 / K)
