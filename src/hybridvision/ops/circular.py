@@ -563,9 +563,9 @@ class _DepthwiseNative(torch.autograd.Function):
         eager: as :func:`_native_algo`'s."""
         w = _as(weight.squeeze(1), x.dtype)
         if pe is not None:
-            addend = _circular_mv(w, pe.to(x.dtype))
+            addend = _circular_mv(w, _as(pe, x.dtype))
         if bias is not None:
-            b = bias.to(x.dtype).unsqueeze(-1).expand_as(w)
+            b = _as(bias, x.dtype).unsqueeze(-1).expand_as(w)
             addend = b if addend is None else addend + b
         addend = None if addend is None else _as(addend, x.dtype).contiguous()
         return _native_algo("forward", x, dim, lambda algo: native.forward(x, w, addend, dim, algo), eager)

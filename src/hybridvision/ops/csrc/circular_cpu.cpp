@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 #include <type_traits>
 #include <cstring>
 #include <utility>
@@ -1057,7 +1058,8 @@ template <typename V, typename T> inline Cx<V> cmul_conj(Cx<V> a, const T* p) {
   return {a.r * r + a.i * i, a.i * r - a.r * i};
 }
 template <typename V, typename T> inline Cx<V> cmul(Cx<V> a, T r, T i) {
-  return {a.r * r - a.i * i, a.r * i + a.i * r};
+  cmul_s(a.r, a.i, r, i);
+  return a;
 }
 // lane l takes lane l ^ H
 template <int H, typename V, size_t... I> inline V partner(V x, std::index_sequence<I...>) {
@@ -1077,17 +1079,19 @@ template <typename T> struct LaneFft {
   Scratch<T> tables;
   const T *sign, *tw, *t4;
   T c7[3][3], s7[3][3], w14[7][2];  // cos / sin(2 pi (n + 1) (k + 1) / 7); exp(-2 pi i n / 14)
+  // (M, G) for K, or (0, 1) where the path does not apply (checked before any table is built: callers ask for every K)
+  static std::pair<int, int> fit(int64_t K) {
+    for (int g : {1, 2})
+      if (L / g >= 4 && K % (L / g) == 0 && (K / (L / g) == 7 || K / (L / g) == 14))
+        return {static_cast<int>(K / (L / g)), g};
+    return {0, 1};
+  }
   explicit LaneFft(int64_t K) : tables(4 * L + 4 * L + 14 * 2 * L) {
     T* sg = tables.data();
     T* twd = sg + 4 * L;
     T* t4d = twd + 4 * L;
     sign = sg, tw = twd, t4 = t4d;
-    for (int g : {1, 2})
-      if (L / g >= 4 && K % (L / g) == 0 && (K / (L / g) == 7 || K / (L / g) == 14)) {
-        M = static_cast<int>(K / (L / g));
-        G = g;
-        break;
-      }
+    std::tie(M, G) = fit(K);
     if (!M) return;
     const int64_t N = L / G;
     const double pi = M_PI;
@@ -1331,8 +1335,8 @@ void lane_fft_rows(const LaneFft<T>& p, const T* x, T* y, const T* w, const T* a
 template <typename T>
 bool lane_fft_forward_dim3(const T* x, T* y, const T* w, const T* add, int64_t planes, int64_t C, int64_t H,
                            int64_t K) {
+  if (!LaneFft<T>::fit(K).first || reinterpret_cast<uintptr_t>(y) % 64) return false;
   const LaneFft<T> p(K);
-  if (reinterpret_cast<uintptr_t>(y) % 64) return false;
   if (p.M == 14 && p.G == 1) lane_fft_rows<14, 1>(p, x, y, w, add, planes, C, H);
   if (p.M == 7 && p.G == 1) lane_fft_rows<7, 1>(p, x, y, w, add, planes, C, H);
   if (p.M == 14 && p.G == 2) lane_fft_rows<14, 2>(p, x, y, w, add, planes, C, H);
@@ -1398,6 +1402,7 @@ void lane_fft_wgrad(const LaneFft<T>& p, const T* gy, const T* x, T* dw, int64_t
 // 224 x 7 0.96x against the tiles, `bench_native_ab.py --base 31879be --algo 2 --threads 2`.)
 template <typename T>
 bool lane_fft_wgrad_dim3(const T* gy, const T* x, T* dw, int64_t B, int64_t C, int64_t H, int64_t K) {
+  if (LaneFft<T>::fit(K).first != 7) return false;
   const LaneFft<T> p(K);
   if (p.M == 7 && p.G == 1) lane_fft_wgrad<7, 1>(p, gy, x, dw, B, C, H);
   if (p.M == 7 && p.G == 2) lane_fft_wgrad<7, 2>(p, gy, x, dw, B, C, H);
@@ -1663,8 +1668,8 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
     const int64_t plane = H * W;
     if (fft && dim == 3 && lane_fft_forward_dim3(xp, yp, wp, ap, B * C, C, H, K)) return;
     if (fft) {
-      const FftPlan<scalar_t> pl(K);
       const SweepPlan<scalar_t> sw(dim == 2 ? K : 0);  // along dim 2 the sweeps where K = 32, 40, 56, 224
+      const FftPlan<scalar_t> pl(sw.A ? 0 : K);  // the passes' plan, empty where the sweeps run
       const std::vector<scalar_t> S = sw.A ? sweep_spectra(sw, wp, C) : weight_spectra(pl, wp, C), zeros(add ? 0 : K);
       const auto addend = [&](int64_t c) { return ap ? ap + c * K : zeros.data(); };  // the passes add K values
       const bool stream = static_cast<int64_t>(y.nbytes()) >= STREAM_MIN_BYTES;
