@@ -30,6 +30,7 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -1034,9 +1035,11 @@ template <typename T> std::vector<T> weight_spectra(const FftPlan<T>& pl, const 
 //   F(z)[M k1 + k2] = sum_n1 exp(-2 pi i k1 n1 / N) exp(-2 pi i k2 n1 / K) sum_n2 z[n1 + N n2] exp(-2 pi i k2 n2 / M):
 // an M-point DFT down the vectors (lane by lane: 14 = 2 x 7, decimation in frequency, so vector p holds k2 = 2 p
 // for p < 7, 2 (p - 7) + 1 after), the twiddles exp(-2 pi i k2 n1 / K) per lane, then an N-point DFT across the
-// lanes of each signal (log2 N radix-2 stages, decimation in frequency: the partner lane by a constant shuffle,
-// k1 in bit-reversed lane order). S is computed by the same steps, so the order cancels; the inverse runs the steps
-// backwards (decimation in time, conjugate twiddles). No strip buffer and no 16 x 16 transposes: the rows are
+// lanes of each signal (log2 N radix-2 steps, decimation in frequency, each on pairs of vectors: two-source shuffles
+// put a butterfly's two inputs at the same lane of two vectors (LanePairs), so a step is an add, a subtract and one
+// twiddle multiply per lane, and k1 ends in an order of vector and lane that the steps define). S is computed by the
+// same steps, so the order cancels; the inverse runs the steps backwards (decimation in time, conjugate twiddles).
+// Odd M takes a zero vector for the pairs. No strip buffer and no 16 x 16 transposes: the rows are
 // loaded, transformed in registers and stored. (Session 20 ran the same transform through the passes' strip buffer,
 // 32 rows at a time, and measured it slower than the tiles: benchmarks/native_kernel_log.md.) Against the transposed
 // tiles, forward, 2 threads, per-round medians: `cd benchmarks && python bench_native_ab.py --base fed7cc3 --algo 2
@@ -1061,23 +1064,52 @@ template <typename V, typename T> inline Cx<V> cmul(Cx<V> a, T r, T i) {
   cmul_s(a.r, a.i, r, i);
   return a;
 }
-// lane l takes lane l ^ H
-template <int H, typename V, size_t... I> inline V partner(V x, std::index_sequence<I...>) {
-  return __builtin_shufflevector(x, x, (static_cast<int>(I) ^ H)...);
+// One radix-2 step across the lanes takes two vectors a, b whose lanes hold sequences of 2 D lanes each (blocks) to
+// lo, the first halves of a's and b's blocks, and hi, their second halves at the same places, so that lo + hi and
+// (lo - hi) w are the next step's sequences of D lanes. Where D >= Q (the lanes of 16 bytes) the halves move as
+// pieces, a's then b's (one vshuff32x4 / vperm2f128); below Q within each 16 bytes (one vshufps / vunpcklpd). idx:
+// lo's then hi's lanes as indices into (a, b); inv: a's then b's lanes as indices into (lo, hi).
+template <int D, int L, int Q> struct LanePairs {
+  static constexpr std::array<int, 2 * L> make() {
+    std::array<int, 2 * L> f{};
+    const int S = D >= Q ? L : Q;  // the lanes within which a's pieces come first, then b's
+    for (int h = 0; h < 2; ++h)
+      for (int i = 0; i < L; ++i) {
+        const int base = i / S * S, k = i % S / D, per = S / (2 * D);
+        f[h * L + i] = k / per * L + base + k % per * 2 * D + h * D + i % D;
+      }
+    return f;
+  }
+  static constexpr std::array<int, 2 * L> idx = make();
+  static constexpr std::array<int, 2 * L> invert() {
+    std::array<int, 2 * L> g{};
+    for (int t = 0; t < 2 * L; ++t) g[idx[t]] = t;
+    return g;
+  }
+  static constexpr std::array<int, 2 * L> inv = invert();
+};
+template <int D, bool INV, typename V, size_t... I> inline void pair_lanes(V a, V b, V& lo, V& hi,
+                                                                           std::index_sequence<I...>) {
+  constexpr int L = sizeof...(I);
+  typedef LanePairs<D, L, static_cast<int>(16 / sizeof(a[0]))> P;
+  constexpr const std::array<int, 2 * L>& f = INV ? P::inv : P::idx;
+  lo = __builtin_shufflevector(a, b, f[I]...);
+  hi = __builtin_shufflevector(a, b, f[L + I]...);
 }
-template <int H, typename V> inline V partner(V x) {
-  return partner<H>(x, std::make_index_sequence<sizeof(V) / sizeof(x[0])>{});
+// (a, b) -> (lo, hi); INV: (lo, hi) -> (a, b)
+template <int D, bool INV, typename V> inline void pair_lanes(V a, V b, V& lo, V& hi) {
+  pair_lanes<D, INV>(a, b, lo, hi, std::make_index_sequence<sizeof(V) / sizeof(a[0])>{});
 }
 
 template <typename T> struct LaneFft {
   static constexpr int64_t L = Vec<T>::n;
   int M = 0, G = 1;  // K = (L / G) M with M = 7 or 14: G signals of L / G lanes per vector; M = 0: neither
-  // in one 64-byte aligned block (vector loads that straddle two cache lines cost the passes 1.4x, see Scratch), for
-  // lane l, n = l mod (L / G) its place in its signal: sign, per stage (h = L / 2G .. 1): +1 where n has no bit h, -1
-  // where it has; tw, per stage with h >= 4: (re, im lanes) exp(-2 pi i (n mod h) / 2h) where n has bit h, else 1;
-  // t4, per vector p: (re, im lanes) exp(-2 pi i k2(p) n / K)
+  // in one 64-byte aligned block (vector loads that straddle two cache lines cost the passes 1.4x, see Scratch): tw,
+  // per step across the lanes with D >= 4 (D = L / 2G, ..., 4; see LanePairs): (re, im lanes) exp(-2 pi i (l mod D)
+  // / 2D); t4, per vector p: (re, im lanes) exp(-2 pi i k2(p) n / K) for lane l, n = l mod (L / G) its place in its
+  // signal
   Scratch<T> tables;
-  const T *sign, *tw, *t4;
+  const T *tw, *t4;
   T c7[3][3], s7[3][3], w14[7][2];  // cos / sin(2 pi (n + 1) (k + 1) / 7); exp(-2 pi i n / 14)
   // (M, G) for K, or (0, 1) where the path does not apply (checked before any table is built: callers ask for every K)
   static std::pair<int, int> fit(int64_t K) {
@@ -1086,20 +1118,17 @@ template <typename T> struct LaneFft {
         return {static_cast<int>(K / (L / g)), g};
     return {0, 1};
   }
-  explicit LaneFft(int64_t K) : tables(4 * L + 4 * L + 14 * 2 * L) {
-    T* sg = tables.data();
-    T* twd = sg + 4 * L;
+  explicit LaneFft(int64_t K) : tables(4 * L + 14 * 2 * L) {
+    T* twd = tables.data();
     T* t4d = twd + 4 * L;
-    sign = sg, tw = twd, t4 = t4d;
+    tw = twd, t4 = t4d;
     std::tie(M, G) = fit(K);
     if (!M) return;
     const int64_t N = L / G;
     const double pi = M_PI;
-    for (int64_t h = N / 2; h >= 1; h /= 2)
-      for (int64_t l = 0; l < L; ++l) *sg++ = l & h ? T(-1) : T(1);
-    for (int64_t h = N / 2; h >= 4; h /= 2, twd += 2 * L)
+    for (int64_t D = N / 2; D >= 4; D /= 2, twd += 2 * L)
       for (int64_t l = 0; l < L; ++l) {
-        const double a = l & h ? -2 * pi * static_cast<double>(l % h) / static_cast<double>(2 * h) : 0.0;
+        const double a = -2 * pi * static_cast<double>(l % D) / static_cast<double>(2 * D);
         twd[l] = static_cast<T>(std::cos(a));
         twd[L + l] = static_cast<T>(std::sin(a));
       }
@@ -1122,10 +1151,13 @@ template <typename T> struct LaneFft {
   }
 };
 
-// The lanes l with l mod 4 = 3 (those the twiddle -i or +i multiplies at h = 2), as a vector condition.
-template <typename V> inline auto lane_mod4_is3() {
+// The vectors the steps across the lanes run on: M, or M + 1 (a zero vector) for odd M, as they take pairs.
+constexpr int padded(int M) { return M + M % 2; }
+
+// The odd lanes (those the twiddle -i or +i multiplies in the step with D = 2), as a vector condition.
+template <typename V> inline auto lanes_odd() {
   decltype(V{} < V{}) m{};
-  for (size_t l = 0; l < sizeof(V) / sizeof(m[0]); ++l) m[l] = (l & 3) == 3 ? -1 : 0;
+  for (size_t l = 0; l < sizeof(V) / sizeof(m[0]); ++l) m[l] = l & 1 ? -1 : 0;
   return m;
 }
 
@@ -1159,6 +1191,7 @@ template <bool INV, typename V, typename T> __attribute__((always_inline)) inlin
 template <int M, int G, typename V, typename T> __attribute__((always_inline)) inline void lane_fft_forward(
     Cx<V>* v, const LaneFft<T>& p) {
   constexpr int64_t L = lanes<V, T>(), N = L / G;
+  constexpr int P = padded(M);
   if constexpr (M == 14) {
     for (int n = 0; n < 7; ++n) {
       const Cx<V> a = v[n], b = v[n + 7];
@@ -1170,57 +1203,60 @@ template <int M, int G, typename V, typename T> __attribute__((always_inline)) i
   dft7<false>(v, p);
 #pragma GCC unroll 16
   for (int q = 1; q < M; ++q) v[q] = cmul(v[q], p.t4 + q * 2 * L);
-  // stage h: u = (partner + sign x), times the twiddle; at h = 2 the twiddles are 1 and -i (lanes l mod 4 = 3)
-  const auto stage = [&](auto hc, int s) {
-    constexpr int H = decltype(hc)::value;
-    const V sg = load<V>(p.sign + s * L);
-#pragma GCC unroll 16
-    for (int q = 0; q < M; ++q) {
-      const Cx<V> x = v[q], y{partner<H>(x.r), partner<H>(x.i)};
-      const Cx<V> u{x.r * sg + y.r, x.i * sg + y.i};
-      if constexpr (H >= 4) {
-        v[q] = cmul(u, p.tw + s * 2 * L);
-      } else if constexpr (H == 2) {
-        const auto m = lane_mod4_is3<V>();
-        v[q] = {m ? y.i - x.i : u.r, m ? x.r - y.r : u.i};
+  // step D on the pairs (v[q], v[q + 1]): lo + hi, (lo - hi) times the twiddle (at D = 2: 1, -i on odd lanes)
+  const auto step = [&](auto dc, int s) {
+    constexpr int D = decltype(dc)::value;
+#pragma GCC unroll 8
+    for (int q = 0; q < P; q += 2) {
+      Cx<V> lo, hi;
+      pair_lanes<D, false>(v[q].r, v[q + 1].r, lo.r, hi.r);
+      pair_lanes<D, false>(v[q].i, v[q + 1].i, lo.i, hi.i);
+      v[q] = lo + hi;
+      const Cx<V> d = lo - hi;
+      if constexpr (D >= 4) {
+        v[q + 1] = cmul(d, p.tw + s * 2 * L);
+      } else if constexpr (D == 2) {
+        const auto m = lanes_odd<V>();
+        v[q + 1] = {m ? d.i : d.r, m ? hi.r - lo.r : d.i};
       } else {
-        v[q] = u;
+        v[q + 1] = d;
       }
     }
   };
   int s = 0;
-  if constexpr (N >= 16) stage(std::integral_constant<int, 8>{}, s++);
-  if constexpr (N >= 8) stage(std::integral_constant<int, 4>{}, s++);
-  stage(std::integral_constant<int, 2>{}, s++);
-  stage(std::integral_constant<int, 1>{}, s++);
+  if constexpr (N >= 16) step(std::integral_constant<int, 8>{}, s++);
+  if constexpr (N >= 8) step(std::integral_constant<int, 4>{}, s++);
+  step(std::integral_constant<int, 2>{}, s++);
+  step(std::integral_constant<int, 1>{}, s++);
 }
 
 // The inverse: across the lanes (decimation in time, conjugate twiddles), twiddles, down the vectors; times K.
 template <int M, int G, typename V, typename T> __attribute__((always_inline)) inline void lane_fft_inverse(
     Cx<V>* v, const LaneFft<T>& p) {
   constexpr int64_t L = lanes<V, T>(), N = L / G;
-  constexpr int stages = N == 16 ? 4 : N == 8 ? 3 : 2;
-  // stage h (index s as in the forward): lanes with bit h times the conjugate twiddle, then (partner + sign x)
-  const auto stage = [&](auto hc, int s) {
-    constexpr int H = decltype(hc)::value;
-    const V sg = load<V>(p.sign + s * L);
-#pragma GCC unroll 16
-    for (int q = 0; q < M; ++q) {
-      Cx<V> x = v[q];
-      if constexpr (H >= 4) {
-        x = cmul_conj(x, p.tw + s * 2 * L);
-      } else if constexpr (H == 2) {  // lanes l mod 4 = 3 times +i
-        const auto m = lane_mod4_is3<V>();
-        x = {m ? -x.i : x.r, m ? x.r : x.i};
+  constexpr int P = padded(M), steps = N == 16 ? 4 : N == 8 ? 3 : 2;
+  // step D undone (index s as in the forward; times 2): d = v[q + 1] times the conjugate twiddle, (lo, hi) =
+  // (v[q] + d, v[q] - d) back to the pair
+  const auto step = [&](auto dc, int s) {
+    constexpr int D = decltype(dc)::value;
+#pragma GCC unroll 8
+    for (int q = 0; q < P; q += 2) {
+      Cx<V> d = v[q + 1];
+      if constexpr (D >= 4) {
+        d = cmul_conj(d, p.tw + s * 2 * L);
+      } else if constexpr (D == 2) {  // odd lanes times +i
+        const auto m = lanes_odd<V>();
+        d = {m ? -d.i : d.r, m ? d.r : d.i};
       }
-      const Cx<V> y{partner<H>(x.r), partner<H>(x.i)};
-      v[q] = {x.r * sg + y.r, x.i * sg + y.i};
+      const Cx<V> lo = v[q] + d, hi = v[q] - d;
+      pair_lanes<D, true>(lo.r, hi.r, v[q].r, v[q + 1].r);
+      pair_lanes<D, true>(lo.i, hi.i, v[q].i, v[q + 1].i);
     }
   };
-  stage(std::integral_constant<int, 1>{}, stages - 1);
-  stage(std::integral_constant<int, 2>{}, stages - 2);
-  if constexpr (N >= 8) stage(std::integral_constant<int, 4>{}, stages - 3);
-  if constexpr (N >= 16) stage(std::integral_constant<int, 8>{}, stages - 4);
+  step(std::integral_constant<int, 1>{}, steps - 1);
+  step(std::integral_constant<int, 2>{}, steps - 2);
+  if constexpr (N >= 8) step(std::integral_constant<int, 4>{}, steps - 3);
+  if constexpr (N >= 16) step(std::integral_constant<int, 8>{}, steps - 4);
 #pragma GCC unroll 16
   for (int q = 1; q < M; ++q) v[q] = cmul_conj(v[q], p.t4 + q * 2 * L);
   dft7<true>(v, p);
@@ -1264,23 +1300,23 @@ template <int G, typename V, typename T> inline void store_rows(T* const* r, int
 }
 
 // conj(F(w[c])) / K for every channel of the (C, K) weights in the steps' order (each signal's lanes alike):
-// (C, M, 2, L).
+// (C, padded(M), 2, L).
 template <int M, int G, typename T> Scratch<T> lane_spectra(const LaneFft<T>& p, const T* w, int64_t C) {
   using V = typename Vec<T>::type;
-  constexpr int64_t L = Vec<T>::n, N = L / G, K = M * N;
-  Scratch<T> S(C * M * 2 * L);
+  constexpr int64_t L = Vec<T>::n, N = L / G, K = M * N, P = padded(M);
+  Scratch<T> S(C * P * 2 * L);
   for (int64_t c = 0; c < C; ++c) {
     const T* wc[2] = {w + c * K, w + c * K};
-    Cx<V> v[M];
+    Cx<V> v[P] = {};
     for (int n = 0; n < M; ++n) v[n] = {load_rows<G, V>(wc, n * N), V{}};
     lane_fft_forward<M, G>(v, p);
-    for (int q = 0; q < M; ++q) {
-      std::memcpy(S.data() + (c * M + q) * 2 * L, &v[q].r, sizeof(V));
+    for (int q = 0; q < P; ++q) {
+      std::memcpy(S.data() + (c * P + q) * 2 * L, &v[q].r, sizeof(V));
       const V im = -v[q].i;
-      std::memcpy(S.data() + (c * M + q) * 2 * L + L, &im, sizeof(V));
+      std::memcpy(S.data() + (c * P + q) * 2 * L + L, &im, sizeof(V));
     }
   }
-  for (int64_t i = 0; i < C * M * 2 * L; ++i) S.data()[i] /= static_cast<T>(K);
+  for (int64_t i = 0; i < C * P * 2 * L; ++i) S.data()[i] /= static_cast<T>(K);
   return S;
 }
 
@@ -1294,7 +1330,7 @@ template <int M, int G, typename T>
 void lane_fft_rows(const LaneFft<T>& p, const T* x, T* y, const T* w, const T* add, int64_t planes, int64_t C,
                    int64_t H) {
   using V = typename Vec<T>::type;
-  constexpr int64_t L = Vec<T>::n, N = L / G, K = M * N, R = 2 * G;
+  constexpr int64_t L = Vec<T>::n, N = L / G, K = M * N, R = 2 * G, P = padded(M);
   const Scratch<T> S = lane_spectra<M, G>(p, w, C);
   const int64_t groups = (H + R - 1) / R;
   at::parallel_for(0, planes * groups, 16, [&](int64_t begin, int64_t end) {
@@ -1312,13 +1348,14 @@ void lane_fft_rows(const LaneFft<T>& p, const T* x, T* y, const T* w, const T* a
         yr[j] = re ? y0 + 2 * j * K : nullptr;
         yi[j] = im ? y0 + (2 * j + 1) * K : nullptr;
       }
-      const T* s = S.data() + c * M * 2 * L;
+      const T* s = S.data() + c * P * 2 * L;
       const T* a[2] = {add ? add + c * K : nullptr, add ? add + c * K : nullptr};
-      Cx<V> v[M];
+      Cx<V> v[P];
       for (int n = 0; n < M; ++n) v[n] = {load_rows<G, V>(xr, n * N), load_rows<G, V>(xi, n * N)};
+      if constexpr (P > M) v[M] = Cx<V>{};
       lane_fft_forward<M, G>(v, p);
 #pragma GCC unroll 16
-      for (int n = 0; n < M; ++n) v[n] = cmul(v[n], s + n * 2 * L);
+      for (int n = 0; n < P; ++n) v[n] = cmul(v[n], s + n * 2 * L);
       lane_fft_inverse<M, G>(v, p);
       for (int n = 0; n < M; ++n) {
         const V an = load_rows<G, V>(a, n * N);
@@ -1351,11 +1388,11 @@ bool lane_fft_forward_dim3(const T* x, T* y, const T* w, const T* add, int64_t p
 template <int M, int G, typename T>
 void lane_fft_wgrad(const LaneFft<T>& p, const T* gy, const T* x, T* dw, int64_t B, int64_t C, int64_t H) {
   using V = typename Vec<T>::type;
-  constexpr int64_t L = Vec<T>::n, N = L / G, K = M * N, R = 2 * G;
+  constexpr int64_t L = Vec<T>::n, N = L / G, K = M * N, R = 2 * G, P = padded(M);
   const int64_t plane = H * K, groups = (H + R - 1) / R;
   at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      Cx<V> acc[M] = {};
+      Cx<V> acc[P] = {};
       for (int64_t b = 0; b < B; ++b)
         for (int64_t h = 0; h < groups * R; h += R) {
           const int64_t off = (b * C + c) * plane + h * K;
@@ -1371,15 +1408,16 @@ void lane_fft_wgrad(const LaneFft<T>& p, const T* gy, const T* x, T* dw, int64_t
             gr[j] = re ? gy + off + 2 * j * K : nullptr;
             gi[j] = im ? gy + off + (2 * j + 1) * K : nullptr;
           }
-          Cx<V> vx[M], vg[M];
+          Cx<V> vx[P], vg[P];
           for (int n = 0; n < M; ++n) {
             vx[n] = {load_rows<G, V>(xr, n * N), load_rows<G, V>(xi, n * N)};
             vg[n] = {load_rows<G, V>(gr, n * N), load_rows<G, V>(gi, n * N)};
           }
+          if constexpr (P > M) vx[M] = vg[M] = Cx<V>{};
           lane_fft_forward<M, G>(vx, p);
           lane_fft_forward<M, G>(vg, p);
 #pragma GCC unroll 16
-          for (int q = 0; q < M; ++q) {  // acc += conj(G) Z
+          for (int q = 0; q < P; ++q) {  // acc += conj(G) Z
             acc[q].r += vg[q].r * vx[q].r + vg[q].i * vx[q].i;
             acc[q].i += vg[q].r * vx[q].i - vg[q].i * vx[q].r;
           }
