@@ -1111,7 +1111,8 @@ template <typename T> struct LaneFft {
   Scratch<T> tables;
   const T *tw, *t4;
   T c7[3][3], s7[3][3], w14[7][2];  // cos / sin(2 pi (n + 1) (k + 1) / 7); exp(-2 pi i n / 14)
-  // (M, G) for K, or (0, 1) where the path does not apply (checked before any table is built: callers ask for every K)
+  // (M, G) for K, or (0, 1) where the path does not apply (checked before any table is built: callers ask for every K);
+  // G = 1 is tried first, so M = 14 comes with G = 1 only
   static std::pair<int, int> fit(int64_t K) {
     for (int g : {1, 2})
       if (L / g >= 4 && K % (L / g) == 0 && (K / (L / g) == 7 || K / (L / g) == 14))
@@ -1367,8 +1368,8 @@ void lane_fft_rows(const LaneFft<T>& p, const T* x, T* y, const T* w, const T* a
   });
 }
 
-// The forward along dim 3 by lane_fft_rows when K = (L / G) M with M = 7 or 14, G = 1 or 2 (y 64-byte aligned, as
-// torch allocates it); false (nothing done) otherwise.
+// The forward along dim 3 by lane_fft_rows when K = (L / G) M with M = 7 or 14 and G = 1, or M = 7 and G = 2
+// (LaneFft::fit; y 64-byte aligned, as torch allocates it); false (nothing done) otherwise.
 template <typename T>
 bool lane_fft_forward_dim3(const T* x, T* y, const T* w, const T* add, int64_t planes, int64_t C, int64_t H,
                            int64_t K) {
@@ -1376,7 +1377,6 @@ bool lane_fft_forward_dim3(const T* x, T* y, const T* w, const T* add, int64_t p
   const LaneFft<T> p(K);
   if (p.M == 14 && p.G == 1) lane_fft_rows<14, 1>(p, x, y, w, add, planes, C, H);
   if (p.M == 7 && p.G == 1) lane_fft_rows<7, 1>(p, x, y, w, add, planes, C, H);
-  if (p.M == 14 && p.G == 2) lane_fft_rows<14, 2>(p, x, y, w, add, planes, C, H);
   if (p.M == 7 && p.G == 2) lane_fft_rows<7, 2>(p, x, y, w, add, planes, C, H);
   return p.M != 0;
 }
@@ -1435,16 +1435,18 @@ void lane_fft_wgrad(const LaneFft<T>& p, const T* gy, const T* x, T* dw, int64_t
   });
 }
 
-// The weight gradient along dim 3 by lane_fft_wgrad where K is 7 vectors or half vectors (M = 7); false (nothing
-// done) otherwise. (At M = 14 the two transforms' 56 registers of data spill: 224 x 224 1.14x, but 224 x 56 0.90x and
-// 224 x 7 0.96x against the tiles, `bench_native_ab.py --base 31879be --algo 2 --threads 2`.)
+// The weight gradient along dim 3 by lane_fft_wgrad where K is 7 or 14 vectors or 7 half vectors; false (nothing
+// done) otherwise. (At M = 14 the two transforms' 56 registers of data spill; with the lane steps of one multiply per
+// lane instead of three it beats the tiles there too: `cd benchmarks && python bench_native_ab.py --base 0be9f93
+// --algo 2 --threads 2 --cases 224x224 224x56 224x7 --budget 1` 1.47x, 1.18x, 1.21x; before them 1.14x, 0.90x, 0.96x.)
 template <typename T>
 bool lane_fft_wgrad_dim3(const T* gy, const T* x, T* dw, int64_t B, int64_t C, int64_t H, int64_t K) {
-  if (LaneFft<T>::fit(K).first != 7) return false;
+  if (!LaneFft<T>::fit(K).first) return false;
   const LaneFft<T> p(K);
   if (p.M == 7 && p.G == 1) lane_fft_wgrad<7, 1>(p, gy, x, dw, B, C, H);
   if (p.M == 7 && p.G == 2) lane_fft_wgrad<7, 2>(p, gy, x, dw, B, C, H);
-  return p.M == 7;
+  if (p.M == 14 && p.G == 1) lane_fft_wgrad<14, 1>(p, gy, x, dw, B, C, H);
+  return true;
 }
 
 // A pair strip of lines along dim 2: the offsets of the real and imaginary lines' first elements from the
