@@ -820,7 +820,11 @@ void fft_correlate(const FftPlan<T>& pl, const T* S, const T* add, Lines<const T
 // 112 x 112, untouched, 1.02x); at B=1 (`--cases 56x56 32x32 40x40 56x7 --budget 0.7 --batch 1`) 1.08-1.23x.
 // K=224 (`--base 60b1412 --cases 224x224 224x56 224x20 224x7`): 1.07x, 1.11x, 1.06x, 1.05x (another run at 224 x 224
 // 1.15x); B=1 224 x 224 1.08x, 224 x 56 0.99x; that change cost the B = 8 sizes 2-4% (56 x 56, 32 x 32, 40 x 40,
-// 32 x 7: 0.96-0.98x in two runs, 0.98-1.01x for the base against itself; cause not found).
+// 32 x 7: 0.96-0.98x in two runs, 0.98-1.01x for the base against itself; cause not found). At B = 32 half the next
+// strip's prefetches go with sweep 3 instead of all with sweep 1, whose loads of x they had crowded (a profile put 47%
+// of the time in sweep 1, on the instructions after those loads): `--base 51cb6a6 --cases 224x224 224x56 224x20 56x56
+// --budget 1.5` 1.08x, 1.03x, 1.03x, 1.01x, again 1.07x / 1.02x at 224 x 224 / 56 and with `--cold` 1.09x / 0.92x;
+// at B = 8 the split lost (56 x 56 0.83-1.02x: sweep 3 is too close to the next strip there).
 template <typename T> struct SweepPlan {
   int A = 0, B = 8;  // K = A B; A = 0: none
   T tw[32][7][2];  // exp(-2 pi i k2 n1 / K)
@@ -913,12 +917,15 @@ void sweep_correlate(const SweepPlan<T>& p, const T* S, const T* add, Lines<cons
                       int64_t io) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
+  // the next strip's rows n1 + B n2 are prefetched with this strip's: those with n2 < PF1 in sweep 1, the rest in
+  // sweep 3 (at B = 32; see the comment above)
+  constexpr int PF1 = B == 32 ? A / 2 : A;
   for (int n1 = 0; n1 < B; ++n1) {
     V xr[A], xi[A];
     for (int n2 = 0; n2 < A; ++n2) {
       const T* r = in.re + (n1 + B * n2) * in.stride;
       const T* i = in.im + (n1 + B * n2) * in.stride;
-      if (in.prefetch) {
+      if (in.prefetch && n2 < PF1) {
         __builtin_prefetch(r + in.prefetch, 0, 2);
         __builtin_prefetch(i + in.prefetch, 0, 2);
       }
@@ -961,6 +968,10 @@ void sweep_correlate(const SweepPlan<T>& p, const T* S, const T* add, Lines<cons
     dft_sweep<A, true>(xr, xi, p);
     for (int n2 = 0; n2 < A; ++n2) {
       const int64_t n = n1 + B * n2;
+      if (in.prefetch && n2 >= PF1) {
+        __builtin_prefetch(in.re + n * in.stride + in.prefetch, 0, 2);
+        __builtin_prefetch(in.im + n * in.stride + in.prefetch, 0, 2);
+      }
       T* r = out.re + n * out.stride;
       T* i = out.im + n * out.stride;
       const V ad = bcast<V>(add[n]);
