@@ -823,8 +823,11 @@ void fft_correlate(const FftPlan<T>& pl, const T* S, const T* add, Lines<const T
 // 32 x 7: 0.96-0.98x in two runs, 0.98-1.01x for the base against itself; cause not found). At B = 32 half the next
 // strip's prefetches go with sweep 3 instead of all with sweep 1, whose loads of x they had crowded (a profile put 47%
 // of the time in sweep 1, on the instructions after those loads): `--base 51cb6a6 --cases 224x224 224x56 224x20 56x56
-// --budget 1.5` 1.08x, 1.03x, 1.03x, 1.01x, again 1.07x / 1.02x at 224 x 224 / 56 and with `--cold` 1.09x / 0.92x;
-// at B = 8 the split lost (56 x 56 0.83-1.02x: sweep 3 is too close to the next strip there).
+// --budget 1.5` 1.08x, 1.03x, 1.03x, 1.01x, again 1.07x / 1.02x at 224 x 224 / 56 and with `--cold` 1.09x / 0.92x.
+// At B = 8 sweep 3 is too close to the next strip (56 x 56 0.83-1.02x), but sweep 2 is not: `--base 5bc7143 --cases
+// 56x56 40x40 32x32 56x112 224x224 --budget 1.5` 1.09x, 1.13x, 1.03x, 1.12x, 0.99x (224 untouched); `--cold --cases
+// 56x56 56x20 56x7 40x40 56x112` 0.96x, 1.11x, 1.10x, 1.00x, 1.12x; `--batch 1` 56 x 56 1.08x. With the split at A = 4
+// too, 32 x 32 ran 0.91-0.97x.
 template <typename T> struct SweepPlan {
   int A = 0, B = 8;  // K = A B; A = 0: none
   T tw[32][7][2];  // exp(-2 pi i k2 n1 / K)
@@ -917,9 +920,9 @@ void sweep_correlate(const SweepPlan<T>& p, const T* S, const T* add, Lines<cons
                       int64_t io) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
-  // the next strip's rows n1 + B n2 are prefetched with this strip's: those with n2 < PF1 in sweep 1, the rest in
-  // sweep 3 (at B = 32; see the comment above)
-  constexpr int PF1 = B == 32 ? A / 2 : A;
+  // the next strip's rows n1 + B n2 are prefetched with this strip's: those with n2 < PF1 in sweep 1, the rest with
+  // sweep 2's step q = n2 (B = 8) or in sweep 3 (B = 32); at A = 4 all in sweep 1 (see the comment above)
+  constexpr int PF1 = A == 4 ? A : A / 2;
   for (int n1 = 0; n1 < B; ++n1) {
     V xr[A], xi[A];
     for (int n2 = 0; n2 < A; ++n2) {
@@ -940,6 +943,12 @@ void sweep_correlate(const SweepPlan<T>& p, const T* S, const T* add, Lines<cons
     }
   }
   for (int q = 0; q < A; ++q) {
+    if constexpr (B == 8)
+      if (in.prefetch && q >= PF1)
+        for (int n = q * B; n < (q + 1) * B; ++n) {
+          __builtin_prefetch(in.re + n * in.stride + in.prefetch, 0, 2);
+          __builtin_prefetch(in.im + n * in.stride + in.prefetch, 0, 2);
+        }
     if constexpr (B == 32) sweep_outer4(p, b + q * B * L, io, false);
     for (int g = 0; g < B; g += 8) {
       V xr[8], xi[8];
@@ -968,7 +977,7 @@ void sweep_correlate(const SweepPlan<T>& p, const T* S, const T* add, Lines<cons
     dft_sweep<A, true>(xr, xi, p);
     for (int n2 = 0; n2 < A; ++n2) {
       const int64_t n = n1 + B * n2;
-      if (in.prefetch && n2 >= PF1) {
+      if (B == 32 && in.prefetch && n2 >= PF1) {
         __builtin_prefetch(in.re + n * in.stride + in.prefetch, 0, 2);
         __builtin_prefetch(in.im + n * in.stride + in.prefetch, 0, 2);
       }
