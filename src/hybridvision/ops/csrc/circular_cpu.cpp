@@ -1087,8 +1087,9 @@ template <typename V, typename T> inline Cx<V> cmul(Cx<V> a, T r, T i) {
 // One radix-2 step across the lanes takes two vectors a, b whose lanes hold sequences of 2 D lanes each (blocks) to
 // lo, the first halves of a's and b's blocks, and hi, their second halves at the same places, so that lo + hi and
 // (lo - hi) w are the next step's sequences of D lanes. Where D >= Q (the lanes of 16 bytes) the halves move as
-// pieces, a's then b's (one vshuff32x4 / vperm2f128); below Q within each 16 bytes (one vshufps / vunpcklpd). idx:
-// lo's then hi's lanes as indices into (a, b); inv: a's then b's lanes as indices into (lo, hi).
+// pieces, a's then b's (one vshuff32x4 / vperm2f128); below Q within each 16 bytes (one vshufps / vunpcklpd); the
+// inverse where a vector holds several blocks interleaves pieces (GCC: one vpermt2ps). idx: lo's then hi's lanes as
+// indices into (a, b); inv: a's then b's lanes as indices into (lo, hi).
 template <int D, int L, int Q> struct LanePairs {
   static constexpr std::array<int, 2 * L> make() {
     std::array<int, 2 * L> f{};
