@@ -1053,8 +1053,11 @@ template <typename T> std::vector<T> weight_spectra(const FftPlan<T>& pl, const 
 // N = L / 2 a vector holds two such signals, two pairs of rows, one in each half). With f = M k1 + k2 the DFT splits
 // into (the four-step FFT)
 //   F(z)[M k1 + k2] = sum_n1 exp(-2 pi i k1 n1 / N) exp(-2 pi i k2 n1 / K) sum_n2 z[n1 + N n2] exp(-2 pi i k2 n2 / M):
-// an M-point DFT down the vectors (lane by lane: 14 = 2 x 7, decimation in frequency, so vector p holds k2 = 2 p
-// for p < 7, 2 (p - 7) + 1 after), the twiddles exp(-2 pi i k2 n1 / K) per lane, then an N-point DFT across the
+// an M-point DFT down the vectors (lane by lane; 14 = 2 x 7 by the prime-factor split, without twiddles: vector
+// (7 j + 2 n) mod 14 goes to slot 7 j + n, and vector p ends holding k2 = 8 p mod 14 for p < 7, 7 + 8 (p - 7) mod 14
+// after; against the radix-2 split with its twiddles `bench_native_ab.py --base 12fef35 --algo 2 --cases 224x224
+// 224x56 224x7 --budget 1.5`, forward / weight gradient per-round medians: 1.04-1.07x / 1.04-1.05x, 1.03-1.04x /
+// 1.04-1.05x, 1.06x / 1.04x; B=1 1.01-1.06x), the twiddles exp(-2 pi i k2 n1 / K) per lane, then an N-point DFT across the
 // lanes of each signal (log2 N radix-2 steps, decimation in frequency, each on pairs of vectors: two-source shuffles
 // put a butterfly's two inputs at the same lane of two vectors (LanePairs), so a step is an add, a subtract and one
 // twiddle multiply per lane, and k1 ends in an order of vector and lane that the steps define). S is computed by the
@@ -1131,7 +1134,7 @@ template <typename T> struct LaneFft {
   // signal
   Scratch<T> tables;
   const T *tw, *t4;
-  T c7[3][3], s7[3][3], w14[7][2];  // cos / sin(2 pi (n + 1) (k + 1) / 7); exp(-2 pi i n / 14)
+  T c7[3][3], s7[3][3];  // cos / sin(2 pi (n + 1) (k + 1) / 7)
   // (M, G) for K, or (0, 1) where the path does not apply (checked before any table is built: callers ask for every K);
   // G = 1 is tried first, so M = 14 comes with G = 1 only
   static std::pair<int, int> fit(int64_t K) {
@@ -1156,7 +1159,7 @@ template <typename T> struct LaneFft {
       }
     for (int p = 0; p < M; ++p)
       for (int64_t l = 0; l < L; ++l) {
-        const int k2 = M == 14 ? (p < 7 ? 2 * p : 2 * (p - 7) + 1) : p;
+        const int k2 = M == 14 ? (p < 7 ? 8 * p % 14 : (7 + 8 * (p - 7)) % 14) : p;
         const double a = -2 * pi * static_cast<double>(k2 * (l % N)) / static_cast<double>(K);
         t4d[p * 2 * L + l] = static_cast<T>(std::cos(a));
         t4d[p * 2 * L + L + l] = static_cast<T>(std::sin(a));
@@ -1166,10 +1169,6 @@ template <typename T> struct LaneFft {
         c7[n][k] = static_cast<T>(std::cos(2 * pi * (n + 1) * (k + 1) / 7));
         s7[n][k] = static_cast<T>(std::sin(2 * pi * (n + 1) * (k + 1) / 7));
       }
-    for (int n = 0; n < 7; ++n) {
-      w14[n][0] = static_cast<T>(std::cos(-2 * pi * n / 14));
-      w14[n][1] = static_cast<T>(std::sin(-2 * pi * n / 14));
-    }
   }
 };
 
@@ -1214,11 +1213,13 @@ template <int M, int G, typename V, typename T> __attribute__((always_inline)) i
     Cx<V>* v, const LaneFft<T>& p) {
   constexpr int64_t L = lanes<V, T>(), N = L / G;
   constexpr int P = padded(M);
-  if constexpr (M == 14) {
+  if constexpr (M == 14) {  // 14 = 2 x 7 prime-factor: vector (7 j + 2 n) mod 14 to slot 7 j + n, no twiddles
+    Cx<V> u[14];
+    for (int j = 0; j < 2; ++j)
+      for (int n = 0; n < 7; ++n) u[7 * j + n] = v[(7 * j + 2 * n) % 14];
     for (int n = 0; n < 7; ++n) {
-      const Cx<V> a = v[n], b = v[n + 7];
-      v[n] = a + b;
-      v[n + 7] = n ? cmul(a - b, p.w14[n][0], p.w14[n][1]) : a - b;
+      v[n] = u[n] + u[n + 7];
+      v[n + 7] = u[n] - u[n + 7];
     }
     dft7<false>(v + 7, p);
   }
@@ -1284,11 +1285,13 @@ template <int M, int G, typename V, typename T> __attribute__((always_inline)) i
   dft7<true>(v, p);
   if constexpr (M == 14) {
     dft7<true>(v + 7, p);
+    Cx<V> u[14];
     for (int n = 0; n < 7; ++n) {
-      const Cx<V> a = v[n], b = n ? cmul(v[n + 7], p.w14[n][0], -p.w14[n][1]) : v[n + 7];
-      v[n] = a + b;
-      v[n + 7] = a - b;
+      u[n] = v[n] + v[n + 7];
+      u[n + 7] = v[n] - v[n + 7];
     }
+    for (int j = 0; j < 2; ++j)
+      for (int n = 0; n < 7; ++n) v[(7 * j + 2 * n) % 14] = u[7 * j + n];
   }
 }
 
