@@ -923,15 +923,17 @@ void sweep_correlate(const SweepPlan<T>& p, const T* S, const T* add, Lines<cons
   // the next strip's rows n1 + B n2 are prefetched with this strip's: those with n2 < PF1 in sweep 1, the rest with
   // sweep 2's step q = n2 (B = 8) or in sweep 3 (B = 32); at A = 4 all in sweep 1 (see the comment above)
   constexpr int PF1 = A == 4 ? A : A / 2;
+  const auto prefetch_next = [&](int64_t n) {  // row n of the next strip, into L2
+    if (!in.prefetch) return;
+    __builtin_prefetch(in.re + n * in.stride + in.prefetch, 0, 2);
+    __builtin_prefetch(in.im + n * in.stride + in.prefetch, 0, 2);
+  };
   for (int n1 = 0; n1 < B; ++n1) {
     V xr[A], xi[A];
     for (int n2 = 0; n2 < A; ++n2) {
       const T* r = in.re + (n1 + B * n2) * in.stride;
       const T* i = in.im + (n1 + B * n2) * in.stride;
-      if (in.prefetch && n2 < PF1) {
-        __builtin_prefetch(r + in.prefetch, 0, 2);
-        __builtin_prefetch(i + in.prefetch, 0, 2);
-      }
+      if (n2 < PF1) prefetch_next(n1 + B * n2);
       xr[n2] = load_n<V>(r, in.nre);
       xi[n2] = load_n<V>(i, in.nim);
     }
@@ -944,11 +946,8 @@ void sweep_correlate(const SweepPlan<T>& p, const T* S, const T* add, Lines<cons
   }
   for (int q = 0; q < A; ++q) {
     if constexpr (B == 8)
-      if (in.prefetch && q >= PF1)
-        for (int n = q * B; n < (q + 1) * B; ++n) {
-          __builtin_prefetch(in.re + n * in.stride + in.prefetch, 0, 2);
-          __builtin_prefetch(in.im + n * in.stride + in.prefetch, 0, 2);
-        }
+      if (q >= PF1)
+        for (int n = q * B; n < (q + 1) * B; ++n) prefetch_next(n);
     if constexpr (B == 32) sweep_outer4(p, b + q * B * L, io, false);
     for (int g = 0; g < B; g += 8) {
       V xr[8], xi[8];
@@ -977,10 +976,7 @@ void sweep_correlate(const SweepPlan<T>& p, const T* S, const T* add, Lines<cons
     dft_sweep<A, true>(xr, xi, p);
     for (int n2 = 0; n2 < A; ++n2) {
       const int64_t n = n1 + B * n2;
-      if (B == 32 && in.prefetch && n2 >= PF1) {
-        __builtin_prefetch(in.re + n * in.stride + in.prefetch, 0, 2);
-        __builtin_prefetch(in.im + n * in.stride + in.prefetch, 0, 2);
-      }
+      if (B == 32 && n2 >= PF1) prefetch_next(n);
       T* r = out.re + n * out.stride;
       T* i = out.im + n * out.stride;
       const V ad = bcast<V>(add[n]);
@@ -1082,10 +1078,6 @@ template <typename V, typename T> inline Cx<V> cmul_conj(Cx<V> a, const T* p) {
   constexpr int64_t L = lanes<V, T>();
   const V r = load<V>(p), i = load<V>(p + L);
   return {a.r * r + a.i * i, a.i * r - a.r * i};
-}
-template <typename V, typename T> inline Cx<V> cmul(Cx<V> a, T r, T i) {
-  cmul_s(a.r, a.i, r, i);
-  return a;
 }
 // One radix-2 step across the lanes takes two vectors a, b whose lanes hold sequences of 2 D lanes each (blocks) to
 // lo, the first halves of a's and b's blocks, and hi, their second halves at the same places, so that lo + hi and
@@ -1208,11 +1200,13 @@ template <bool INV, typename V, typename T> __attribute__((always_inline)) inlin
   }
 }
 
-// The forward steps on v[0 .. M - 1] (see above): down the vectors, twiddles, across the lanes.
+// The forward steps on v[0 .. M - 1] (see above): down the vectors, twiddles, across the lanes (v[M] zeroed first
+// for odd M: v holds padded(M) vectors).
 template <int M, int G, typename V, typename T> __attribute__((always_inline)) inline void lane_fft_forward(
     Cx<V>* v, const LaneFft<T>& p) {
   constexpr int64_t L = lanes<V, T>(), N = L / G;
   constexpr int P = padded(M);
+  if constexpr (P > M) v[M] = Cx<V>{};
   if constexpr (M == 14) {  // 14 = 2 x 7 prime-factor: vector (7 j + 2 n) mod 14 to slot 7 j + n, no twiddles
     Cx<V> u[14];
     for (int j = 0; j < 2; ++j)
@@ -1332,7 +1326,7 @@ template <int M, int G, typename T> Scratch<T> lane_spectra(const LaneFft<T>& p,
   Scratch<T> S(C * P * 2 * L);
   for (int64_t c = 0; c < C; ++c) {
     const T* wc[2] = {w + c * K, w + c * K};
-    Cx<V> v[P] = {};
+    Cx<V> v[P];
     for (int n = 0; n < M; ++n) v[n] = {load_rows<G, V>(wc, n * N), V{}};
     lane_fft_forward<M, G>(v, p);
     for (int q = 0; q < P; ++q) {
@@ -1377,7 +1371,6 @@ void lane_fft_rows(const LaneFft<T>& p, const T* x, T* y, const T* w, const T* a
       const T* a[2] = {add ? add + c * K : nullptr, add ? add + c * K : nullptr};
       Cx<V> v[P];
       for (int n = 0; n < M; ++n) v[n] = {load_rows<G, V>(xr, n * N), load_rows<G, V>(xi, n * N)};
-      if constexpr (P > M) v[M] = Cx<V>{};
       lane_fft_forward<M, G>(v, p);
 #pragma GCC unroll 16
       for (int n = 0; n < P; ++n) v[n] = cmul(v[n], s + n * 2 * L);
@@ -1437,7 +1430,6 @@ void lane_fft_wgrad(const LaneFft<T>& p, const T* gy, const T* x, T* dw, int64_t
             vx[n] = {load_rows<G, V>(xr, n * N), load_rows<G, V>(xi, n * N)};
             vg[n] = {load_rows<G, V>(gr, n * N), load_rows<G, V>(gi, n * N)};
           }
-          if constexpr (P > M) vx[M] = vg[M] = Cx<V>{};
           lane_fft_forward<M, G>(vx, p);
           lane_fft_forward<M, G>(vg, p);
 #pragma GCC unroll 16
