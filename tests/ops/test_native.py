@@ -118,7 +118,8 @@ def test_ops_match_float64_formula(shape, dim, dtype, algo):
 @pytest.mark.parametrize("dtype,dim,shape", [(torch.float32, 2, (2, 64, 64, 528)),
                                              (torch.float32, 3, (2, 64, 515, 64)),
                                              (torch.float32, 3, (9, 64, 120, 64)),
-                                             (torch.float64, 2, (1, 64, 64, 528))])
+                                             (torch.float64, 2, (1, 64, 64, 528)),
+                                             (torch.float64, 3, (2, 64, 258, 64))])
 def test_fft_path_large_outputs_streamed_equal_direct(dtype, dim, shape):
     """Outputs of at least 16 MiB are written with non-temporal stores (aligned rows) by the FFT path; here with a
     partial last strip / tile, and along W with the pooled rows of an odd batch (9 planes x 24 rows: full and partial
