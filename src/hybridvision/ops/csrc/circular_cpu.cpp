@@ -302,9 +302,10 @@ template <> __attribute__((always_inline)) inline void transpose_block<float>(vf
 
 // Tiles: an (n x m) block of rows, row i at row(i) (a pointer), n, m <= L, moved to / from lanes.
 // to_tile: tile[j * L + i] = row(i)[j] (zero where i >= n or j >= m); from_tile: the inverse, n x m written
-// (stream: with non-temporal stores where m = L, every row is 64-byte aligned and a vector is a whole line). With MASKED_MOVES row(i) is
-// called for every i < L (rows i >= n move no lanes), so that the block stays in registers: a branch per row kept it
-// on the stack, and GCC turned the tile's stores into a memcpy call unless the loops are unrolled (together: a
+// (stream: with non-temporal stores where m = L, every row is 64-byte aligned and a vector is a whole line). With
+// MASKED_MOVES row(i) is called for every i < L (rows i >= n move no lanes), so that the block stays in registers: a
+// branch per row kept it on the stack, and GCC turned the tile's stores into a memcpy call unless the loops are
+// unrolled (together: a
 // strip's transposes in and out in L1 1.67x / 1.51x / 1.14x as fast at K=56 / 112 / 224, one thread; scratch).
 // Rows i >= n move at row(0): a masked move of no lanes still costs its address's translation, and rows past the
 // tensor's end (batch lanes with fewer than L samples: C planes apart) made the forward at B=8, C=384, 7x7, 2
@@ -1097,12 +1098,12 @@ template <typename T> std::vector<T> weight_spectra(const FftPlan<T>& pl, const 
 // (7 j + 2 n) mod 14 goes to slot 7 j + n, and vector p ends holding k2 = 8 p mod 14 for p < 7, 7 + 8 (p - 7) mod 14
 // after; against the radix-2 split with its twiddles `bench_native_ab.py --base 12fef35 --algo 2 --cases 224x224
 // 224x56 224x7 --budget 1.5`, forward / weight gradient per-round medians: 1.04-1.07x / 1.04-1.05x, 1.03-1.04x /
-// 1.04-1.05x, 1.06x / 1.04x; B=1 1.01-1.06x), the twiddles exp(-2 pi i k2 n1 / K) per lane, then an N-point DFT across the
-// lanes of each signal (log2 N radix-2 steps, decimation in frequency, each on pairs of vectors: two-source shuffles
-// put a butterfly's two inputs at the same lane of two vectors (LanePairs), so a step is an add, a subtract and one
-// twiddle multiply per lane, and k1 ends in an order of vector and lane that the steps define). S is computed by the
-// same steps, so the order cancels; the inverse runs the steps backwards (decimation in time, conjugate twiddles).
-// Odd M takes a zero vector for the pairs. No strip buffer and no 16 x 16 transposes: the rows are
+// 1.04-1.05x, 1.06x / 1.04x; B=1 1.01-1.06x), the twiddles exp(-2 pi i k2 n1 / K) per lane, then an N-point DFT
+// across the lanes of each signal (log2 N radix-2 steps, decimation in frequency, each on pairs of vectors: two-source
+// shuffles put a butterfly's two inputs at the same lane of two vectors (LanePairs), so a step is an add, a subtract
+// and one twiddle multiply per lane, and k1 ends in an order of vector and lane that the steps define). S is computed
+// by the same steps, so the order cancels; the inverse runs the steps backwards (decimation in time, conjugate
+// twiddles). Odd M takes a zero vector for the pairs. No strip buffer and no 16 x 16 transposes: the rows are
 // loaded, transformed in registers and stored. (Session 20 ran the same transform through the passes' strip buffer,
 // 32 rows at a time, and measured it slower than the tiles: benchmarks/native_kernel_log.md.) Against the transposed
 // tiles, forward, 2 threads, per-round medians: `cd benchmarks && python bench_native_ab.py --base fed7cc3 --algo 2
@@ -1805,7 +1806,13 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
               }
               in.prefetch = base_of(qa) + strips_of(qa)[j].re - base - s.re;
               Lines<scalar_t> out = strip_lines(yp + base, s, W);
-              out.stream = stream && s.nre == L && s.nim == L && W % L == 0 && aligned(out.re) && aligned(out.im);
+              // non-temporal stores where they write whole lines: each vector a line (AVX-512), or (AVX2) the real
+              // and imaginary vectors the two halves of one, which the passes and sweeps store back to back. Before,
+              // AVX2 never streamed here: `cd benchmarks && python bench_native_ab.py --base 66be002 --threads 2
+              // --algo 2 --cases 112x112 224x224 224x112`, forward along H 1.29x, 1.17x, 1.12x (per-round medians;
+              // again 1.31x, 1.20x, 1.31x).
+              out.stream = stream && s.nre == L && s.nim == L && W % L == 0 && aligned(out.re) &&
+                           (aligned(out.im) || (L * sizeof(scalar_t) == 32 && out.im == out.re + L));
               if (!out.stream) out.prefetch = in.prefetch;  // (streamed lines bypass the caches)
               if (sw.A)
                 sweep_correlate(sw, S.data() + c * K * 2, addend(c), in, out, buf.data(), io);
