@@ -81,8 +81,9 @@ template <typename V, typename T> constexpr int64_t lanes() { return sizeof(V) /
 // Whole vectors to and from any address, as one vector move. (std::memcpy of a vector does that only while the
 // vector sits in a register: where it lives in an array on the stack, GCC 12 with -march=znver3 copied it in 16-byte
 // pieces, some through general registers, and the next load of the piece waited on the store. Through this type
-// instead, the AVX2 build on a Zen 3 EPYC: forward along H 1.20-1.44x, along W 1.01-1.15x, the weight gradient
-// 1.01-1.38x; `cd benchmarks && python bench_native_ab.py --base 7fc636d --threads 2 --cases 56x56 112x112 224x224`.)
+// instead, the AVX2 build on a Zen 3 EPYC, both builds side by side, 2 threads, per-round medians: forward along H
+// 1.20-1.44x at 56 x 56 / 112 x 112 / 224 x 224, along W 1.03-1.15x, the weight gradient 1.01-1.38x; scratch, the
+// kernel log's session 25.)
 template <typename V> struct __attribute__((packed, may_alias)) Unaligned { V v; };
 template <typename V, typename T> inline V load(const T* p) { return reinterpret_cast<const Unaligned<V>*>(p)->v; }
 // The first n lanes of a vector: load_part reads p[0 .. n - 1] (the other lanes zero), store writes them. Masked
@@ -402,7 +403,7 @@ template <typename T> void tile_to_rows(const T* tile, T* dst, int64_t rows, int
     // Where a vector is part of a line (AVX2), the J blocks of each line's columns go together, so that every
     // non-temporal store sequence writes whole lines: from_tile stored one block at a time, streaming the blocks at
     // line starts and storing the others normally, and the two halves of each line met in the caches and in the
-    // write-combining buffers (forward along W at 224 x 224 with streaming off altogether ran 1.55x as fast).
+    // write-combining buffers (forward along W at 224 x 224 with streaming off altogether ran 1.55x as fast; scratch).
     if (stream && n == L && K % (J * L) == 0 && reinterpret_cast<uintptr_t>(d) % 64 == 0) {
       for (int64_t i0 = K - J * L; i0 >= 0; i0 -= J * L) {
         V v[J][L];
