@@ -531,9 +531,18 @@ void lane_tables(const T* w, const T* add, int64_t K, int64_t c0, int64_t nc, T*
 // 28 (K=48 0.93x, 1.08x, 1.20x: a tie; K=24 0.68-0.80x, where the direct sum's batch lanes are at their best), along
 // dim 3 32, 28, 32 (K=28 0.92x, 1.06x, 0.95x); weight gradient along dim 2 20, 20, 20 (K=20 1.16-1.24x, K=16
 // 0.82-0.85x), along dim 3 20, 20, 20. So 28 / 32 and 20 / 20. (Three runs after the pass rewrite before them read 28
-// / 28 and 28 / 20; the Stockham kernel before crossed at 48 / 48 and 32 / 40.)
-// benchmarks/results/native_crossover.md holds the last run.
+// / 28 and 28 / 20; the Stockham kernel before crossed at 48 / 48 and 32 / 40.) Those runs were on AVX-512 (Zen 5).
+// On AVX2 (a Zen 3 EPYC, 2026-12-03 at 8093309, two runs; the first is benchmarks/results/native_crossover_avx2.md)
+// the forward along dim 3 crosses earlier: from 24 and 28 (K=28 1.61x / 1.68x, K=24 1.04x / 0.90x); along dim 2 from
+// 32 twice (K=28 0.99x / 0.98x: a tie), the weight gradient from 32 / 16 and 21 / 28 (K=20 1.45x / 1.26x and 0.94x /
+// 0.92x). So there 28 / 28 and 20 / 20 (`cd benchmarks && python bench_native_ab.py --base 8093309 --threads 2
+// --cases 28x28 28x56 28x7 --budget 1`: forward along dim 3 1.45x, 1.48x, 1.22x, per-round medians).
+// benchmarks/results/native_crossover.md holds the last AVX-512 run.
+#if defined(__AVX512F__)
 constexpr int64_t FFT_MIN_K[2][2] = {{28, 32}, {20, 20}};
+#else
+constexpr int64_t FFT_MIN_K[2][2] = {{28, 28}, {20, 20}};
+#endif
 
 // The radices of an FFT of length n, outer levels first: 4s, a 2, then the odd ones, the largest last (the middle
 // level has no twiddles); none when n has a prime factor above 7 or n < 2. (A radix-8 codelet, 8 x 7 for K=56 and
