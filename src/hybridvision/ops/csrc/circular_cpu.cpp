@@ -978,6 +978,14 @@ void sweep_correlate(const SweepPlan<T>& p, const T* S, const T* add, Lines<cons
   // the next strip's rows n1 + B n2 are prefetched with this strip's: those with n2 < PF1 in sweep 1, the rest with
   // sweep 2's step q = n2 (B = 8) or in sweep 3 (B = 32); at A = 4 all in sweep 1 (see the comment above)
   constexpr int PF1 = A == 4 ? A : A / 2;
+  // With AVX2 at K = 56 the split is prime-factor style (A = 7 and B = 8 are coprime): row (A n1 + B n2) mod K instead
+  // of n1 + B n2, and no twiddles between the DFTs of A and B (their product is the DFT of K in another order, which
+  // cancels as S comes through the same sweeps). AVX2's 16 registers spill in the twiddle multiplies: `cd benchmarks
+  // && python bench_native_ab.py --base 99a16e3 --threads 2 --algo 2 --cases 56x56 56x112 56x20 --budget 2` forward
+  // 1.12x, 1.11x, 1.04x (per-round medians, Zen 3); at 224 (7 x 32) and 40 (5 x 8) it read 0.96-1.03x (scratch), and
+  // on AVX-512 at 224 0.71-1.06x (session 24).
+  constexpr bool PFA = A == 7 && B == 8 && sizeof(V) < 64;
+  const auto row_of = [](int n1, int n2) -> int64_t { return PFA ? (A * n1 + B * n2) % (A * B) : n1 + B * n2; };
   const auto prefetch_next = [&](int64_t n) {  // row n of the next strip, into L2
     if (!in.prefetch) return;
     __builtin_prefetch(in.re + n * in.stride + in.prefetch, 0, 2);
@@ -986,15 +994,15 @@ void sweep_correlate(const SweepPlan<T>& p, const T* S, const T* add, Lines<cons
   for (int n1 = 0; n1 < B; ++n1) {
     V xr[A], xi[A];
     for (int n2 = 0; n2 < A; ++n2) {
-      const T* r = in.re + (n1 + B * n2) * in.stride;
-      const T* i = in.im + (n1 + B * n2) * in.stride;
+      const T* r = in.re + row_of(n1, n2) * in.stride;
+      const T* i = in.im + row_of(n1, n2) * in.stride;
       if (n2 < PF1) prefetch_next(n1 + B * n2);
       xr[n2] = load_n<V>(r, in.nre);
       xi[n2] = load_n<V>(i, in.nim);
     }
     dft_sweep<A, false>(xr, xi, p);
     for (int q = 0; q < A; ++q) {
-      if (n1 && q) cmul_s(xr[q], xi[q], p.tw[n1][q][0], p.tw[n1][q][1]);
+      if (!PFA && n1 && q) cmul_s(xr[q], xi[q], p.tw[n1][q][0], p.tw[n1][q][1]);
       store(b + (q * B + n1) * L, xr[q]);
       store(b + io + (q * B + n1) * L, xi[q]);
     }
@@ -1026,11 +1034,11 @@ void sweep_correlate(const SweepPlan<T>& p, const T* S, const T* add, Lines<cons
     for (int q = 0; q < A; ++q) {
       xr[q] = load<V>(b + (q * B + n1) * L);
       xi[q] = load<V>(b + io + (q * B + n1) * L);
-      if (n1 && q) cmul_s(xr[q], xi[q], p.tw[n1][q][0], -p.tw[n1][q][1]);
+      if (!PFA && n1 && q) cmul_s(xr[q], xi[q], p.tw[n1][q][0], -p.tw[n1][q][1]);
     }
     dft_sweep<A, true>(xr, xi, p);
     for (int n2 = 0; n2 < A; ++n2) {
-      const int64_t n = n1 + B * n2;
+      const int64_t n = row_of(n1, n2);
       if (B == 32 && n2 >= PF1) prefetch_next(n);
       T* r = out.re + n * out.stride;
       T* i = out.im + n * out.stride;
