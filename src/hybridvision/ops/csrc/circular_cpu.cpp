@@ -1826,13 +1826,13 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
               }
               in.prefetch = base_of(qa) + strips_of(qa)[j].re - base - s.re;
               Lines<scalar_t> out = strip_lines(yp + base, s, W);
-              // non-temporal stores where they write whole lines: each vector a line (AVX-512), or (AVX2) the real
-              // and imaginary vectors the two halves of one, which the passes and sweeps store back to back. Before,
-              // AVX2 never streamed here: `cd benchmarks && python bench_native_ab.py --base 66be002 --threads 2
-              // --algo 2 --cases 112x112 224x224 224x112`, forward along H 1.29x, 1.17x, 1.12x (per-round medians;
-              // again 1.31x, 1.20x, 1.31x).
-              out.stream = stream && s.nre == L && s.nim == L && W % L == 0 && aligned(out.re) &&
-                           (aligned(out.im) || (L * sizeof(scalar_t) == 32 && out.im == out.re + L));
+              // non-temporal stores only where they write whole lines: rows a whole number of lines apart, and the
+              // real and imaginary vectors each a line (AVX-512) or the two halves of one (AVX2), which the passes and
+              // sweeps store back to back. (AVX2 had never streamed here: `cd benchmarks && python
+              // bench_native_ab.py --base 66be002 --threads 2 --algo 2 --cases 112x112 224x224 224x112`, forward
+              // along H 1.29x, 1.17x, 1.12x, per-round medians; again 1.31x, 1.20x, 1.31x.)
+              out.stream = stream && s.nre == L && s.nim == L && W * sizeof(scalar_t) % 64 == 0 && aligned(out.re) &&
+                           (aligned(out.im) || out.im == out.re + L);
               if (!out.stream) out.prefetch = in.prefetch;  // (streamed lines bypass the caches)
               if (sw.A)
                 sweep_correlate(sw, S.data() + c * K * 2, addend(c), in, out, buf.data(), io);
