@@ -884,6 +884,9 @@ void fft_correlate(const FftPlan<T>& pl, const T* S, const T* add, Lines<const T
 // 56x56 40x40 32x32 56x112 224x224 --budget 1.5` 1.09x, 1.13x, 1.03x, 1.12x, 0.99x (224 untouched); `--cold --cases
 // 56x56 56x20 56x7 40x40 56x112` 0.96x, 1.11x, 1.10x, 1.00x, 1.12x; `--batch 1` 56 x 56 1.08x. With the split at A = 4
 // too, 32 x 32 ran 0.91-0.97x.
+// Whether the sweeps at K = A B take the prime-factor split (sweep_correlate), which needs no twiddles.
+constexpr bool prime_factor_split(int A, int B) { return A == 7 && B == 8; }
+
 template <typename T> struct SweepPlan {
   int A = 0, B = 8;  // K = A B; A = 0: none
   T tw[32][7][2];  // exp(-2 pi i k2 n1 / K)
@@ -893,7 +896,7 @@ template <typename T> struct SweepPlan {
     if (K == 32 || K == 40 || K == 56) A = static_cast<int>(K / 8);
     if (K == 224) A = 7, B = 32;
     if (!A) return;
-    for (int n1 = 0; n1 < B; ++n1)
+    for (int n1 = 0; n1 < (prime_factor_split(A, B) ? 0 : B); ++n1)
       for (int k2 = 0; k2 < A; ++k2) {
         tw[n1][k2][0] = static_cast<T>(std::cos(-2 * M_PI * n1 * k2 / static_cast<double>(K)));
         tw[n1][k2][1] = static_cast<T>(std::sin(-2 * M_PI * n1 * k2 / static_cast<double>(K)));
@@ -979,13 +982,15 @@ void sweep_correlate(const SweepPlan<T>& p, const T* S, const T* add, Lines<cons
   // the next strip's rows n1 + B n2 are prefetched with this strip's: those with n2 < PF1 in sweep 1, the rest with
   // sweep 2's step q = n2 (B = 8) or in sweep 3 (B = 32); at A = 4 all in sweep 1 (see the comment above)
   constexpr int PF1 = A == 4 ? A : A / 2;
-  // With AVX2 at K = 56 the split is prime-factor style (A = 7 and B = 8 are coprime): row (A n1 + B n2) mod K instead
-  // of n1 + B n2, and no twiddles between the DFTs of A and B (their product is the DFT of K in another order, which
-  // cancels as S comes through the same sweeps). AVX2's 16 registers spill in the twiddle multiplies: `cd benchmarks
-  // && python bench_native_ab.py --base 99a16e3 --threads 2 --algo 2 --cases 56x56 56x112 56x20 --budget 2` forward
-  // 1.12x, 1.11x, 1.04x (per-round medians, Zen 3); at 224 (7 x 32) and 40 (5 x 8) it read 0.96-1.03x (scratch), and
-  // on AVX-512 at 224 0.71-1.06x (session 24).
-  constexpr bool PFA = A == 7 && B == 8 && sizeof(V) < 64;
+  // At K = 56 the split is prime-factor style (prime_factor_split): row (A n1 + B n2) mod K instead of n1 + B n2, and
+  // no twiddles between the DFTs of A and B (their product is the DFT of K in another order, which cancels as S comes
+  // through the same sweeps). AVX2's 16 registers spill in the twiddle multiplies: `cd benchmarks && python
+  // bench_native_ab.py --base 99a16e3 --threads 2 --algo 2 --cases 56x56 56x112 56x20 --budget 2` forward 1.12x, 1.11x,
+  // 1.04x (per-round medians, Zen 3); Zen 4's AVX-512 (two 256-bit halves per instruction) gains too: `--base 2ae7fad
+  // --cases 56x56 56x112 56x7 --budget 2` 1.08x, 1.09x, 1.12x (session 26); Zen 5 read 0.97x, 1.02x, 1.06x (session
+  // 24). At 224 (7 x 32) it lost: 0.91x, 0.76x at 224 x 224 / 224 x 56 on Zen 4 (session 26), 0.71-1.06x on Zen 5;
+  // at 40 (5 x 8) 0.96-1.03x on Zen 3.
+  constexpr bool PFA = prime_factor_split(A, B);
   const auto row_of = [](int n1, int n2) -> int64_t { return PFA ? (A * n1 + B * n2) % (A * B) : n1 + B * n2; };
   const auto prefetch_next = [&](int64_t n) {  // row n of the next strip, into L2
     if (!in.prefetch) return;
