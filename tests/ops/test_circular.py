@@ -279,6 +279,21 @@ def test_benchmark_rounds_run_the_between_hook_untimed(monkeypatch):
     sys.modules.pop("bench_circular", None)
 
 
+def test_benchmark_floor_from_its_rounds(monkeypatch):
+    """bench_circular.floor_stats: the bandwidth from the best copy, the floor at it, the best auto over that floor,
+    and the median over the rounds of auto against the same round's copy (not against the best copy)."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    bench = __import__("bench_circular")
+    # rounds (auto s, copy s): (2, 1), (4, 4), (3, 1); 10 bytes in + out, the copy moves 20. Per round 4, 2, 6 (median
+    # 4; against the best copy it would be 4, 8, 6: median 6)
+    st = bench.floor_stats([2.0, 4.0, 3.0], [1.0, 4.0, 1.0], nbytes=10, copy_bytes=20)
+    assert st == pytest.approx(dict(bw=20.0, floor=500.0, floor_ratio=4.0, floor_median=4.0))
+    sys.modules.pop("bench_circular", None)
+
+
 def test_native_algorithm_is_timed_per_shape(monkeypatch):
     """Where K has an FFT, the native kernel's forward and weight gradient go through the autotuner (the crossover,
     the direct sum, the FFT), and every alternative gives the same result; other K run the crossover untimed."""
