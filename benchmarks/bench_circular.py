@@ -7,10 +7,10 @@ the height (dim=2, the official ParC type 'H') and along the width (dim=3). Time
 (x and the kernel require grad), best of several interleaved runs, each timed call after up to three untimed calls of
 the same function (:func:`timed_rounds`). The memory floor is (bytes in + bytes out) over the copy bandwidth, which a
 256 MiB ``Tensor.copy_`` measures in rounds of its own with ``auto`` (after each case's forward rounds, alternating,
-at least 10 in a full run): this VM's speed drifts within a run, and a bandwidth taken once at its start (68.0 GB/s in the run of
-2026-12-02 at 541bcbc) could not see the phase in which the last case ran (its reference at 56 ms, 37 ms in other
-runs). auto / floor is the best auto time of those rounds over the floor from the best copy; in parentheses the
-median over the rounds of auto's time against that round's copy.
+at least 10 in a full run): this VM's speed drifts within a run, and a bandwidth taken once at its start (68.0 GB/s
+in the run of 2026-12-02 at 541bcbc) could not see the phase in which the last case ran (its reference at 56 ms, 37
+ms in other runs). auto / floor is the best auto time of those rounds over the floor from the best copy; in
+parentheses the median over the rounds of auto's time against that round's copy.
 
 Targets (forward, fp32): auto >= 3x the reference at L >= 56 and >= 1x at L <= 14, auto within 1.5x of the memory
 floor at L >= 56; forward+backward: auto >= 2x the reference at L >= 56.
@@ -278,8 +278,8 @@ def main() -> None:
         f"torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
         f"{cpu_state()}; copy bandwidth (read + write) {min(r['bw'] for r in rows) / 1e9:.1f}-"
-        f"{max(r['bw'] for r in rows) / 1e9:.1f} GB/s (a 256 MiB copy_ timed with auto in rounds of their own after each case's forward rounds: "
-        "column copy GB/s).",
+        f"{max(r['bw'] for r in rows) / 1e9:.1f} GB/s (a 256 MiB copy_ timed with auto in rounds of their own "
+        "after each case's forward rounds: column copy GB/s).",
         "floor = (bytes in + bytes out) / that case's copy bandwidth. speed-up = reference / auto. auto / floor: the "
         "best auto of the floor's rounds over the floor (in parentheses: the median over those rounds of auto against "
         "the same round's copy). "

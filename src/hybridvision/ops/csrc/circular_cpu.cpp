@@ -1003,7 +1003,9 @@ void sweep_correlate(const SweepPlan<T>& p, const T* S, const T* add, Lines<cons
   // 24). At 224 (7 x 32) it lost: 0.91x, 0.76x at 224 x 224 / 224 x 56 on Zen 4 (session 26), 0.71-1.06x on Zen 5;
   // at 40 (5 x 8) 0.96-1.03x on Zen 3.
   constexpr bool PFA = prime_factor_split(A, B);
-  const auto row_of = [](int n1, int n2) -> int64_t { return PFA ? PfaRows<A, B>::of.r[n1][n2] : n1 + B * n2; };
+  const auto row_of = [](int n1, int n2) -> int64_t {
+    if constexpr (PFA) return PfaRows<A, B>::of.r[n1][n2]; else return n1 + B * n2;
+  };
   const auto prefetch_next = [&](int64_t n) {  // row n of the next strip, into L2
     if (!in.prefetch) return;
     __builtin_prefetch(in.re + n * in.stride + in.prefetch, 0, 2);
