@@ -537,13 +537,13 @@ void lane_tables(const T* w, const T* add, int64_t K, int64_t c0, int64_t nc, T*
 // the forward along dim 3 crosses earlier: from 24 and 28 (K=28 1.61x / 1.68x, K=24 1.04x / 0.90x); along dim 2 from
 // 32 twice (K=28 0.99x / 0.98x: a tie), the weight gradient from 32 / 16 and 21 / 28 (K=20 1.45x / 1.26x and 0.94x /
 // 0.92x). So there 28 / 28 and 20 / 20 (`cd benchmarks && python bench_native_ab.py --base 8093309 --threads 2
-// --cases 28x28 28x56 28x7 --budget 1`: forward along dim 3 1.45x, 1.48x, 1.22x, per-round medians).
-// benchmarks/results/native_crossover.md holds the last AVX-512 run.
-#if defined(__AVX512F__)
-constexpr int64_t FFT_MIN_K[2][2] = {{28, 32}, {20, 20}};
-#else
+// --cases 28x28 28x56 28x7 --budget 1`: forward along dim 3 1.45x, 1.48x, 1.22x, per-round medians). On a Zen 4
+// EPYC (AVX-512, 2026-12-03, one run at e3b3b6a: forward 28 / 28, weight gradient 16 / 21; K=28 along dim 3 1.13x)
+// the forward along dim 3 from 28 too: `--base e3b3b6a --algo 0 --cases 28x28 28x56 28x7 28x112 --budget 1.5` 1.13x,
+// 1.13x, 0.99x, 0.93x, again 1.10x at 28 x 28, 1.12x at 28 x 20, 0.95x at 28 x 112 (per-round medians); on Zen 5 K=28
+// had been a tie (0.92-1.06x above). So one table for every ISA: 28 / 28 and 20 / 20.
+// benchmarks/results/native_crossover.md holds the last Zen 5 run.
 constexpr int64_t FFT_MIN_K[2][2] = {{28, 28}, {20, 20}};
-#endif
 
 // The radices of an FFT of length n, outer levels first: 4s, a 2, then the odd ones, the largest last (the middle
 // level has no twiddles); none when n has a prime factor above 7 or n < 2. (A radix-8 codelet, 8 x 7 for K=56 and
