@@ -306,11 +306,10 @@ template <> __attribute__((always_inline)) inline void transpose_block<float>(vf
 // (stream: with non-temporal stores where m = L, every row is 64-byte aligned and a vector is a whole line). With
 // MASKED_MOVES row(i) is called for every i < L (rows i >= n move no lanes), so that the block stays in registers: a
 // branch per row kept it on the stack, and GCC turned the tile's stores into a memcpy call unless the loops are
-// unrolled (together: a
-// strip's transposes in and out in L1 1.67x / 1.51x / 1.14x as fast at K=56 / 112 / 224, one thread; scratch).
-// Rows i >= n move at row(0): a masked move of no lanes still costs its address's translation, and rows past the
-// tensor's end (batch lanes with fewer than L samples: C planes apart) made the forward at B=8, C=384, 7x7, 2
-// threads, take 100 us against 43 with them at row(0) (and 50 at B=16; scratch mask.py).
+// unrolled (together: a strip's transposes in and out in L1 1.67x / 1.51x / 1.14x as fast at K=56 / 112 / 224, one
+// thread; scratch). Rows i >= n move at row(0): a masked move of no lanes still costs its address's translation, and
+// rows past the tensor's end (batch lanes with fewer than L samples: C planes apart) made the forward at B=8, C=384,
+// 7x7, 2 threads, take 100 us against 43 with them at row(0) (and 50 at B=16; scratch mask.py).
 template <typename T, typename Row> void to_tile(Row row, int64_t n, int64_t m, T* tile) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
