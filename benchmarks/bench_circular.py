@@ -10,7 +10,10 @@ the same function (:func:`timed_rounds`). The memory floor is (bytes in + bytes 
 at least 10 in a full run): this VM's speed drifts within a run, and a bandwidth taken once at its start (68.0 GB/s
 in the run of 2026-12-02 at 541bcbc) could not see the phase in which the last case ran (its reference at 56 ms, 37
 ms in other runs). auto / floor is the best auto time of those rounds over the floor from the best copy; in
-parentheses the median over the rounds of auto's time against that round's copy.
+parentheses the median over the rounds of auto's time against that round's copy. The copy's bandwidth depends on the
+pages torch's allocator uses (the header names them, :func:`hybridvision.engine.runtime.large_tensor_pages`): with
+``THP_MEM_ALLOC_ENABLE=1`` (2 MiB pages) it ran at 31.7-52.2 GB/s in a run on 2026-12-03 against 28.6-40.6 GB/s in
+the run before it on 4 KiB pages (Zen 4 VM), a stricter floor.
 
 Targets (forward, fp32): auto >= 3x the reference at L >= 56 and >= 1x at L <= 14, auto within 1.5x of the memory
 floor at L >= 56; forward+backward: auto >= 2x the reference at L >= 56.

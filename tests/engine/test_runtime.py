@@ -55,8 +55,27 @@ def _flush_state(code: str) -> list[str]:
 def test_tune_cpu_flushes_denormals_in_every_thread_and_says_so():
     tiny = "((torch.full((1 << 20,), 1e-30) * 1e-10) == 0).float().mean().item()"
     after, zeros = _flush_state(f"tune_cpu(); print(cpu_state(), '|', {tiny})")
-    assert "malloc tuned, denormals flushed (" in after and float(zeros) == 1.0
+    assert "malloc tuned, denormals flushed, large tensors on " in after and float(zeros) == 1.0
     # called after the worker threads exist, the flush reaches the main thread only, and cpu_state says so
     before, after, zeros = _flush_state(f"b = cpu_state(); tune_cpu(); print(b, '|', cpu_state(), '|', {tiny})")
     assert "glibc malloc defaults, denormals kept" in before
     assert "denormals flushed in the main thread only" in after and 0.0 < float(zeros) < 1.0
+
+
+def _thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode (the bracketed word), or None where there is none to read."""
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else None
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "never"), reason="THP mode 'madvise' or 'never' only")
+@pytest.mark.parametrize("thp", ["0", "1"])
+def test_cpu_state_names_the_pages_of_large_tensors(thp):
+    env = dict(os.environ, THP_MEM_ALLOC_ENABLE=thp)
+    code = "from hybridvision.engine.runtime import cpu_state; print(cpu_state())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    huge = thp == "1" and _thp_mode() == "madvise"  # torch madvises its large blocks only when asked to
+    assert f"large tensors on {'2 MiB' if huge else '4 KiB'} pages (" in out
