@@ -18,7 +18,8 @@ Library users call it themselves, once, at the start of a CPU job.
 torch's allocator puts allocations of 2 MiB and more on transparent huge pages where ``THP_MEM_ALLOC_ENABLE=1`` is
 set before its first CPU allocation, and memory-bound ops then run faster on VMs, where every TLB miss walks two page
 tables: a 256 MiB ``copy_`` (2 threads, Zen 4 VM, 2026-12-03, five alternating pairs of processes, scratch) ran at
-28.0-46.8 GB/s with it and 24.8-29.7 GB/s without. Nothing here sets it: it changes every allocation of the process.
+28.0-46.8 GB/s with it and 24.8-29.7 GB/s without; a CoAtNet-0 training step (batch 8) showed no consistent
+difference (1.47-1.83 s against 1.51-1.79 s, four alternating pairs, scratch). Nothing here sets it.
 """
 from __future__ import annotations
 
