@@ -267,7 +267,9 @@ def main() -> None:
     lines = table(rows)
     stem = ("circular_quick" if args.quick else "circular") + ("" if args.dtype == "float32" else f"_{args.dtype}")
     stem += "" if args.batch == BATCH else f"_b{args.batch}"
-    cmd = "python benchmarks/bench_circular.py" + (" --quick" if args.quick else "")
+    # the environment variables that change the memory system's settings (large_tensor_pages, tune_cpu), as set
+    env = [f"{k}={os.environ[k]}" for k in ("THP_MEM_ALLOC_ENABLE", "HYBRIDVISION_MALLOC_TUNING") if k in os.environ]
+    cmd = " ".join(env + ["python benchmarks/bench_circular.py"]) + (" --quick" if args.quick else "")
     cmd += f" --threads {args.threads}" if args.threads is not None else ""
     cmd += " --clock cpu" if args.clock == "cpu" else ""
     cmd += f" --dtype {args.dtype}" if args.dtype != "float32" else ""
