@@ -91,6 +91,8 @@ def large_tensor_pages() -> str:
             inside = False
             for line in f:
                 field = line.split()
+                if not field:
+                    continue
                 if "-" in field[0] and not field[0].endswith(":"):  # a mapping's header: start-end perms ...
                     lo, hi = (int(a, 16) for a in field[0].split("-"))
                     inside = lo <= addr < hi
