@@ -12,8 +12,9 @@ in the run of 2026-12-02 at 541bcbc) could not see the phase in which the last c
 ms in other runs). auto / floor is the best auto time of those rounds over the floor from the best copy; in
 parentheses the median over the rounds of auto's time against that round's copy. The copy's bandwidth depends on the
 pages torch's allocator uses (the header names them, :func:`hybridvision.engine.runtime.large_tensor_pages`): with
-``THP_MEM_ALLOC_ENABLE=1`` (2 MiB pages) it ran at 31.7-52.2 GB/s in a run on 2026-12-03 against 28.6-40.6 GB/s in
-the run before it on 4 KiB pages (Zen 4 VM), a stricter floor.
+``THP_MEM_ALLOC_ENABLE=1`` (2 MiB pages; ``THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_circular.py --threads 2``)
+it ran at 31.7-52.2 GB/s in a run on 2026-12-03 against 28.6-40.6 GB/s in the run before it on 4 KiB pages (``python
+benchmarks/bench_circular.py --threads 2``; Zen 4 VM), a stricter floor.
 
 Targets (forward, fp32): auto >= 3x the reference at L >= 56 and >= 1x at L <= 14, auto within 1.5x of the memory
 floor at L >= 56; forward+backward: auto >= 2x the reference at L >= 56.
@@ -36,7 +37,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from hybridvision.engine.runtime import cpu_state, tune_cpu
+from hybridvision.engine.runtime import ENV_VAR, cpu_state, tune_cpu
 from hybridvision.ops import native
 from hybridvision.ops.circular import choose_method, circular_conv
 
@@ -268,7 +269,7 @@ def main() -> None:
     stem = ("circular_quick" if args.quick else "circular") + ("" if args.dtype == "float32" else f"_{args.dtype}")
     stem += "" if args.batch == BATCH else f"_b{args.batch}"
     # the environment variables that change the memory system's settings (large_tensor_pages, tune_cpu), as set
-    env = [f"{k}={os.environ[k]}" for k in ("THP_MEM_ALLOC_ENABLE", "HYBRIDVISION_MALLOC_TUNING") if k in os.environ]
+    env = [f"{k}={os.environ[k]}" for k in ("THP_MEM_ALLOC_ENABLE", ENV_VAR) if k in os.environ]
     cmd = " ".join(env + ["python benchmarks/bench_circular.py"]) + (" --quick" if args.quick else "")
     cmd += f" --threads {args.threads}" if args.threads is not None else ""
     cmd += " --clock cpu" if args.clock == "cpu" else ""
