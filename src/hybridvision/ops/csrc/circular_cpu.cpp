@@ -999,8 +999,9 @@ void sweep_correlate(const SweepPlan<T>& p, const T* S, const T* add, Lines<cons
   // bench_native_ab.py --base 99a16e3 --threads 2 --algo 2 --cases 56x56 56x112 56x20 --budget 2` forward 1.12x, 1.11x,
   // 1.04x (per-round medians, Zen 3); Zen 4's AVX-512 (two 256-bit halves per instruction) gains too: `--base 2ae7fad
   // --cases 56x56 56x112 56x7 --budget 2` 1.08x, 1.09x, 1.12x (session 26); Zen 5 read 0.97x, 1.02x, 1.06x (session
-  // 24). At 224 (7 x 32) it lost: 0.91x, 0.76x at 224 x 224 / 224 x 56 on Zen 4 (session 26), 0.71-1.06x on Zen 5;
-  // at 40 (5 x 8) 0.96-1.03x on Zen 3.
+  // 24). At 224 (7 x 32) it lost: 0.71-1.06x on Zen 5; on Zen 4, with the next strip's prefetches still covering
+  // every row (sweep 3's at n1 + B n2, not at the split's rows), `--base HEAD --cases 224x224 224x56 224x20` 0.99x,
+  // 0.93x, 0.96x (session 28; kernel log); at 40 (5 x 8) 0.96-1.03x on Zen 3.
   constexpr bool PFA = prime_factor_split(A, B);
   const auto row_of = [](int n1, int n2) -> int64_t {
     if constexpr (PFA) return PfaRows<A, B>::of.r[n1][n2]; else return n1 + B * n2;
@@ -1058,7 +1059,7 @@ void sweep_correlate(const SweepPlan<T>& p, const T* S, const T* add, Lines<cons
     dft_sweep<A, true>(xr, xi, p);
     for (int n2 = 0; n2 < A; ++n2) {
       const int64_t n = row_of(n1, n2);
-      if (B == 32 && n2 >= PF1) prefetch_next(n);
+      if (B == 32 && n2 >= PF1) prefetch_next(n1 + B * n2);  // the rows sweep 1 did not prefetch, whatever the split
       T* r = out.re + n * out.stride;
       T* i = out.im + n * out.stride;
       const V ad = bcast<V>(add[n]);
