@@ -1000,8 +1000,8 @@ void sweep_correlate(const SweepPlan<T>& p, const T* S, const T* add, Lines<cons
   // 1.04x (per-round medians, Zen 3); Zen 4's AVX-512 (two 256-bit halves per instruction) gains too: `--base 2ae7fad
   // --cases 56x56 56x112 56x7 --budget 2` 1.08x, 1.09x, 1.12x (session 26); Zen 5 read 0.97x, 1.02x, 1.06x (session
   // 24). At 224 (7 x 32) it lost: 0.71-1.06x on Zen 5; on Zen 4, with the next strip's prefetches still covering
-  // every row (sweep 3's at n1 + B n2, not at the split's rows), `--base HEAD --cases 224x224 224x56 224x20` 0.99x,
-  // 0.93x, 0.96x (session 28; kernel log); at 40 (5 x 8) 0.96-1.03x on Zen 3.
+  // every row (sweep 3's at n1 + B n2, not at the split's rows), `--base HEAD --cases 224x224 224x56 224x20 --budget
+  // 2` 0.99x, 0.93x, 0.96x (session 28; kernel log); at 40 (5 x 8) 0.96-1.03x on Zen 3.
   constexpr bool PFA = prime_factor_split(A, B);
   const auto row_of = [](int n1, int n2) -> int64_t {
     if constexpr (PFA) return PfaRows<A, B>::of.r[n1][n2]; else return n1 + B * n2;
