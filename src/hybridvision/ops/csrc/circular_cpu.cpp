@@ -901,7 +901,6 @@ template <int A, int B> constexpr PfaRows<A, B> PfaRows<A, B>::of{};
 template <typename T> struct SweepPlan {
   int A = 0, B = 8;  // K = A B; A = 0: none
   T tw[32][7][2];  // exp(-2 pi i k2 n1 / K)
-  T w8[4][2];  // exp(-2 pi i j / 8)
   T w32[8][4][2];  // exp(-2 pi i a k / 32)
   explicit SweepPlan(int64_t K) {
     if (K == 32 || K == 40 || K == 56) A = static_cast<int>(K / 8);
@@ -912,10 +911,6 @@ template <typename T> struct SweepPlan {
         tw[n1][k2][0] = static_cast<T>(std::cos(-2 * M_PI * n1 * k2 / static_cast<double>(K)));
         tw[n1][k2][1] = static_cast<T>(std::sin(-2 * M_PI * n1 * k2 / static_cast<double>(K)));
       }
-    for (int j = 0; j < 4; ++j) {
-      w8[j][0] = static_cast<T>(std::cos(-2 * M_PI * j / 8));
-      w8[j][1] = static_cast<T>(std::sin(-2 * M_PI * j / 8));
-    }
     for (int a = 0; a < (B == 32 ? 8 : 0); ++a)
       for (int k = 0; k < 4; ++k) {
         w32[a][k][0] = static_cast<T>(std::cos(-2 * M_PI * a * k / 32));
@@ -931,31 +926,46 @@ template <typename V, typename T> inline void cmul_s(V& r, V& i, T c, T d) {  //
 }
 
 // The DFT of P complex vectors: P = 8 in the order above (radix 2, then dft<4> of each half), else (4, 5, 7) natural;
-// INV: its inverse (that order in, natural out; times P).
-template <int P, bool INV, typename V, typename T> __attribute__((always_inline)) inline void dft_sweep(
-    V* xr, V* xi, const SweepPlan<T>& p) {
+// INV: its inverse (that order in, natural out; times P). The DFT of 8's twiddles exp(-2 pi i j / 8), j = 1, 2, 3, are
+// (1 - i) h, -i and -(1 + i) h (h = 1 / sqrt 2): a swap for j = 2 and, for j = 1 and 3, a sum and a difference times
+// h, 2 multiplies instead of a complex product's 4 (2 of them FMAs); on Zen 4 the FMA pipes, which also take the
+// stores, are the busier side of the sweeps. Forward along H, per-round medians (`cd benchmarks && python
+// bench_native_ab.py --base 13f598d --threads 2 --algo 2 --budget 3 --cases 56x56 56x112 224x224 40x40 32x32`):
+// 1.00x, 1.02x, 1.01x, 1.03x, 1.01x; `--cases 56x56 56x112 224x224 56x20 224x56` 1.02x, 1.02x, 1.02x, 1.04x, 1.03x
+// (along W, untouched, 0.96-1.00x).
+template <int P, bool INV, typename V> __attribute__((always_inline)) inline void dft_sweep(V* xr, V* xi) {
+  using T = std::remove_reference_t<decltype(xr[0][0])>;
+  constexpr T h = static_cast<T>(0.707106781186547524400844362104849039);
   if constexpr (P == 8) {
     if constexpr (!INV) {
+      V dr[4], di[4];
       for (int j = 0; j < 4; ++j) {
-        V dr = xr[j] - xr[j + 4], di = xi[j] - xi[j + 4];
+        dr[j] = j == 2 ? xr[j + 4] - xr[j] : xr[j] - xr[j + 4];  // (j = 2: negated, for the -i below)
+        di[j] = xi[j] - xi[j + 4];
         xr[j] += xr[j + 4];
         xi[j] += xi[j + 4];
-        if (j) cmul_s(dr, di, p.w8[j][0], p.w8[j][1]);
-        xr[j + 4] = dr;
-        xi[j + 4] = di;
       }
+      xr[4] = dr[0];
+      xi[4] = di[0];
+      xr[5] = (dr[1] + di[1]) * h;  // times (1 - i) h
+      xi[5] = (di[1] - dr[1]) * h;
+      xr[6] = di[2];  // times -i
+      xi[6] = dr[2];
+      xr[7] = (di[3] - dr[3]) * h;  // times -(1 + i) h
+      xi[7] = (dr[3] + di[3]) * -h;
       dft<4>(xr, xi);
       dft<4>(xr + 4, xi + 4);
     } else {
       dft<4>(xi, xr);  // the parts swapped: the inverse DFT
       dft<4>(xi + 4, xr + 4);
+      // b_j = x_{j+4} times the conjugate twiddle: 1, (1 + i) h, i, (i - 1) h
+      const V br[4] = {xr[4], (xr[5] - xi[5]) * h, xi[6], (xr[7] + xi[7]) * -h};  // (j = 2: negated)
+      const V bi[4] = {xi[4], (xr[5] + xi[5]) * h, xr[6], (xr[7] - xi[7]) * h};
       for (int j = 0; j < 4; ++j) {
-        V br = xr[j + 4], bi = xi[j + 4];
-        if (j) cmul_s(br, bi, p.w8[j][0], -p.w8[j][1]);
-        xr[j + 4] = xr[j] - br;
-        xi[j + 4] = xi[j] - bi;
-        xr[j] += br;
-        xi[j] += bi;
+        xr[j + 4] = j == 2 ? xr[j] + br[j] : xr[j] - br[j];
+        xi[j + 4] = xi[j] - bi[j];
+        xr[j] = j == 2 ? xr[j] - br[j] : xr[j] + br[j];
+        xi[j] += bi[j];
       }
     }
   } else {
@@ -964,7 +974,8 @@ template <int P, bool INV, typename V, typename T> __attribute__((always_inline)
 }
 
 // Sweep 2's outer level for B = 32 = 8 x 4 (n1 = a + 8 bb) on the 32 vectors at c: per a the DFT of 4 over bb (to
-// k), times exp(-2 pi i a k / 32), to position a + 8 k (then per k the DFT of 8 over a, as for B = 8); inv: back.
+// k), times exp(-2 pi i a k / 32) (all ones at a = 0, skipped), to position a + 8 k (then per k the DFT of 8 over a, as
+// for B = 8); inv: back.
 template <typename T> void sweep_outer4(const SweepPlan<T>& p, T* c, int64_t io, bool inv) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::n;
@@ -972,11 +983,11 @@ template <typename T> void sweep_outer4(const SweepPlan<T>& p, T* c, int64_t io,
     V xr[4], xi[4];
     for (int t = 0; t < 4; ++t) xr[t] = load<V>(c + (a + 8 * t) * L), xi[t] = load<V>(c + io + (a + 8 * t) * L);
     if (inv) {
-      for (int t = 1; t < 4; ++t) cmul_s(xr[t], xi[t], p.w32[a][t][0], -p.w32[a][t][1]);
+      if (a) for (int t = 1; t < 4; ++t) cmul_s(xr[t], xi[t], p.w32[a][t][0], -p.w32[a][t][1]);
       dft<4>(xi, xr);
     } else {
       dft<4>(xr, xi);
-      for (int t = 1; t < 4; ++t) cmul_s(xr[t], xi[t], p.w32[a][t][0], p.w32[a][t][1]);
+      if (a) for (int t = 1; t < 4; ++t) cmul_s(xr[t], xi[t], p.w32[a][t][0], p.w32[a][t][1]);
     }
     for (int t = 0; t < 4; ++t) store(c + (a + 8 * t) * L, xr[t]), store(c + io + (a + 8 * t) * L, xi[t]);
   }
@@ -1020,7 +1031,7 @@ void sweep_correlate(const SweepPlan<T>& p, const T* S, const T* add, Lines<cons
       xr[n2] = load_n<V>(r, in.nre);
       xi[n2] = load_n<V>(i, in.nim);
     }
-    dft_sweep<A, false>(xr, xi, p);
+    dft_sweep<A, false>(xr, xi);
     for (int q = 0; q < A; ++q) {
       if (!PFA && n1 && q) cmul_s(xr[q], xi[q], p.tw[n1][q][0], p.tw[n1][q][1]);
       store(b + (q * B + n1) * L, xr[q]);
@@ -1036,11 +1047,11 @@ void sweep_correlate(const SweepPlan<T>& p, const T* S, const T* add, Lines<cons
       V xr[8], xi[8];
       for (int t = 0; t < 8; ++t)
         xr[t] = load<V>(b + (q * B + g + t) * L), xi[t] = load<V>(b + io + (q * B + g + t) * L);
-      dft_sweep<8, false>(xr, xi, p);
+      dft_sweep<8, false>(xr, xi);
       if (S) {
         for (int t = 0; t < 8; ++t)
           cmul_s(xr[t], xi[t], S[2 * (q * B + g + t)], S[2 * (q * B + g + t) + 1]);
-        dft_sweep<8, true>(xr, xi, p);
+        dft_sweep<8, true>(xr, xi);
       }
       for (int t = 0; t < 8; ++t)
         store(b + (q * B + g + t) * L, xr[t]), store(b + io + (q * B + g + t) * L, xi[t]);
@@ -1056,7 +1067,7 @@ void sweep_correlate(const SweepPlan<T>& p, const T* S, const T* add, Lines<cons
       xi[q] = load<V>(b + io + (q * B + n1) * L);
       if (!PFA && n1 && q) cmul_s(xr[q], xi[q], p.tw[n1][q][0], -p.tw[n1][q][1]);
     }
-    dft_sweep<A, true>(xr, xi, p);
+    dft_sweep<A, true>(xr, xi);
     for (int n2 = 0; n2 < A; ++n2) {
       const int64_t n = row_of(n1, n2);
       if (B == 32 && n2 >= PF1) prefetch_next(n1 + B * n2);  // the rows sweep 1 did not prefetch, whatever the split
