@@ -109,6 +109,10 @@ def test_ops_match_float64_formula(shape, dim, dtype, algo):
 
     torch.testing.assert_close(native.forward(x, w, None, dim, algo).double(), formula(x, w, dim), **tol)
     torch.testing.assert_close(native.forward(x, w, add, dim, algo).double(), formula(x, w, dim, add), **tol)
+    # the depthwise conv's own weight layout (C, 1, K) and a bias (C,) for add: add[c] at every position
+    bias = add[:, 0].contiguous()
+    torch.testing.assert_close(native.forward(x, w.unsqueeze(1), bias, dim, algo).double(),
+                               formula(x, w, dim, bias[:, None].expand(-1, k)), **tol)
 
     x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
     (formula(x64, w64, dim) * gy.double()).sum().backward()
@@ -192,6 +196,12 @@ def test_unsupported_inputs_are_named():
         circular_conv(x, torch.randn(4, 4, 6), 3, groups=1, method="native")
     with pytest.raises(RuntimeError, match="algo must be 0 .choose., 1 .direct sum. or 2 .FFT., got 3"):
         native.forward(x, w[:, 0], None, 3, 3)
+    with pytest.raises(RuntimeError, match=r"weight must be a contiguous \(C, K\) or \(C, 1, K\) tensor .*got \[4, 2, 6\]"):
+        native.forward(x, torch.randn(4, 2, 6), None, 3)
+    with pytest.raises(RuntimeError, match=r"add must be a contiguous \(C, K\) tensor, or \(C,\) .*got \[5\]"):
+        native.forward(x, w, torch.randn(5), 3)
+    with pytest.raises(RuntimeError, match=r"add must be .*got \[4, 7\]"):
+        native.forward(x, w, torch.randn(4, 7), 3)
 
 
 def test_switched_off_by_environment(monkeypatch):

@@ -1795,21 +1795,26 @@ void wgrad_planes(const T* gy, const T* x, int64_t ps, int64_t nb, int64_t H, in
   }
 }
 
+// weight: (C, K), or (C, 1, K) as a depthwise conv holds it (the same memory), so that the caller needs no view.
 void check(const at::Tensor& x, const at::Tensor& w, int64_t dim) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "hybridvision native circular conv: CPU tensors only");
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "x must be a contiguous (B, C, H, W) tensor");
   TORCH_CHECK(dim == 2 || dim == 3, "dim must be 2 or 3, got ", dim);
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(0) == x.size(1) && w.size(1) == x.size(dim),
-              "weight must be a contiguous (C, K) tensor with C = x.size(1), K = x.size(dim)");
+  TORCH_CHECK((w.dim() == 2 || (w.dim() == 3 && w.size(1) == 1)) && w.is_contiguous() && w.size(0) == x.size(1) &&
+                  w.size(-1) == x.size(dim),
+              "weight must be a contiguous (C, K) or (C, 1, K) tensor with C = x.size(1), K = x.size(dim), got ",
+              w.sizes());
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), "x and weight must have the same dtype");
 }
 
 at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& add,
                                int64_t dim, int64_t algo) {
   check(x, w, dim);
-  if (add) TORCH_CHECK(add->sizes() == w.sizes() && add->is_contiguous() && add->scalar_type() == x.scalar_type(),
-                       "add must be a contiguous (C, K) tensor like weight");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = x.size(dim);
+  if (add)
+    TORCH_CHECK(((add->dim() == 2 && add->size(0) == C && add->size(1) == K) || (add->dim() == 1 && add->size(0) == C))
+                    && add->is_contiguous() && add->scalar_type() == x.scalar_type(),
+                "add must be a contiguous (C, K) tensor, or (C,) (a bias), of x's dtype; got ", add->sizes());
   const bool fft = use_fft(algo, K, dim, 0);
   auto y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "circular_dw_forward", [&] {
@@ -1818,6 +1823,12 @@ at::Tensor circular_dw_forward(const at::Tensor& x, const at::Tensor& w, const c
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* wp = w.data_ptr<scalar_t>();
     const scalar_t* ap = add ? add->data_ptr<scalar_t>() : nullptr;
+    std::vector<scalar_t> bias_rows;  // add (C,): add[c] at each of the K positions, as the (C, K) rows below read it
+    if (add && add->dim() == 1) {
+      bias_rows.resize(C * K);
+      for (int64_t c = 0; c < C; ++c) std::fill_n(bias_rows.begin() + c * K, K, ap[c]);
+      ap = bias_rows.data();
+    }
     scalar_t* yp = y.data_ptr<scalar_t>();
     const int64_t plane = H * W;
     if (fft && dim == 3 && lane_fft_forward_dim3(xp, yp, wp, ap, B * C, C, H, K)) return;
