@@ -164,8 +164,8 @@ def fft_length(k: int) -> bool:
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, add: Optional[torch.Tensor], dim: int, algo: int = 0) -> torch.Tensor:
-    """``torch.ops.hybridvision.circular_dw_forward`` on contiguous tensors (builds the kernel if needed): x (B, C, H, W),
-    weight (C, K) or (C, 1, K), add (C, K), (C,) (a bias) or None; returns y like x."""
+    """``torch.ops.hybridvision.circular_dw_forward`` on contiguous tensors (builds the kernel if needed): x
+    (B, C, H, W), weight (C, K) or (C, 1, K), add (C, K), (C,) (a bias) or None; returns y like x."""
     build()
     return torch.ops.hybridvision.circular_dw_forward(x.contiguous(), weight.contiguous(), add, dim, algo)
 
