@@ -934,9 +934,9 @@ template <typename V, typename T> inline void cmul_s(V& r, V& i, T c, T d) {  //
 // 1.00x, 1.02x, 1.01x, 1.03x, 1.01x; `--cases 56x56 56x112 224x224 56x20 224x56` 1.02x, 1.02x, 1.02x, 1.04x, 1.03x
 // (along W, untouched, 0.96-1.00x).
 template <int P, bool INV, typename V> __attribute__((always_inline)) inline void dft_sweep(V* xr, V* xi) {
-  using T = std::remove_reference_t<decltype(xr[0][0])>;
-  constexpr T h = static_cast<T>(0.707106781186547524400844362104849039);
   if constexpr (P == 8) {
+    using T = std::remove_reference_t<decltype(xr[0][0])>;
+    constexpr T h = static_cast<T>(0.707106781186547524400844362104849039);
     if constexpr (!INV) {
       V dr[4], di[4];
       for (int j = 0; j < 4; ++j) {
