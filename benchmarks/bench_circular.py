@@ -5,15 +5,20 @@ For each axis length L the input is (B, C, L, L) with B = 16 and C = 2688 / L (t
 the height (dim=2, the official ParC type 'H') and along the width (dim=3). Timed: the official-style reference
 (``cat(x, x[:-1])`` + valid depthwise ``conv2d``), each method and ``auto``, forward (no grad) and forward+backward
 (x and the kernel require grad), best of several interleaved runs, each timed call after up to three untimed calls of
-the same function (:func:`timed_rounds`). The memory floor is (bytes in + bytes out) over the copy bandwidth, which a
-256 MiB ``Tensor.copy_`` measures in rounds of its own with ``auto`` (after each case's forward rounds, alternating,
-at least 10 in a full run): this VM's speed drifts within a run, and a bandwidth taken once at its start (68.0 GB/s
-in the run of 2026-12-02 at 541bcbc) could not see the phase in which the last case ran (its reference at 56 ms, 37
-ms in other runs). auto / floor is the best auto time of those rounds over the floor from the best copy; in
-parentheses the median over the rounds of auto's time against that round's copy. The copy's bandwidth depends on the
-pages torch's allocator uses (the header names them, :func:`hybridvision.engine.runtime.large_tensor_pages`): with
-``THP_MEM_ALLOC_ENABLE=1`` (2 MiB pages; ``THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_circular.py --threads 2``)
-it ran at 31.7-52.2 GB/s in a run on 2026-12-03 against 28.6-40.6 GB/s in the run before it on 4 KiB pages (``python
+the same function (:func:`timed_rounds`). The memory floor is (bytes in + bytes out) over the copy bandwidth, which
+a 256 MiB ``Tensor.copy_`` measures beside each case's ``auto`` in the floor's rounds (:func:`floor_rounds`): one
+phase after all the cases, each of its rounds timing every case's auto and, right beside it, the copy (the order
+reversed every other round), so that a case's samples spread over the whole phase (about 18 s in a full run) instead
+of the 1.5 s its rounds had when they ran right after the case, which one slow phase of this VM could cover whole
+(2026-12-04 at b38ee61, Zen 4: the kernel's loops alone, one thread, in L1, took 0.295-0.402 ns per point in five
+runs within a minute; scratch). A bandwidth taken once at the run's start could not see the phase in which a case
+ran (68.0 GB/s in the run of 2026-12-02 at 541bcbc, whose last case's reference took 56 ms against 37 ms in other
+runs). auto / floor is the best auto time of the case's rounds over the floor from its best copy (the best of both
+spread over the same phase); in parentheses the median over the rounds of auto's time against that round's copy. The
+copy's bandwidth depends on the pages torch's allocator uses (the header names them,
+:func:`hybridvision.engine.runtime.large_tensor_pages`): with ``THP_MEM_ALLOC_ENABLE=1`` (2 MiB pages;
+``THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_circular.py --threads 2``) it ran at 31.7-52.2 GB/s in a run on
+2026-12-03 against 28.6-40.6 GB/s in the run before it on 4 KiB pages (``python
 benchmarks/bench_circular.py --threads 2``; Zen 4 VM), a stricter floor.
 
 Targets (forward, fp32): auto >= 3x the reference at L >= 56 and >= 1x at L <= 14, auto within 1.5x of the memory
@@ -46,9 +51,8 @@ C_TIMES_L = 2688  # 48 channels at 56, 384 at 7
 METHODS = ("direct", "gemm", "fft", "native", "auto")  # "native" only where it builds and for float32
 RESULTS = Path(__file__).resolve().parent / "results"
 WARMUP, WARMUP_S = 3, 0.02  # untimed calls before each timed one: three, or fewer once they took 20 ms (timed_rounds)
-# The floor's rounds (auto and the copy alone) get this many times a case's budget and minimum of rounds: with only
-# the 5 rounds of the full table (each ~0.2-0.9 s with every method), one slow phase of the VM could cover all of a
-# cell's auto timings (2026-12-03, Zen 4: L=56 along H 1.00 ms in one run, 1.35 ms in the next, the reference 1.09x).
+# The floor's phase lasts this many times a case's budget per case (1.5 s a case in a full run) and runs at least
+# this many times a case's minimum of rounds (10 in a full run).
 FLOOR_BUDGET, FLOOR_REPS = 1.5, 2
 
 
@@ -120,8 +124,10 @@ def floor_stats(auto_s: list[float], copy_s: list[float], nbytes: int, copy_byte
                 floor_median=statistics.median(a * copy_bytes / (c * nbytes) for a, c in zip(auto_s, copy_s)))
 
 
-def run_case(length: int, dim: int, probe: tuple[Callable[[], object], int], budget_s: float, min_reps: int,
-             dtype: torch.dtype, batch: int = BATCH) -> dict:
+def run_case(length: int, dim: int, budget_s: float, min_reps: int, dtype: torch.dtype,
+             batch: int = BATCH) -> tuple[dict, Callable[[], object], int]:
+    """One case's forward and forward+backward rounds. Returns its row (without the floor: :func:`floor_rounds`),
+    its auto forward (no grad) for the floor's rounds and the bytes that call reads and writes (x in, y out)."""
     g = torch.Generator().manual_seed(length * 10 + dim)
     c = C_TIMES_L // length
     x = torch.randn(batch, c, length, length, generator=g).to(dtype)
@@ -131,10 +137,6 @@ def run_case(length: int, dim: int, probe: tuple[Callable[[], object], int], bud
     fwd.update({m: (lambda m=m: circular_conv(x, w, dim, method=m)) for m in methods})
     with torch.no_grad():
         t_fwd = best_of(fwd, budget_s, min_reps)
-        # the floor's own rounds: auto and the copy only, alternating, so that both see the same phases of the VM
-        fl = timed_rounds({"auto": fwd["auto"], "copy": probe[0]}, FLOOR_BUDGET * budget_s, FLOOR_REPS * min_reps,
-                          alternate=True)
-    floor = floor_stats(fl["auto"], fl["copy"], 2 * x.numel() * x.element_size(), probe[1])  # x read, y written
 
     xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     gy = torch.randn(x.shape, generator=g).to(dtype)
@@ -152,7 +154,26 @@ def run_case(length: int, dim: int, probe: tuple[Callable[[], object], int], bud
     with torch.no_grad():
         pick_fwd = choose_method(x, w, dim)
     pick_bwd = choose_method(xg, wg, dim)
-    return dict(L=length, C=c, dim=dim, fwd=t_fwd, bwd=t_bwd, **floor, pick_fwd=pick_fwd, pick_bwd=pick_bwd)
+    row = dict(L=length, C=c, dim=dim, fwd=t_fwd, bwd=t_bwd, pick_fwd=pick_fwd, pick_bwd=pick_bwd)
+
+    def auto() -> object:
+        with torch.no_grad():
+            return fwd["auto"]()
+
+    return row, auto, 2 * x.numel() * x.element_size()  # x read, y written
+
+
+def floor_rounds(autos: list[Callable[[], object]], probe: tuple[Callable[[], object], int], budget_s: float,
+                 min_reps: int) -> list[dict[str, list[float]]]:
+    """The floor's phase: rounds that time each case's auto and the copy right beside it (``autos[i]`` then the
+    copy, for every case in turn; every other round the whole order reversed), at least ``min_reps`` rounds, more
+    while ``budget_s`` lasts. Returns per case the times in s of its auto and of its copies, in round order:
+    ``{"auto": [...], "copy": [...]}`` (for :func:`floor_stats`)."""
+    fns: dict[tuple[str, int], Callable[[], object]] = {}
+    for i, fn in enumerate(autos):
+        fns["auto", i], fns["copy", i] = fn, probe[0]
+    t = timed_rounds(fns, budget_s, min_reps, alternate=True)
+    return [{"auto": t["auto", i], "copy": t["copy", i]} for i in range(len(autos))]
 
 
 def verdicts(r: dict) -> list[str]:
@@ -260,11 +281,20 @@ def main() -> None:
     t_start = time.perf_counter()
     load = os.getloadavg()
     probe = copy_probe()
-    rows = []
+    rows, autos, nbytes = [], [], []
     for length in lengths:
         for dim in (2, 3):
-            rows.append(run_case(length, dim, probe, budget_s, min_reps, getattr(torch, args.dtype), args.batch))
+            row, auto, n = run_case(length, dim, budget_s, min_reps, getattr(torch, args.dtype), args.batch)
+            rows.append(row)
+            autos.append(auto)
+            nbytes.append(n)
             print(f"  L={length} dim={dim} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    t_floor = time.perf_counter()
+    floors = floor_rounds(autos, probe, FLOOR_BUDGET * budget_s * len(rows), FLOOR_REPS * min_reps)
+    for row, fl, n in zip(rows, floors, nbytes):
+        row.update(floor_stats(fl["auto"], fl["copy"], n, probe[1]))
+    n_rounds, floor_s = len(floors[0]["auto"]), time.perf_counter() - t_floor
+    print(f"  the floor's rounds done: {n_rounds} in {floor_s:.0f} s ({time.perf_counter() - t_start:.0f} s)")
     lines = table(rows)
     stem = ("circular_quick" if args.quick else "circular") + ("" if args.dtype == "float32" else f"_{args.dtype}")
     stem += "" if args.batch == BATCH else f"_b{args.batch}"
@@ -284,11 +314,12 @@ def main() -> None:
         f"torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
         f"{cpu_state()}; copy bandwidth (read + write) {min(r['bw'] for r in rows) / 1e9:.1f}-"
-        f"{max(r['bw'] for r in rows) / 1e9:.1f} GB/s (a 256 MiB copy_ timed with auto in rounds of their own "
-        "after each case's forward rounds: column copy GB/s).",
+        f"{max(r['bw'] for r in rows) / 1e9:.1f} GB/s (a 256 MiB copy_ timed beside each case's auto in the floor's "
+        f"rounds, {n_rounds} rounds over {floor_s:.0f} s after all the cases, every round visiting every case: "
+        "column copy GB/s).",
         "floor = (bytes in + bytes out) / that case's copy bandwidth. speed-up = reference / auto. auto / floor: the "
-        "best auto of the floor's rounds over the floor (in parentheses: the median over those rounds of auto against "
-        "the same round's copy). "
+        "best auto of the floor's rounds over the floor from the case's best copy (in parentheses: the median over "
+        "those rounds of auto against the same round's copy). "
         "Targets: fwd auto >= 3x reference at L >= 56, >= 1x at L <= 14, <= 1.5x floor at L >= 56; "
         "fwd+bwd >= 2x reference at L >= 56."
         + ("" if args.batch == BATCH else f" (The targets are set for B={BATCH}: here the verdicts are for reference; "

@@ -294,6 +294,33 @@ def test_benchmark_floor_from_its_rounds(monkeypatch):
     sys.modules.pop("bench_circular", None)
 
 
+def test_benchmark_floor_rounds_visit_every_case_beside_a_copy(monkeypatch):
+    """bench_circular.floor_rounds: each round times every case's auto with the copy right after it (every other round
+    the whole order reversed, so the copy comes right before it), and returns per case its auto times and the times of
+    the copies beside them, one of each per round (a fake clock: each call of case i's auto advances it by i + 1, each
+    copy by 10; a call takes more than warmup_s, so each timed call follows one untimed call)."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    bench = __import__("bench_circular")
+    now, log = [0], []
+
+    def tick(name, dt):
+        def f():
+            log.append(name)
+            now[0] += dt
+        return f
+
+    monkeypatch.setattr(bench, "CLOCK", lambda: now[0])
+    autos = [tick("a0", 1), tick("a1", 2), tick("a2", 3)]
+    floors = bench.floor_rounds(autos, (tick("copy", 10), 20), budget_s=0.0, min_reps=3)
+    assert floors == [{"auto": [i + 1] * 3, "copy": [10] * 3} for i in range(3)]
+    forward = ["a0", "a0", "copy", "copy", "a1", "a1", "copy", "copy", "a2", "a2", "copy", "copy"]
+    assert log == forward + forward[::-1] + forward
+    sys.modules.pop("bench_circular", None)
+
+
 def test_native_algorithm_is_timed_per_shape(monkeypatch):
     """Where K has an FFT, the native kernel's forward and weight gradient go through the autotuner (the crossover,
     the direct sum, the FFT), and every alternative gives the same result; other K run the crossover untimed."""
