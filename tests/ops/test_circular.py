@@ -247,15 +247,20 @@ def test_benchmark_quick_runs(tmp_path, batch):
     assert f"B={batch or 16}, C=2688/L" in text
 
 
-def test_benchmark_rounds_run_the_between_hook_untimed(monkeypatch):
-    """bench_circular.timed_rounds calls each function untimed, then ``between``, then times the function again; the
-    hook's time is not in the result (a fake clock that the hook advances by 100 and each call by 1); warm-up calls
-    stop at ``warmup`` or once they have taken ``warmup_s``."""
+@pytest.fixture
+def bench(monkeypatch):
+    """benchmarks/bench_circular.py imported as a module (dropped again afterwards)."""
     import sys
     from pathlib import Path
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    bench = __import__("bench_circular")
+    yield __import__("bench_circular")
+    sys.modules.pop("bench_circular", None)
+
+
+def _fake_clock(monkeypatch, bench):
+    """bench.CLOCK replaced by a counter; returns the log of calls and ``tick(name, dt)``, which makes a function that
+    logs its name and advances the clock by dt."""
     now, log = [0], []
 
     def tick(name, dt):
@@ -265,6 +270,14 @@ def test_benchmark_rounds_run_the_between_hook_untimed(monkeypatch):
         return f
 
     monkeypatch.setattr(bench, "CLOCK", lambda: now[0])
+    return log, tick
+
+
+def test_benchmark_rounds_run_the_between_hook_untimed(monkeypatch, bench):
+    """bench_circular.timed_rounds calls each function untimed, then ``between``, then times the function again; the
+    hook's time is not in the result (a fake clock that the hook advances by 100 and each call by 1); warm-up calls
+    stop at ``warmup`` or once they have taken ``warmup_s``."""
+    log, tick = _fake_clock(monkeypatch, bench)
     times = bench.timed_rounds({"a": tick("a", 1), "b": tick("b", 1)}, budget_s=0.0, min_reps=3,
                                between=tick("sweep", 100))
     assert times == {"a": [1, 1, 1], "b": [1, 1, 1]}
@@ -276,49 +289,28 @@ def test_benchmark_rounds_run_the_between_hook_untimed(monkeypatch):
                                warmup_s=10)
     assert times == {"a": [1, 1], "b": [50, 50]}
     assert log == ["a"] * 4 + ["b"] * 2 + ["a"] * 4 + ["b"] * 2
-    sys.modules.pop("bench_circular", None)
 
 
-def test_benchmark_floor_from_its_rounds(monkeypatch):
+def test_benchmark_floor_from_its_rounds(bench):
     """bench_circular.floor_stats: the bandwidth from the best copy, the floor at it, the best auto over that floor,
     and the median over the rounds of auto against the same round's copy (not against the best copy)."""
-    import sys
-    from pathlib import Path
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    bench = __import__("bench_circular")
     # rounds (auto s, copy s): (2, 1), (4, 4), (3, 1); 10 bytes in + out, the copy moves 20. Per round 4, 2, 6 (median
     # 4; against the best copy it would be 4, 8, 6: median 6)
     st = bench.floor_stats([2.0, 4.0, 3.0], [1.0, 4.0, 1.0], nbytes=10, copy_bytes=20)
     assert st == pytest.approx(dict(bw=20.0, floor=500.0, floor_ratio=4.0, floor_median=4.0))
-    sys.modules.pop("bench_circular", None)
 
 
-def test_benchmark_floor_rounds_visit_every_case_beside_a_copy(monkeypatch):
+def test_benchmark_floor_rounds_visit_every_case_beside_a_copy(monkeypatch, bench):
     """bench_circular.floor_rounds: each round times every case's auto with the copy right after it (every other round
     the whole order reversed, so the copy comes right before it), and returns per case its auto times and the times of
     the copies beside them, one of each per round (a fake clock: each call of case i's auto advances it by i + 1, each
     copy by 10; a call takes more than warmup_s, so each timed call follows one untimed call)."""
-    import sys
-    from pathlib import Path
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    bench = __import__("bench_circular")
-    now, log = [0], []
-
-    def tick(name, dt):
-        def f():
-            log.append(name)
-            now[0] += dt
-        return f
-
-    monkeypatch.setattr(bench, "CLOCK", lambda: now[0])
+    log, tick = _fake_clock(monkeypatch, bench)
     autos = [tick("a0", 1), tick("a1", 2), tick("a2", 3)]
     floors = bench.floor_rounds(autos, (tick("copy", 10), 20), budget_s=0.0, min_reps=3)
     assert floors == [{"auto": [i + 1] * 3, "copy": [10] * 3} for i in range(3)]
     forward = ["a0", "a0", "copy", "copy", "a1", "a1", "copy", "copy", "a2", "a2", "copy", "copy"]
     assert log == forward + forward[::-1] + forward
-    sys.modules.pop("bench_circular", None)
 
 
 def test_native_algorithm_is_timed_per_shape(monkeypatch):
