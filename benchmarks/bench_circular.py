@@ -11,11 +11,12 @@ phase after all the cases, each of its rounds timing every case's auto and, righ
 reversed every other round), so that a case's samples spread over the whole phase (about 18 s in a full run) instead
 of the 1.5 s its rounds had when they ran right after the case, which one slow phase of this VM could cover whole
 (2026-12-04 at b38ee61, Zen 4: the kernel's loops alone, one thread, in L1, took 0.295-0.402 ns per point in five
-runs within a minute; scratch). A bandwidth taken once at the run's start could not see the phase in which a case
-ran (68.0 GB/s in the run of 2026-12-02 at 541bcbc, whose last case's reference took 56 ms against 37 ms in other
-runs). auto / floor is the best auto time of the case's rounds over the floor from its best copy (the best of both
-spread over the same phase); in parentheses the median over the rounds of auto's time against that round's copy. The
-copy's bandwidth depends on the pages torch's allocator uses (the header names them,
+runs within a minute; scratch; six full runs that took the floor both ways in one process met it in 34 of 36 cells
+this way, in 30 the old way: kernel log, session 30). A bandwidth taken once at the run's start could not see the
+phase in which a case ran (68.0 GB/s in the run of 2026-12-02 at 541bcbc, whose last case's reference took 56 ms
+against 37 ms in other runs). auto / floor is the best auto time of the case's rounds over the floor from its best
+copy (the best of both spread over the same phase); in parentheses the median over the rounds of auto's time against
+that round's copy. The copy's bandwidth depends on the pages torch's allocator uses (the header names them,
 :func:`hybridvision.engine.runtime.large_tensor_pages`): with ``THP_MEM_ALLOC_ENABLE=1`` (2 MiB pages;
 ``THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_circular.py --threads 2``) it ran at 31.7-52.2 GB/s in a run on
 2026-12-03 against 28.6-40.6 GB/s in the run before it on 4 KiB pages (``python
