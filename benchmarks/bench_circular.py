@@ -126,9 +126,10 @@ def floor_stats(auto_s: list[float], copy_s: list[float], nbytes: int, copy_byte
 
 
 def run_case(length: int, dim: int, budget_s: float, min_reps: int, dtype: torch.dtype,
-             batch: int = BATCH) -> tuple[dict, Callable[[], object], int]:
-    """One case's forward and forward+backward rounds. Returns its row (without the floor: :func:`floor_rounds`),
-    its auto forward (no grad) for the floor's rounds and the bytes that call reads and writes (x in, y out)."""
+             batch: int = BATCH) -> tuple[dict, Callable[[], object]]:
+    """One case's forward and forward+backward rounds. Returns its row (without the floor: :func:`floor_rounds`;
+    ``nbytes``: what the forward reads and writes, x in and y out) and its auto forward for the floor's rounds (to
+    be run without grad)."""
     g = torch.Generator().manual_seed(length * 10 + dim)
     c = C_TIMES_L // length
     x = torch.randn(batch, c, length, length, generator=g).to(dtype)
@@ -155,13 +156,9 @@ def run_case(length: int, dim: int, budget_s: float, min_reps: int, dtype: torch
     with torch.no_grad():
         pick_fwd = choose_method(x, w, dim)
     pick_bwd = choose_method(xg, wg, dim)
-    row = dict(L=length, C=c, dim=dim, fwd=t_fwd, bwd=t_bwd, pick_fwd=pick_fwd, pick_bwd=pick_bwd)
-
-    def auto() -> object:
-        with torch.no_grad():
-            return fwd["auto"]()
-
-    return row, auto, 2 * x.numel() * x.element_size()  # x read, y written
+    row = dict(L=length, C=c, dim=dim, fwd=t_fwd, bwd=t_bwd, pick_fwd=pick_fwd, pick_bwd=pick_bwd,
+               nbytes=2 * x.numel() * x.element_size())  # x read, y written
+    return row, fwd["auto"]
 
 
 def floor_rounds(autos: list[Callable[[], object]], probe: tuple[Callable[[], object], int], budget_s: float,
@@ -282,18 +279,18 @@ def main() -> None:
     t_start = time.perf_counter()
     load = os.getloadavg()
     probe = copy_probe()
-    rows, autos, nbytes = [], [], []
+    rows, autos = [], []
     for length in lengths:
         for dim in (2, 3):
-            row, auto, n = run_case(length, dim, budget_s, min_reps, getattr(torch, args.dtype), args.batch)
+            row, auto = run_case(length, dim, budget_s, min_reps, getattr(torch, args.dtype), args.batch)
             rows.append(row)
             autos.append(auto)
-            nbytes.append(n)
             print(f"  L={length} dim={dim} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
     t_floor = time.perf_counter()
-    floors = floor_rounds(autos, probe, FLOOR_BUDGET * budget_s * len(rows), FLOOR_REPS * min_reps)
-    for row, fl, n in zip(rows, floors, nbytes):
-        row.update(floor_stats(fl["auto"], fl["copy"], n, probe[1]))
+    with torch.no_grad():
+        floors = floor_rounds(autos, probe, FLOOR_BUDGET * budget_s * len(rows), FLOOR_REPS * min_reps)
+    for row, fl in zip(rows, floors):
+        row.update(floor_stats(fl["auto"], fl["copy"], row["nbytes"], probe[1]))
     n_rounds, floor_s = len(floors[0]["auto"]), time.perf_counter() - t_floor
     print(f"  the floor's rounds done: {n_rounds} in {floor_s:.0f} s ({time.perf_counter() - t_start:.0f} s)")
     lines = table(rows)
